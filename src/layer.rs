@@ -1,0 +1,356 @@
+//! The layer, its builder, and the configuration every service of one layer shares.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use tower_layer::Layer;
+
+use crate::classify::{Classify, DefaultClassifier};
+use crate::handle::KeyHandle;
+use crate::keys::KeySet;
+use crate::pool::{Pool, PoolPolicy};
+use crate::service::KeyFallback;
+
+/// How the key is put on the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Credential {
+    /// `Authorization: Bearer <key>` (Groq, OpenAI, Mistral, OpenRouter, Together, Gemini's
+    /// OpenAI-compatible endpoint). The default.
+    Bearer,
+    /// The key alone in the named header (`x-api-key` for Anthropic, `api-key` for Azure
+    /// OpenAI, `x-goog-api-key` for Gemini).
+    Header(HeaderName),
+    /// No header is set: the inner service adds the credential itself (the keys are still
+    /// chosen, cooled and reported).
+    None,
+}
+
+/// Credential headers the caller may have set, removed before the key's is inserted.
+const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+
+/// What every service made by one layer shares: the pool and the configuration.
+pub(crate) struct Shared {
+    pub(crate) pool: Pool,
+    pub(crate) classifier: Box<dyn Classify>,
+    pub(crate) credential: Credential,
+    pub(crate) strip: Box<[HeaderName]>,
+    pub(crate) max_attempts: u32,
+    pub(crate) inspect_limit: usize,
+    pub(crate) exhausted_response: bool,
+    pub(crate) transport_errors: bool,
+    pub(crate) rate_limit_cooldown: Duration,
+    pub(crate) quota_cooldown: Duration,
+    pub(crate) quota_min_cooldown: Duration,
+}
+
+impl Shared {
+    /// The header value for `secret`, marked sensitive so that `Debug` and HTTP/2 HPACK
+    /// never expose it.
+    pub(crate) fn credential_value(&self, secret: &str) -> HeaderValue {
+        credential_value(&self.credential, secret)
+    }
+
+    pub(crate) fn credential_header(&self) -> Option<&HeaderName> {
+        match &self.credential {
+            Credential::Bearer => Some(&http::header::AUTHORIZATION),
+            Credential::Header(name) => Some(name),
+            Credential::None => None,
+        }
+    }
+}
+
+fn credential_value(credential: &Credential, secret: &str) -> HeaderValue {
+    let value = match credential {
+        Credential::Bearer => HeaderValue::from_str(&format!("Bearer {secret}")),
+        _ => HeaderValue::from_str(secret),
+    };
+    // Keys were checked to be visible ASCII when the key set was made.
+    let mut value = value.unwrap_or_else(|_| HeaderValue::from_static(""));
+    value.set_sensitive(true);
+    value
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("pool", &self.pool)
+            .field("credential", &self.credential)
+            .field("max_attempts", &self.max_attempts)
+            .field("inspect_limit", &self.inspect_limit)
+            .field("exhausted_response", &self.exhausted_response)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Layer`] that runs each request over a pool of API keys, falling back to the next key
+/// when one is rate limited, out of quota, rejected or failing.
+///
+/// Every service the layer makes shares one key pool; [`KeyFallbackLayer::handle`] gives a
+/// [`KeyHandle`] on it.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use tower::{service_fn, ServiceBuilder, ServiceExt};
+/// use tower_key_fallback::{KeyFallbackLayer, KeySet};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_key_fallback::BoxError> {
+/// // A stand-in for an HTTP client: key 1 is rate limited, key 2 works.
+/// let client = service_fn(|req: Request<Full<Bytes>>| async move {
+///     let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
+///     let status = if auth == "Bearer gsk_one" { 429 } else { 200 };
+///     Ok::<_, std::convert::Infallible>(
+///         Response::builder().status(status).body(Full::new(Bytes::from("{}"))).unwrap(),
+///     )
+/// });
+///
+/// let layer = KeyFallbackLayer::new(KeySet::new(["gsk_one", "gsk_two"])?);
+/// let handle = layer.handle();
+/// let svc = ServiceBuilder::new().layer(layer).service(client);
+///
+/// let req = Request::post("https://api.groq.com/openai/v1/chat/completions")
+///     .body(Full::new(Bytes::from(r#"{"model":"llama-3.1-8b-instant"}"#)))?;
+/// let res = svc.oneshot(req).await?;
+/// assert_eq!(res.status(), 200);
+/// assert!(!handle.status().keys[0].is_available()); // key 1 is cooling down
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct KeyFallbackLayer {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for KeyFallbackLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyFallbackLayer")
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl KeyFallbackLayer {
+    /// A layer with the defaults, which fit Groq and OpenAI-compatible APIs: bearer tokens,
+    /// priority order, [`DefaultClassifier`].
+    pub fn new(keys: KeySet) -> Self {
+        Self::builder(keys).build()
+    }
+
+    /// A builder to change the defaults.
+    pub fn builder(keys: KeySet) -> KeyFallbackBuilder {
+        KeyFallbackBuilder::new(keys)
+    }
+
+    /// A handle on the key pool shared by every service this layer makes.
+    pub fn handle(&self) -> KeyHandle {
+        KeyHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S> Layer<S> for KeyFallbackLayer {
+    type Service = KeyFallback<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyFallback::from_shared(inner, self.shared.clone())
+    }
+}
+
+/// Builds a [`KeyFallbackLayer`]. Made by [`KeyFallbackLayer::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_key_fallback::{Credential, KeyFallbackLayer, KeySet};
+///
+/// let keys = KeySet::new(["sk-ant-a", "sk-ant-b"])?;
+/// let layer = KeyFallbackLayer::builder(keys)
+///     .credential(Credential::Header(http::HeaderName::from_static("x-api-key")))
+///     .round_robin()
+///     .max_attempts(2)
+///     .error_threshold(5)
+///     .rate_limit_cooldown(Duration::from_secs(30))
+///     .build();
+/// # Ok::<(), tower_key_fallback::ConfigError>(())
+/// ```
+pub struct KeyFallbackBuilder {
+    keys: KeySet,
+    classifier: Box<dyn Classify>,
+    credential: Credential,
+    round_robin: bool,
+    max_attempts: Option<u32>,
+    inspect_limit: usize,
+    exhausted_response: bool,
+    transport_errors: bool,
+    policy: PoolPolicy,
+    rate_limit_cooldown: Duration,
+    quota_cooldown: Duration,
+    quota_min_cooldown: Duration,
+}
+
+impl fmt::Debug for KeyFallbackBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyFallbackBuilder")
+            .field("keys", &self.keys)
+            .field("credential", &self.credential)
+            .field("round_robin", &self.round_robin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyFallbackBuilder {
+    fn new(keys: KeySet) -> Self {
+        KeyFallbackBuilder {
+            keys,
+            classifier: Box::new(DefaultClassifier::new()),
+            credential: Credential::Bearer,
+            round_robin: false,
+            max_attempts: None,
+            inspect_limit: 64 * 1024,
+            exhausted_response: false,
+            transport_errors: true,
+            policy: PoolPolicy {
+                error_threshold: 3,
+                error_cooldown: Duration::from_secs(30),
+                error_window: Duration::from_secs(60),
+            },
+            rate_limit_cooldown: Duration::from_secs(60),
+            quota_cooldown: Duration::from_secs(3600),
+            quota_min_cooldown: Duration::from_secs(60),
+        }
+    }
+
+    /// How the key goes on the request. Default: [`Credential::Bearer`]. Whatever the
+    /// caller set in `Authorization`, `x-api-key`, `api-key`, `x-goog-api-key` or the named
+    /// header is replaced.
+    pub fn credential(mut self, credential: Credential) -> Self {
+        self.credential = credential;
+        self
+    }
+
+    /// Spreads requests over all usable keys in turn, instead of using the first usable
+    /// key (priority order, the default).
+    pub fn round_robin(mut self) -> Self {
+        self.round_robin = true;
+        self
+    }
+
+    /// The most upstream calls one request may make (each with a different key). Default:
+    /// the number of keys. At least 1.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = Some(attempts.max(1));
+        self
+    }
+
+    /// How much of an error body is read to classify it. Default: 64 KiB. The response
+    /// handed back still carries every byte.
+    pub fn body_inspect_limit(mut self, bytes: usize) -> Self {
+        self.inspect_limit = bytes;
+        self
+    }
+
+    /// How responses are classified. Default: [`DefaultClassifier`].
+    pub fn classifier(mut self, classifier: impl Classify) -> Self {
+        self.classifier = Box::new(classifier);
+        self
+    }
+
+    /// When no key can serve a request, answer `429 Too Many Requests` with `Retry-After`
+    /// instead of failing with [`Exhausted`](crate::Exhausted). For proxies.
+    pub fn exhausted_response(mut self, enabled: bool) -> Self {
+        self.exhausted_response = enabled;
+        self
+    }
+
+    /// Whether errors of the inner service (timeouts, connection errors) count against the
+    /// key and move the request to the next key. Default: true. When false they are returned
+    /// to the caller at once.
+    pub fn fallback_on_transport_errors(mut self, enabled: bool) -> Self {
+        self.transport_errors = enabled;
+        self
+    }
+
+    /// Server or transport errors in a row after which a key is set aside. Default: 3.
+    pub fn error_threshold(mut self, errors: u32) -> Self {
+        self.policy.error_threshold = errors.max(1);
+        self
+    }
+
+    /// How long a key is set aside after too many errors. Default: 30 s.
+    pub fn error_cooldown(mut self, cooldown: Duration) -> Self {
+        self.policy.error_cooldown = cooldown;
+        self
+    }
+
+    /// Error counts older than this are forgotten, so scattered errors never add up to a
+    /// cooldown. Default: 60 s.
+    pub fn error_reset_interval(mut self, interval: Duration) -> Self {
+        self.policy.error_window = interval;
+        self
+    }
+
+    /// Cooldown after a rate limit that gave no reset time. Default: 60 s, a full
+    /// per-minute window.
+    pub fn rate_limit_cooldown(mut self, cooldown: Duration) -> Self {
+        self.rate_limit_cooldown = cooldown;
+        self
+    }
+
+    /// Cooldown after an exhausted quota that gave no believable reset time. Default: 1 h.
+    pub fn quota_cooldown(mut self, cooldown: Duration) -> Self {
+        self.quota_cooldown = cooldown;
+        self
+    }
+
+    /// A quota reset time shorter than this is not believed (Gemini sends `retryDelay: 5s`
+    /// on daily quotas) and the quota cooldown is used instead. Default: 60 s.
+    pub fn quota_min_cooldown(mut self, cooldown: Duration) -> Self {
+        self.quota_min_cooldown = cooldown;
+        self
+    }
+
+    /// Builds the layer.
+    pub fn build(self) -> KeyFallbackLayer {
+        let mut strip: Vec<HeaderName> = Vec::new();
+        if self.credential != Credential::None {
+            strip.extend(CREDENTIAL_HEADERS.iter().map(|h| HeaderName::from_static(h)));
+            if let Credential::Header(name) = &self.credential {
+                if !strip.contains(name) {
+                    strip.push(name.clone());
+                }
+            }
+        }
+        let n = self.keys.len();
+        let credential = self.credential.clone();
+        let pool = Pool::new(
+            self.keys.into_keys(),
+            |secret| credential_value(&credential, secret),
+            self.round_robin,
+            self.policy,
+        );
+        let max_attempts = self
+            .max_attempts
+            .unwrap_or(u32::try_from(n).unwrap_or(u32::MAX))
+            .min(u32::try_from(n).unwrap_or(u32::MAX));
+        KeyFallbackLayer {
+            shared: Arc::new(Shared {
+                pool,
+                classifier: self.classifier,
+                credential: self.credential,
+                strip: strip.into(),
+                max_attempts,
+                inspect_limit: self.inspect_limit,
+                exhausted_response: self.exhausted_response,
+                transport_errors: self.transport_errors,
+                rate_limit_cooldown: self.rate_limit_cooldown,
+                quota_cooldown: self.quota_cooldown,
+                quota_min_cooldown: self.quota_min_cooldown,
+            }),
+        }
+    }
+}

@@ -1,0 +1,608 @@
+//! The key pool: per-key state in atomics and key selection over a bitmap.
+//!
+//! Each key's state is one `AtomicU64` (tag, reason and the deadline in milliseconds since
+//! the pool's epoch), so a state change is a single compare-and-swap and a snapshot is never
+//! torn. A bitmap holds one bit per key "believed usable"; choosing a key is "the first set
+//! bit at or after a position", so 1,000 keys are 16 words to look at, not 1,000 slots. The
+//! bitmap is a hint: the chosen key's state word is checked, and a stale bit is mended. The
+//! earliest cooldown deadline is kept in one more atomic; the first request that finds it
+//! passed restores the keys that recovered (a rare scan, not one per request).
+//!
+//! No lock is taken on the request path. Time is `tokio::time::Instant`, so a paused tokio
+//! clock drives cooldowns in tests.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use crate::handle::{CooldownReason, DisableReason, KeyState, KeyStatus};
+use crate::keys::Key;
+
+const TAG_ACTIVE: u64 = 0;
+const TAG_COOLING: u64 = 1;
+const TAG_DISABLED: u64 = 2;
+const DEADLINE_MAX: u64 = (1 << 56) - 1;
+const NO_DEADLINE: u64 = u64::MAX;
+
+/// One key's state, packed: bits 0-1 tag, bits 2-7 reason, bits 8-63 deadline (ms).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Word(u64);
+
+impl Word {
+    const ACTIVE: Word = Word(TAG_ACTIVE);
+
+    fn cooling(reason: CooldownReason, until_ms: u64) -> Word {
+        Word(TAG_COOLING | (reason.code() << 2) | (until_ms.min(DEADLINE_MAX) << 8))
+    }
+    fn disabled(reason: DisableReason) -> Word {
+        Word(TAG_DISABLED | (reason.code() << 2))
+    }
+    fn tag(self) -> u64 {
+        self.0 & 0b11
+    }
+    fn reason(self) -> u64 {
+        (self.0 >> 2) & 0b11_1111
+    }
+    fn until(self) -> u64 {
+        self.0 >> 8
+    }
+    /// Usable now: active, or cooling with a deadline already passed.
+    fn usable(self, now_ms: u64) -> bool {
+        match self.tag() {
+            TAG_ACTIVE => true,
+            TAG_COOLING => self.until() <= now_ms,
+            _ => false,
+        }
+    }
+}
+
+/// How the pool reacts to errors; fixed when the layer is built.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolPolicy {
+    pub(crate) error_threshold: u32,
+    pub(crate) error_cooldown: Duration,
+    pub(crate) error_window: Duration,
+}
+
+/// What happened on one attempt, as the pool records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Success,
+    Cool(CooldownReason, Duration),
+    Disable(DisableReason),
+    Error,
+}
+
+pub(crate) struct Slot {
+    pub(crate) label: Box<str>,
+    cred: RwLock<Cred>,
+    state: AtomicU64,
+    requests: AtomicU64,
+    successes: AtomicU64,
+    errors: AtomicU64,
+    rate_limited: AtomicU64,
+    consecutive: AtomicU32,
+    window_start_ms: AtomicU64,
+}
+
+struct Cred {
+    value: HeaderValue,
+    fingerprint: Box<str>,
+}
+
+impl Slot {
+    fn cred(&self) -> std::sync::RwLockReadGuard<'_, Cred> {
+        self.cred.read().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(crate) fn fingerprint(&self) -> String {
+        self.cred().fingerprint.to_string()
+    }
+    fn word(&self) -> Word {
+        Word(self.state.load(SeqCst))
+    }
+}
+
+/// A position in the scan over keys for one request: each key is visited at most once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cursor {
+    start: usize,
+    offset: usize,
+}
+
+pub(crate) struct Pool {
+    slots: Box<[Slot]>,
+    usable: Box<[AtomicU64]>,
+    next_deadline: AtomicU64,
+    round_robin: Option<AtomicUsize>,
+    epoch: Instant,
+    policy: PoolPolicy,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("keys", &self.slots.iter().map(|s| &*s.label).collect::<Vec<_>>())
+            .field("round_robin", &self.round_robin.is_some())
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(keys: Vec<Key>, make_value: impl Fn(&str) -> HeaderValue, round_robin: bool, policy: PoolPolicy) -> Pool {
+        let n = keys.len();
+        let slots: Box<[Slot]> = keys
+            .into_iter()
+            .map(|k| Slot {
+                cred: RwLock::new(Cred {
+                    value: make_value(k.secret()),
+                    fingerprint: k.fingerprint().into(),
+                }),
+                label: k.label().into(),
+                state: AtomicU64::new(Word::ACTIVE.0),
+                requests: AtomicU64::new(0),
+                successes: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                rate_limited: AtomicU64::new(0),
+                consecutive: AtomicU32::new(0),
+                window_start_ms: AtomicU64::new(0),
+            })
+            .collect();
+        let words = n.div_ceil(64);
+        let usable: Box<[AtomicU64]> = (0..words)
+            .map(|w| {
+                let bits = (n - w * 64).min(64);
+                AtomicU64::new(if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 })
+            })
+            .collect();
+        Pool {
+            slots,
+            usable,
+            next_deadline: AtomicU64::new(NO_DEADLINE),
+            round_robin: round_robin.then(|| AtomicUsize::new(0)),
+            epoch: Instant::now(),
+            policy,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(crate) fn label(&self, i: usize) -> &str {
+        &self.slots[i].label
+    }
+
+    pub(crate) fn position(&self, label: &str) -> Option<usize> {
+        self.slots.iter().position(|s| &*s.label == label)
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        let ms = Instant::now().saturating_duration_since(self.epoch).as_millis();
+        u64::try_from(ms).unwrap_or(DEADLINE_MAX).min(DEADLINE_MAX)
+    }
+
+    fn deadline(&self, now_ms: u64, d: Duration) -> u64 {
+        // Round up, so a key is never usable before the provider's reset.
+        let ms = d.as_nanos().div_ceil(1_000_000);
+        now_ms.saturating_add(u64::try_from(ms).unwrap_or(DEADLINE_MAX)).min(DEADLINE_MAX)
+    }
+
+    /// Where a new request starts its scan: the first key (priority order) or the next one
+    /// in turn (round robin).
+    pub(crate) fn cursor(&self) -> Cursor {
+        let start = match &self.round_robin {
+            Some(rr) => rr.fetch_add(1, SeqCst) % self.slots.len(),
+            None => 0,
+        };
+        Cursor { start, offset: 0 }
+    }
+
+    /// Restores keys whose cooldown has passed, if the earliest deadline is behind us. Cheap
+    /// when nothing is cooling: one atomic load, and no clock read.
+    fn maybe_recover(&self) {
+        let deadline = self.next_deadline.load(SeqCst);
+        if deadline == NO_DEADLINE {
+            return;
+        }
+        let now = self.now_ms();
+        if now < deadline {
+            return;
+        }
+        // Claim the scan; whoever loses the race leaves it to the winner.
+        if self
+            .next_deadline
+            .compare_exchange(deadline, NO_DEADLINE, SeqCst, SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        let mut soonest = NO_DEADLINE;
+        for i in 0..self.slots.len() {
+            let w = self.slots[i].word();
+            if w.tag() != TAG_COOLING {
+                continue;
+            }
+            if w.until() <= now {
+                self.recover(i, w);
+            } else {
+                soonest = soonest.min(w.until());
+            }
+        }
+        self.next_deadline.fetch_min(soonest, SeqCst);
+    }
+
+    /// Moves a key whose cooldown has passed back to active. Returns whether it is usable.
+    fn recover(&self, i: usize, seen: Word) -> bool {
+        let slot = &self.slots[i];
+        if slot
+            .state
+            .compare_exchange(seen.0, Word::ACTIVE.0, SeqCst, SeqCst)
+            .is_ok()
+        {
+            slot.consecutive.store(0, SeqCst);
+            tracing::info!(
+                key = %slot.label,
+                fingerprint = %slot.fingerprint(),
+                after = CooldownReason::from_code(seen.reason()).as_str(),
+                "API key recovered from cooldown"
+            );
+        }
+        self.sync_bit(i);
+        slot.word().usable(self.now_ms())
+    }
+
+    /// Makes key `i`'s bit agree with its state word, whatever raced with us.
+    fn sync_bit(&self, i: usize) {
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        loop {
+            let w = self.slots[i].word();
+            if w.tag() == TAG_ACTIVE {
+                self.usable[word].fetch_or(bit, SeqCst);
+            } else {
+                self.usable[word].fetch_and(!bit, SeqCst);
+            }
+            if self.slots[i].word() == w {
+                return;
+            }
+        }
+    }
+
+    /// The first key believed usable in `lo..hi`.
+    fn find_in(&self, lo: usize, hi: usize) -> Option<usize> {
+        let mut i = lo;
+        while i < hi {
+            let w = i / 64;
+            let bits = self.usable[w].load(SeqCst) & (u64::MAX << (i % 64));
+            if bits != 0 {
+                let found = w * 64 + bits.trailing_zeros() as usize;
+                return (found < hi).then_some(found);
+            }
+            i = (w + 1) * 64;
+        }
+        None
+    }
+
+    /// Takes the next usable key in this request's scan, each key at most once.
+    pub(crate) fn pick(&self, cur: &mut Cursor) -> Option<usize> {
+        self.maybe_recover();
+        let n = self.slots.len();
+        while cur.offset < n {
+            let real = (cur.start + cur.offset) % n;
+            let end = if real >= cur.start { n } else { cur.start };
+            match self.find_in(real, end) {
+                Some(i) => {
+                    cur.offset += i - real + 1;
+                    if self.claim(i) {
+                        return Some(i);
+                    }
+                }
+                None => cur.offset += end - real,
+            }
+        }
+        None
+    }
+
+    /// Whether the scan has a key believed usable left, without moving it.
+    pub(crate) fn has_next(&self, cur: &Cursor) -> bool {
+        let n = self.slots.len();
+        let mut offset = cur.offset;
+        while offset < n {
+            let real = (cur.start + offset) % n;
+            let end = if real >= cur.start { n } else { cur.start };
+            if self.find_in(real, end).is_some() {
+                return true;
+            }
+            offset += end - real;
+        }
+        false
+    }
+
+    /// Checks a key the bitmap offered; mends the bit if it was stale.
+    fn claim(&self, i: usize) -> bool {
+        let w = self.slots[i].word();
+        match w.tag() {
+            TAG_ACTIVE => true,
+            TAG_COOLING if w.until() <= self.now_ms() => self.recover(i, w),
+            _ => {
+                self.sync_bit(i);
+                false
+            }
+        }
+    }
+
+    /// The credential header value for key `i`, and counts the attempt.
+    pub(crate) fn begin(&self, i: usize) -> HeaderValue {
+        let slot = &self.slots[i];
+        slot.requests.fetch_add(1, SeqCst);
+        slot.cred().value.clone()
+    }
+
+    /// Records what an attempt with key `i` came to.
+    pub(crate) fn record(&self, i: usize, outcome: Outcome) {
+        let slot = &self.slots[i];
+        match outcome {
+            Outcome::Success => {
+                slot.successes.fetch_add(1, SeqCst);
+                if slot.consecutive.load(SeqCst) != 0 {
+                    slot.consecutive.store(0, SeqCst);
+                }
+            }
+            Outcome::Cool(reason, d) => {
+                if reason == CooldownReason::RateLimited || reason == CooldownReason::QuotaExhausted {
+                    slot.rate_limited.fetch_add(1, SeqCst);
+                }
+                if reason != CooldownReason::LimitReached {
+                    slot.errors.fetch_add(1, SeqCst);
+                } else {
+                    slot.successes.fetch_add(1, SeqCst);
+                }
+                self.cool(i, reason, d);
+            }
+            Outcome::Disable(reason) => {
+                slot.errors.fetch_add(1, SeqCst);
+                self.disable(i, reason);
+            }
+            Outcome::Error => {
+                slot.errors.fetch_add(1, SeqCst);
+                let now = self.now_ms();
+                let window = u64::try_from(self.policy.error_window.as_millis()).unwrap_or(u64::MAX);
+                let start = slot.window_start_ms.load(SeqCst);
+                if now.saturating_sub(start) >= window {
+                    // Old errors age out: a new counting window starts.
+                    slot.window_start_ms.store(now, SeqCst);
+                    slot.consecutive.store(0, SeqCst);
+                }
+                let count = slot.consecutive.fetch_add(1, SeqCst) + 1;
+                if count >= self.policy.error_threshold {
+                    slot.consecutive.store(0, SeqCst);
+                    self.cool(i, CooldownReason::Errors, self.policy.error_cooldown);
+                }
+            }
+        }
+    }
+
+    /// Cools key `i` until `d` from now. A later deadline already set is kept, and a
+    /// disabled key stays disabled.
+    pub(crate) fn cool(&self, i: usize, reason: CooldownReason, d: Duration) {
+        let slot = &self.slots[i];
+        let now = self.now_ms();
+        let until = self.deadline(now, d);
+        let new = Word::cooling(reason, until);
+        let mut cur = slot.word();
+        loop {
+            let keep = match cur.tag() {
+                TAG_DISABLED => true,
+                TAG_COOLING => cur.until() >= until,
+                _ => false,
+            };
+            if keep {
+                break;
+            }
+            match slot.state.compare_exchange(cur.0, new.0, SeqCst, SeqCst) {
+                Ok(_) => {
+                    tracing::warn!(
+                        key = %slot.label,
+                        fingerprint = %slot.fingerprint(),
+                        reason = reason.as_str(),
+                        cooldown_ms = until - now,
+                        "API key cooling down"
+                    );
+                    break;
+                }
+                Err(actual) => cur = Word(actual),
+            }
+        }
+        self.sync_bit(i);
+        self.next_deadline.fetch_min(slot.word().until().max(until), SeqCst);
+    }
+
+    /// Disables key `i` until it is reset or rotated.
+    pub(crate) fn disable(&self, i: usize, reason: DisableReason) {
+        let slot = &self.slots[i];
+        let prev = Word(slot.state.swap(Word::disabled(reason).0, SeqCst));
+        if prev.tag() != TAG_DISABLED {
+            tracing::warn!(
+                key = %slot.label,
+                fingerprint = %slot.fingerprint(),
+                reason = reason.as_str(),
+                "API key disabled until reset"
+            );
+        }
+        self.sync_bit(i);
+    }
+
+    /// Makes key `i` active again and clears its error count.
+    pub(crate) fn reset(&self, i: usize) {
+        let slot = &self.slots[i];
+        let prev = Word(slot.state.swap(Word::ACTIVE.0, SeqCst));
+        slot.consecutive.store(0, SeqCst);
+        if prev.tag() != TAG_ACTIVE {
+            tracing::info!(key = %slot.label, fingerprint = %slot.fingerprint(), "API key reset");
+        }
+        self.sync_bit(i);
+    }
+
+    /// Replaces key `i`'s credential and makes it active.
+    pub(crate) fn rotate(&self, i: usize, value: HeaderValue, fingerprint: &str) {
+        let slot = &self.slots[i];
+        *slot.cred.write().unwrap_or_else(|e| e.into_inner()) = Cred {
+            value,
+            fingerprint: fingerprint.into(),
+        };
+        tracing::info!(key = %slot.label, fingerprint = %fingerprint, "API key rotated");
+        self.reset(i);
+    }
+
+    /// Time until the earliest cooling key is usable again; `None` when no key is cooling
+    /// (all disabled), zero when one is usable now.
+    pub(crate) fn earliest(&self) -> Option<Duration> {
+        let now = self.now_ms();
+        let mut best: Option<u64> = None;
+        for slot in self.slots.iter() {
+            let w = slot.word();
+            let at = match w.tag() {
+                TAG_ACTIVE => now,
+                TAG_COOLING => w.until().max(now),
+                _ => continue,
+            };
+            best = Some(best.map_or(at, |b| b.min(at)));
+        }
+        best.map(|at| Duration::from_millis(at - now))
+    }
+
+    pub(crate) fn status(&self, i: usize) -> KeyStatus {
+        let slot = &self.slots[i];
+        let now = self.now_ms();
+        let w = slot.word();
+        let state = match w.tag() {
+            TAG_COOLING if w.until() > now => KeyState::CoolingDown {
+                remaining: Duration::from_millis(w.until() - now),
+                reason: CooldownReason::from_code(w.reason()),
+            },
+            TAG_DISABLED => KeyState::Disabled {
+                reason: DisableReason::from_code(w.reason()),
+            },
+            _ => KeyState::Active,
+        };
+        let window = u64::try_from(self.policy.error_window.as_millis()).unwrap_or(u64::MAX);
+        let consecutive = if now.saturating_sub(slot.window_start_ms.load(SeqCst)) >= window {
+            0
+        } else {
+            slot.consecutive.load(SeqCst)
+        };
+        KeyStatus {
+            label: slot.label.to_string(),
+            fingerprint: slot.fingerprint(),
+            state,
+            requests: slot.requests.load(SeqCst),
+            successes: slot.successes.load(SeqCst),
+            errors: slot.errors.load(SeqCst),
+            rate_limited: slot.rate_limited.load(SeqCst),
+            consecutive_errors: consecutive,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeySet;
+
+    fn pool(n: usize, rr: bool) -> Pool {
+        let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+        let set = KeySet::new(keys).unwrap();
+        Pool::new(
+            set.into_keys(),
+            |s| HeaderValue::from_str(s).unwrap(),
+            rr,
+            PoolPolicy {
+                error_threshold: 3,
+                error_cooldown: Duration::from_secs(30),
+                error_window: Duration::from_secs(60),
+            },
+        )
+    }
+
+    fn all(p: &Pool) -> Vec<usize> {
+        let mut c = p.cursor();
+        std::iter::from_fn(|| p.pick(&mut c)).collect()
+    }
+
+    #[test]
+    fn priority_visits_each_key_once_in_order() {
+        let p = pool(130, false);
+        assert_eq!(all(&p), (0..130).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn round_robin_starts_at_the_next_key_and_wraps() {
+        let p = pool(3, true);
+        assert_eq!(all(&p), vec![0, 1, 2]);
+        assert_eq!(all(&p), vec![1, 2, 0]);
+        assert_eq!(all(&p), vec![2, 0, 1]);
+        assert_eq!(all(&p), vec![0, 1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cooled_keys_are_skipped_until_their_deadline() {
+        let p = pool(200, false);
+        for i in 0..199 {
+            p.cool(i, CooldownReason::RateLimited, Duration::from_secs(10 + i as u64));
+        }
+        assert_eq!(all(&p), vec![199]);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(all(&p), vec![0, 199]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(all(&p), vec![0, 1, 199]);
+        assert!(matches!(p.status(0).state, KeyState::Active));
+        assert!(matches!(p.status(2).state, KeyState::CoolingDown { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cooldown_is_never_shortened() {
+        let p = pool(1, false);
+        p.cool(0, CooldownReason::QuotaExhausted, Duration::from_secs(3600));
+        p.cool(0, CooldownReason::RateLimited, Duration::from_secs(2));
+        match p.status(0).state {
+            KeyState::CoolingDown { remaining, reason } => {
+                assert_eq!(remaining, Duration::from_secs(3600));
+                assert_eq!(reason, CooldownReason::QuotaExhausted);
+            }
+            other => panic!("{other:?}"),
+        }
+        p.cool(0, CooldownReason::RateLimited, Duration::from_secs(7200));
+        assert!(matches!(
+            p.status(0).state,
+            KeyState::CoolingDown { remaining, .. } if remaining == Duration::from_secs(7200)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disabled_keys_stay_out_until_reset() {
+        let p = pool(2, false);
+        p.disable(0, DisableReason::InvalidKey);
+        p.cool(0, CooldownReason::RateLimited, Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(all(&p), vec![1]);
+        assert_eq!(p.earliest(), Some(Duration::ZERO));
+        p.disable(1, DisableReason::InvalidKey);
+        assert_eq!(p.earliest(), None);
+        p.reset(0);
+        assert_eq!(all(&p), vec![0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_bits_are_mended() {
+        let p = pool(2, false);
+        // A bit set for a key that is really cooling is found, checked and cleared.
+        p.slots[0]
+            .state
+            .store(Word::cooling(CooldownReason::RateLimited, 1_000_000).0, SeqCst);
+        assert_eq!(all(&p), vec![1]);
+        assert_eq!(p.usable[0].load(SeqCst) & 1, 0);
+    }
+}
