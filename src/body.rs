@@ -360,7 +360,9 @@ where
         match &self.kind {
             Kind::Passthrough { inner } => inner.size_hint(),
             Kind::Buffered { inner } => inner.size_hint(),
-            Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }
@@ -405,7 +407,9 @@ impl Body for ExhaustedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.lock().map_or_else(|_| SizeHint::new(), |b| b.size_hint())
+        self.inner
+            .lock()
+            .map_or_else(|_| SizeHint::new(), |b| b.size_hint())
     }
 }
 
@@ -437,20 +441,35 @@ mod tests {
         let mut trailers = HeaderMap::new();
         trailers.insert("x-t", "1".parse().unwrap());
         let t2 = trailers.clone();
-        let frames = vec![Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"hi"))), Ok(Frame::trailers(t2))];
-        let mut peek = Peek::new(boxed(StreamBody::new(futures_util::stream::iter(frames))), 100);
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"hi"))),
+            Ok(Frame::trailers(t2)),
+        ];
+        let mut peek = Peek::new(
+            boxed(StreamBody::new(futures_util::stream::iter(frames))),
+            100,
+        );
         std::future::poll_fn(|cx| peek.poll_peek(cx)).await;
         assert!(peek.complete());
         assert_eq!(peek.prefix(), b"hi");
-        let collected = ExhaustedBody::new(peek.into_buffered()).collect().await.unwrap();
+        let collected = ExhaustedBody::new(peek.into_buffered())
+            .collect()
+            .await
+            .unwrap();
         assert_eq!(collected.trailers(), Some(&trailers));
         assert_eq!(&collected.to_bytes()[..], b"hi");
     }
 
     #[tokio::test]
     async fn a_body_error_during_peek_is_handed_on() {
-        let frames = vec![Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x"))), Err("boom".into())];
-        let mut peek = Peek::new(boxed(StreamBody::new(futures_util::stream::iter(frames))), 100);
+        let frames = vec![
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x"))),
+            Err("boom".into()),
+        ];
+        let mut peek = Peek::new(
+            boxed(StreamBody::new(futures_util::stream::iter(frames))),
+            100,
+        );
         std::future::poll_fn(|cx| peek.poll_peek(cx)).await;
         let mut body = KeyFallbackBody::<String>::buffered(peek.into_buffered());
         let first = body.frame().await.unwrap().unwrap();
@@ -462,8 +481,11 @@ mod tests {
     #[test]
     fn replayable_bodies() {
         assert!(String::from("x").try_clone_body().is_some());
-        assert!(http_body_util::Empty::<Bytes>::new().try_clone_body().is_some());
-        let boxed = http_body_util::combinators::BoxBody::new(String::new().map_err(|e| match e {}));
+        assert!(http_body_util::Empty::<Bytes>::new()
+            .try_clone_body()
+            .is_some());
+        let boxed =
+            http_body_util::combinators::BoxBody::new(String::new().map_err(|e| match e {}));
         assert!(boxed.try_clone_body().is_none());
     }
 }

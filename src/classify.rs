@@ -282,7 +282,10 @@ pub(crate) fn header_hint(headers: &HeaderMap, now: SystemTime) -> Option<Durati
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
 }
 
 /// The time until the exhausted dimension(s) reset. With `only_exhausted`, dimensions whose
@@ -290,10 +293,26 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// reset is taken.
 fn reset_hint(headers: &HeaderMap, now: SystemTime, only_exhausted: bool) -> Option<Duration> {
     let dims = [
-        ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", false),
-        ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", false),
-        ("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset", true),
-        ("anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset", true),
+        (
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+            false,
+        ),
+        (
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+            false,
+        ),
+        (
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+            true,
+        ),
+        (
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-tokens-reset",
+            true,
+        ),
         (
             "anthropic-ratelimit-input-tokens-remaining",
             "anthropic-ratelimit-input-tokens-reset",
@@ -310,7 +329,8 @@ fn reset_hint(headers: &HeaderMap, now: SystemTime, only_exhausted: bool) -> Opt
     let mut any_exhausted = false;
     for (remaining, reset, rfc3339) in dims {
         let reset = match headers.get(reset) {
-            Some(v) if rfc3339 => parse::rfc3339_until(v.as_bytes(), now),
+            // A reset time already past says nothing about how long to wait.
+            Some(v) if rfc3339 => parse::rfc3339_until(v.as_bytes(), now).filter(|d| !d.is_zero()),
             Some(v) => v.to_str().ok().and_then(parse::go_duration),
             None => None,
         };

@@ -164,7 +164,11 @@ where
                             }
                         }
                     };
-                    let verdict = match this.shared.classifier.classify_head(res.status(), res.headers()) {
+                    let verdict = match this
+                        .shared
+                        .classifier
+                        .classify_head(res.status(), res.headers())
+                    {
                         HeadVerdict::Done(verdict) => verdict,
                         HeadVerdict::InspectBody => {
                             let (parts, body) = res.into_parts();
@@ -185,10 +189,11 @@ where
                     ready!(p.poll_peek(cx));
                     let (parts, peek) = (parts.take(), peek.take());
                     let (parts, peek) = (parts.expect("parts"), peek.expect("peek"));
-                    let verdict =
-                        this.shared
-                            .classifier
-                            .classify_body(parts.status, &parts.headers, peek.prefix());
+                    let verdict = this.shared.classifier.classify_body(
+                        parts.status,
+                        &parts.headers,
+                        peek.prefix(),
+                    );
                     if peek.complete() {
                         tracing::trace!(bytes = peek.prefix().len(), "error body read whole");
                     }
@@ -351,7 +356,9 @@ where
 fn outcome(shared: &Shared, verdict: Verdict) -> Option<Outcome> {
     Some(match verdict {
         Verdict::Success => Outcome::Success,
-        Verdict::Drained { retry_after } => Outcome::Cool(CooldownReason::LimitReached, retry_after),
+        Verdict::Drained { retry_after } => {
+            Outcome::Cool(CooldownReason::LimitReached, retry_after)
+        }
         Verdict::RateLimited { retry_after } => Outcome::Cool(
             CooldownReason::RateLimited,
             retry_after.unwrap_or(shared.rate_limit_cooldown),
@@ -415,7 +422,10 @@ fn too_many_requests<B>(retry_after: Option<std::time::Duration>) -> Response<Ke
     let mut res = Response::new(KeyFallbackBody::full(Bytes::from(message)));
     *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
     let headers = res.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Some(secs) = wait {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }

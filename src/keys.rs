@@ -75,7 +75,11 @@ pub struct KeySet {
 impl fmt::Debug for KeySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
-            .entries(self.keys.iter().map(|k| format!("{} ({})", k.label, k.fingerprint)))
+            .entries(
+                self.keys
+                    .iter()
+                    .map(|k| format!("{} ({})", k.label, k.fingerprint)),
+            )
             .finish()
     }
 }
@@ -245,7 +249,10 @@ mod tests {
         ];
         let set = KeySet::from_vars("GROQ_API_KEY", vars).unwrap();
         let labels: Vec<_> = set.labels().collect();
-        assert_eq!(labels, ["GROQ_API_KEY", "GROQ_API_KEY_2", "GROQ_API_KEY_10"]);
+        assert_eq!(
+            labels,
+            ["GROQ_API_KEY", "GROQ_API_KEY_2", "GROQ_API_KEY_10"]
+        );
         let secrets: Vec<_> = set.keys.iter().map(|k| k.secret.as_str()).collect();
         assert_eq!(secrets, ["k0", "k2", "k10"]);
     }
@@ -255,13 +262,19 @@ mod tests {
         let secret = "gsk_supersecret";
         let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
             (vec![], "no API key found: set GROQ_API_KEY"),
-            (vec![("GROQ_API_KEY", "  ".into())], "GROQ_API_KEY is set but empty"),
+            (
+                vec![("GROQ_API_KEY", "  ".into())],
+                "GROQ_API_KEY is set but empty",
+            ),
             (
                 vec![("GROQ_API_KEY_2", format!("{secret}\u{7}"))],
                 "GROQ_API_KEY_2 holds characters",
             ),
             (
-                vec![("GROQ_API_KEY", secret.into()), ("GROQ_API_KEY_3", secret.into())],
+                vec![
+                    ("GROQ_API_KEY", secret.into()),
+                    ("GROQ_API_KEY_3", secret.into()),
+                ],
                 "GROQ_API_KEY_3 is the same key as GROQ_API_KEY",
             ),
         ];
@@ -288,7 +301,10 @@ mod tests {
             KeySet::new(["a", ""]).unwrap_err().to_string(),
             "key #2 is set but empty: give it a value or remove it"
         );
-        assert!(KeySet::new(["a b"]).unwrap_err().to_string().starts_with("key #1 holds characters"));
+        assert!(KeySet::new(["a b"])
+            .unwrap_err()
+            .to_string()
+            .starts_with("key #1 holds characters"));
     }
 
     #[test]

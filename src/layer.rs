@@ -318,7 +318,11 @@ impl KeyFallbackBuilder {
     pub fn build(self) -> KeyFallbackLayer {
         let mut strip: Vec<HeaderName> = Vec::new();
         if self.credential != Credential::None {
-            strip.extend(CREDENTIAL_HEADERS.iter().map(|h| HeaderName::from_static(h)));
+            strip.extend(
+                CREDENTIAL_HEADERS
+                    .iter()
+                    .map(|h| HeaderName::from_static(h)),
+            );
             if let Credential::Header(name) = &self.credential {
                 if !strip.contains(name) {
                     strip.push(name.clone());

@@ -120,8 +120,14 @@ pub(crate) fn millis(s: &[u8]) -> Option<Duration> {
 }
 
 fn trim(s: &[u8]) -> &[u8] {
-    let start = s.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(s.len());
-    let end = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = s
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    let end = s
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &s[start..end]
 }
 
@@ -235,7 +241,8 @@ pub(crate) fn find_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
     }
     let first = needle[0].to_ascii_lowercase();
     (0..=hay.len() - needle.len()).find(|&i| {
-        hay[i].to_ascii_lowercase() == first && hay[i..i + needle.len()].eq_ignore_ascii_case(needle)
+        hay[i].to_ascii_lowercase() == first
+            && hay[i..i + needle.len()].eq_ignore_ascii_case(needle)
     })
 }
 
@@ -297,8 +304,14 @@ mod tests {
         assert_eq!(go_duration("1h"), Some(ms(3_600_000)));
         assert_eq!(go_duration("1h2m3s"), Some(ms(3_723_000)));
         assert_eq!(go_duration("9m38.016s"), Some(ms(578_016)));
-        assert_eq!(go_duration("1m47.5854s"), Some(Duration::new(107, 585_400_000)));
-        assert_eq!(go_duration("1.984999999s"), Some(Duration::new(1, 984_999_999)));
+        assert_eq!(
+            go_duration("1m47.5854s"),
+            Some(Duration::new(107, 585_400_000))
+        );
+        assert_eq!(
+            go_duration("1.984999999s"),
+            Some(Duration::new(1, 984_999_999))
+        );
         assert_eq!(go_duration("250us"), Some(Duration::from_micros(250)));
         assert_eq!(go_duration("250µs"), Some(Duration::from_micros(250)));
         assert_eq!(go_duration("2"), Some(ms(2_000)));
@@ -314,7 +327,10 @@ mod tests {
     #[test]
     fn absurd_values_saturate() {
         assert_eq!(go_duration("99999999999h"), Some(MAX_WAIT));
-        assert_eq!(go_duration("340282366920938463463374607431768211456h"), Some(MAX_WAIT));
+        assert_eq!(
+            go_duration("340282366920938463463374607431768211456h"),
+            Some(MAX_WAIT)
+        );
         assert_eq!(seconds(b"99999999999999999999999999999999"), Some(MAX_WAIT));
         assert_eq!(millis(b"1e9"), None);
     }
@@ -329,7 +345,10 @@ mod tests {
             retry_after(b"Sun, 06 Nov 1994 08:50:07 GMT", now),
             Some(Duration::from_secs(30))
         );
-        assert_eq!(retry_after(b"Sun, 06 Nov 1994 08:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after(b"Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(retry_after(b"soon", now), None);
         assert_eq!(millis(b"1500"), Some(ms(1_500)));
         assert_eq!(millis(b"0.5"), Some(Duration::from_micros(500)));
@@ -338,13 +357,24 @@ mod tests {
     #[test]
     fn rfc3339_timestamps() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_711_483_200 - 90); // 2024-03-26T19:58:30Z
-        assert_eq!(rfc3339_until(b"2024-03-26T20:00:00Z", now), Some(Duration::from_secs(90)));
+        assert_eq!(
+            rfc3339_until(b"2024-03-26T20:00:00Z", now),
+            Some(Duration::from_secs(90))
+        );
         assert_eq!(
             rfc3339_until(b"2024-03-26T22:00:00.5+02:00", now),
             Some(ms(90_500))
         );
-        assert_eq!(rfc3339_until(b"2020-01-01T00:00:00Z", now), Some(Duration::ZERO));
-        for bad in [&b"2024-13-01T00:00:00Z"[..], b"2024-03-26", b"2024-03-26T20:00:00", b"x"] {
+        assert_eq!(
+            rfc3339_until(b"2020-01-01T00:00:00Z", now),
+            Some(Duration::ZERO)
+        );
+        for bad in [
+            &b"2024-13-01T00:00:00Z"[..],
+            b"2024-03-26",
+            b"2024-03-26T20:00:00",
+            b"x",
+        ] {
             assert_eq!(rfc3339_until(bad, now), None);
         }
     }

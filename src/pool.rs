@@ -124,7 +124,10 @@ pub(crate) struct Pool {
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
-            .field("keys", &self.slots.iter().map(|s| &*s.label).collect::<Vec<_>>())
+            .field(
+                "keys",
+                &self.slots.iter().map(|s| &*s.label).collect::<Vec<_>>(),
+            )
             .field("round_robin", &self.round_robin.is_some())
             .field("policy", &self.policy)
             .finish()
@@ -132,7 +135,12 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub(crate) fn new(keys: Vec<Key>, make_value: impl Fn(&str) -> HeaderValue, round_robin: bool, policy: PoolPolicy) -> Pool {
+    pub(crate) fn new(
+        keys: Vec<Key>,
+        make_value: impl Fn(&str) -> HeaderValue,
+        round_robin: bool,
+        policy: PoolPolicy,
+    ) -> Pool {
         let n = keys.len();
         let slots: Box<[Slot]> = keys
             .into_iter()
@@ -155,7 +163,11 @@ impl Pool {
         let usable: Box<[AtomicU64]> = (0..words)
             .map(|w| {
                 let bits = (n - w * 64).min(64);
-                AtomicU64::new(if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 })
+                AtomicU64::new(if bits == 64 {
+                    u64::MAX
+                } else {
+                    (1u64 << bits) - 1
+                })
             })
             .collect();
         Pool {
@@ -181,14 +193,18 @@ impl Pool {
     }
 
     pub(crate) fn now_ms(&self) -> u64 {
-        let ms = Instant::now().saturating_duration_since(self.epoch).as_millis();
+        let ms = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis();
         u64::try_from(ms).unwrap_or(DEADLINE_MAX).min(DEADLINE_MAX)
     }
 
     fn deadline(&self, now_ms: u64, d: Duration) -> u64 {
         // Round up, so a key is never usable before the provider's reset.
         let ms = d.as_nanos().div_ceil(1_000_000);
-        now_ms.saturating_add(u64::try_from(ms).unwrap_or(DEADLINE_MAX)).min(DEADLINE_MAX)
+        now_ms
+            .saturating_add(u64::try_from(ms).unwrap_or(DEADLINE_MAX))
+            .min(DEADLINE_MAX)
     }
 
     /// Where a new request starts its scan: the first key (priority order) or the next one
@@ -352,7 +368,8 @@ impl Pool {
                 }
             }
             Outcome::Cool(reason, d) => {
-                if reason == CooldownReason::RateLimited || reason == CooldownReason::QuotaExhausted {
+                if reason == CooldownReason::RateLimited || reason == CooldownReason::QuotaExhausted
+                {
                     slot.rate_limited.fetch_add(1, SeqCst);
                 }
                 if reason != CooldownReason::LimitReached {
@@ -369,7 +386,8 @@ impl Pool {
             Outcome::Error => {
                 slot.errors.fetch_add(1, SeqCst);
                 let now = self.now_ms();
-                let window = u64::try_from(self.policy.error_window.as_millis()).unwrap_or(u64::MAX);
+                let window =
+                    u64::try_from(self.policy.error_window.as_millis()).unwrap_or(u64::MAX);
                 let start = slot.window_start_ms.load(SeqCst);
                 if now.saturating_sub(start) >= window {
                     // Old errors age out: a new counting window starts.
@@ -417,7 +435,8 @@ impl Pool {
             }
         }
         self.sync_bit(i);
-        self.next_deadline.fetch_min(slot.word().until().max(until), SeqCst);
+        self.next_deadline
+            .fetch_min(slot.word().until().max(until), SeqCst);
     }
 
     /// Disables key `i` until it is reset or rotated.
@@ -551,7 +570,11 @@ mod tests {
     async fn cooled_keys_are_skipped_until_their_deadline() {
         let p = pool(200, false);
         for i in 0..199 {
-            p.cool(i, CooldownReason::RateLimited, Duration::from_secs(10 + i as u64));
+            p.cool(
+                i,
+                CooldownReason::RateLimited,
+                Duration::from_secs(10 + i as u64),
+            );
         }
         assert_eq!(all(&p), vec![199]);
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -599,9 +622,10 @@ mod tests {
     async fn stale_bits_are_mended() {
         let p = pool(2, false);
         // A bit set for a key that is really cooling is found, checked and cleared.
-        p.slots[0]
-            .state
-            .store(Word::cooling(CooldownReason::RateLimited, 1_000_000).0, SeqCst);
+        p.slots[0].state.store(
+            Word::cooling(CooldownReason::RateLimited, 1_000_000).0,
+            SeqCst,
+        );
         assert_eq!(all(&p), vec![1]);
         assert_eq!(p.usable[0].load(SeqCst) & 1, 0);
     }
