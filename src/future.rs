@@ -61,7 +61,7 @@ pin_project! {
 
 /// The last key fault of a request.
 enum Last {
-    Response(Response<Buffered>),
+    Response(Box<Response<Buffered>>),
     Error(BoxError),
 }
 
@@ -287,7 +287,7 @@ where
                     Raw::Passthrough(b) => Buffered::rest(boxed(b)),
                     Raw::Read(b) => b,
                 });
-                *self.as_mut().project().last = Some(Last::Response(res));
+                *self.as_mut().project().last = Some(Last::Response(Box::new(res)));
                 Some(self.exhausted())
             }
         }
