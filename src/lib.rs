@@ -66,3 +66,8 @@ pub use handle::{CooldownReason, DisableReason, KeyHandle, KeyState, KeyStatus, 
 pub use keys::KeySet;
 pub use layer::{Credential, KeyFallbackBuilder, KeyFallbackLayer};
 pub use service::KeyFallback;
+
+// The README's examples are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

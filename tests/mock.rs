@@ -826,9 +826,13 @@ async fn tracing_reports_switches_disables_and_recoveries_by_label_never_by_key(
     .await
     .unwrap();
     advance(Duration::from_secs(5)).await;
-    exchange(&mut svc, &mut handle, vec![("gsk_key1", response(200, &[], ""))])
-        .await
-        .unwrap();
+    exchange(
+        &mut svc,
+        &mut handle,
+        vec![("gsk_key1", response(200, &[], ""))],
+    )
+    .await
+    .unwrap();
     keys.rotate("key-2", "gsk_rotated").unwrap();
     keys.disable("key-1").unwrap();
     keys.disable("key-2").unwrap();
@@ -853,5 +857,8 @@ async fn tracing_reports_switches_disables_and_recoveries_by_label_never_by_key(
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
-    assert!(!text.contains("gsk_"), "a key leaked into the logs:\n{text}");
+    assert!(
+        !text.contains("gsk_"),
+        "a key leaked into the logs:\n{text}"
+    );
 }
