@@ -255,6 +255,7 @@ impl Peek {
     }
 
     /// Whether the whole body was read.
+    #[cfg(test)]
     pub(crate) fn complete(&self) -> bool {
         self.body.is_none()
     }

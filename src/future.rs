@@ -1,7 +1,8 @@
-//! The per-request path, top to bottom: pick a key, set the credential, keep a copy if another
-//! key could serve, call; classify the answer (reading a bounded prefix of an error body when
-//! the head is not enough); record the verdict on the key; hand back the response, or ready
-//! the service again and replay the copy with the next key, or give up with [`Exhausted`].
+//! The per-request path, top to bottom: pick a key, keep a copy if another key could serve,
+//! set the credential, call; classify the answer (reading a bounded prefix of an error body
+//! when the head is not enough); record the verdict on the key; hand back the response, or
+//! ready the service again and replay the copy with the next key, or give up with
+//! [`Exhausted`](crate::Exhausted).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,12 +15,11 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use crate::attempts::{self, too_many_requests_body, verdict_name, Attempts, NoReplay};
 use crate::body::{boxed, Buffered, ExhaustedBody, KeyFallbackBody, Peek, TryCloneBody};
 use crate::classify::{HeadVerdict, Verdict};
-use crate::error::{BoxError, Exhausted};
-use crate::handle::{CooldownReason, DisableReason};
+use crate::error::BoxError;
 use crate::layer::Shared;
-use crate::pool::{Cursor, Outcome};
 
 pin_project! {
     /// The future of [`KeyFallback`](crate::KeyFallback).
@@ -30,15 +30,12 @@ pin_project! {
         #[pin]
         state: State<S::Future>,
         shared: Arc<Shared>,
+        // The keys this request has used; `None` when no key was usable at all.
+        attempts: Option<Attempts>,
         // A clone of the inner service for replays; `None` when no replay can happen.
         svc: Option<S>,
         // A copy of the request for the next replay; `None` when no replay can happen.
         backup: Option<Request<B>>,
-        cursor: Cursor,
-        key: usize,
-        attempts: u32,
-        // The body could not be copied, so the request is sent once.
-        sent_once: bool,
         // The last key fault, kept in case no key is left to replay with.
         last: Option<Last>,
     }
@@ -47,13 +44,13 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
-        // An upstream call is in flight with `key`.
+        // An upstream call is in flight.
         Calling { #[pin] fut: F },
         // Reading a bounded prefix of an error body to classify it.
         Inspecting { parts: Option<http::response::Parts>, peek: Option<Peek> },
-        // Driving the service clone to readiness before replaying with `key`.
+        // Driving the service clone to readiness before replaying with the next key.
         Readying,
-        // No key can serve: answer with `Exhausted` on the next poll.
+        // No key can serve: answer on the next poll.
         Exhausted,
         Done,
     }
@@ -65,12 +62,10 @@ enum Last {
     Error(BoxError),
 }
 
-/// Why the request will not be replayed after a key fault.
-enum NoReplay {
-    /// The body could not be copied: the answer goes back as it is.
-    BodyNotReplayable,
-    /// No key is left to try (or the attempt limit is reached).
-    NoKeyLeft,
+/// A response body before it is handed on: untouched, or partly read for inspection.
+enum Raw<B> {
+    Passthrough(B),
+    Read(Buffered),
 }
 
 impl<S, B> ResponseFuture<S, B>
@@ -83,40 +78,24 @@ where
         S: Clone,
         B: TryCloneBody,
     {
-        let pool = &shared.pool;
-        let mut cursor = pool.cursor();
         let mut fut = ResponseFuture {
             state: State::Exhausted,
             shared: shared.clone(),
+            attempts: None,
             svc: None,
             backup: None,
-            cursor,
-            key: 0,
-            attempts: 0,
-            sent_once: false,
             last: None,
         };
-        let Some(key) = pool.pick(&mut cursor) else {
-            tracing::warn!(keys = pool.len(), "no API key is usable; request not sent");
+        let Some(mut attempts) = Attempts::first(shared) else {
             return fut;
         };
         // Keep a copy only when another key could serve if this one fails.
-        if shared.max_attempts > 1 && pool.has_next(&cursor) {
-            fut.backup = try_clone_request(&req);
-            if fut.backup.is_some() {
-                fut.svc = Some(inner.clone());
-            } else {
-                fut.sent_once = true;
-                tracing::debug!(
-                    "request body cannot be replayed: sent once, without fallback to other keys"
-                );
-            }
+        fut.backup = attempts.keep_copy(shared, || try_clone_request(&req));
+        if fut.backup.is_some() {
+            fut.svc = Some(inner.clone());
         }
-        set_credential(shared, key, &mut req);
-        tracing::debug!(key = pool.label(key), attempt = 1, "sending request");
-        fut.cursor = cursor;
-        fut.key = key;
-        fut.attempts = 1;
+        attempts.prepare(shared, req.headers_mut());
+        fut.attempts = Some(attempts);
         fut.state = State::Calling {
             fut: inner.call(req),
         };
@@ -137,42 +116,40 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let mut this = self.as_mut().project();
+            let shared = &**this.shared;
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
                     let result = ready!(fut.poll(cx));
                     this.state.set(State::Done);
+                    let attempts = this.attempts.as_mut().expect("attempts while calling");
                     let res = match result {
                         Ok(res) => res,
                         Err(err) => {
                             let err = err.into();
-                            if !this.shared.transport_errors {
+                            if !shared.transport_errors {
                                 return Poll::Ready(Err(err));
                             }
-                            tracing::debug!(
-                                key = this.shared.pool.label(*this.key),
-                                error = %err,
-                                "upstream call failed"
-                            );
-                            this.shared.pool.record(*this.key, Outcome::Error);
-                            match self.as_mut().next_key("transport_error") {
-                                Ok(()) => continue,
+                            attempts.record_error(shared, &err);
+                            match attempts.advance(shared, this.backup.is_some(), "transport_error")
+                            {
+                                Ok(()) => {
+                                    this.state.set(State::Readying);
+                                    continue;
+                                }
                                 Err(NoReplay::BodyNotReplayable) => return Poll::Ready(Err(err)),
                                 Err(NoReplay::NoKeyLeft) => {
-                                    *self.as_mut().project().last = Some(Last::Error(err));
+                                    *this.last = Some(Last::Error(err));
                                     return Poll::Ready(self.exhausted());
                                 }
                             }
                         }
                     };
-                    let verdict = match this
-                        .shared
-                        .classifier
-                        .classify_head(res.status(), res.headers())
+                    let verdict = match shared.classifier.classify_head(res.status(), res.headers())
                     {
                         HeadVerdict::Done(verdict) => verdict,
                         HeadVerdict::InspectBody => {
                             let (parts, body) = res.into_parts();
-                            let peek = Peek::new(boxed(body), this.shared.inspect_limit);
+                            let peek = Peek::new(boxed(body), shared.inspect_limit);
                             this.state.set(State::Inspecting {
                                 parts: Some(parts),
                                 peek: Some(peek),
@@ -185,18 +162,14 @@ where
                     }
                 }
                 StateProj::Inspecting { parts, peek } => {
-                    let p = peek.as_mut().expect("peek present while inspecting");
-                    ready!(p.poll_peek(cx));
-                    let (parts, peek) = (parts.take(), peek.take());
-                    let (parts, peek) = (parts.expect("parts"), peek.expect("peek"));
-                    let verdict = this.shared.classifier.classify_body(
+                    ready!(peek.as_mut().expect("peek while inspecting").poll_peek(cx));
+                    let parts = parts.take().expect("parts while inspecting");
+                    let peek = peek.take().expect("peek while inspecting");
+                    let verdict = shared.classifier.classify_body(
                         parts.status,
                         &parts.headers,
                         peek.prefix(),
                     );
-                    if peek.complete() {
-                        tracing::trace!(bytes = peek.prefix().len(), "error body read whole");
-                    }
                     this.state.set(State::Done);
                     let res = Response::from_parts(parts, Raw::Read(peek.into_buffered()));
                     if let Some(done) = self.as_mut().settle(verdict, res) {
@@ -209,20 +182,14 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(err.into()));
                     }
-                    let more = *this.attempts + 1 < this.shared.max_attempts
-                        && this.shared.pool.has_next(this.cursor);
+                    let attempts = this.attempts.as_mut().expect("attempts while replaying");
                     let backup = this.backup.as_ref().expect("backup kept for replay");
-                    let mut req = match more.then(|| try_clone_request(backup)).flatten() {
+                    // Copy again if yet another key could follow; else send the copy itself.
+                    let mut req = match attempts.keep_copy(shared, || try_clone_request(backup)) {
                         Some(copy) => copy,
                         None => this.backup.take().expect("backup kept for replay"),
                     };
-                    set_credential(this.shared, *this.key, &mut req);
-                    *this.attempts += 1;
-                    tracing::debug!(
-                        key = this.shared.pool.label(*this.key),
-                        attempt = *this.attempts,
-                        "replaying request"
-                    );
+                    attempts.prepare(shared, req.headers_mut());
                     let fut = svc.call(req);
                     this.state.set(State::Calling { fut });
                 }
@@ -236,17 +203,9 @@ where
     }
 }
 
-/// A response body before it is handed on: untouched, or partly read for inspection.
-enum Raw<B> {
-    Passthrough(B),
-    Read(Buffered),
-}
-
 impl<S, B, ResB> ResponseFuture<S, B>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-    B: TryCloneBody,
     ResB: Body + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
@@ -256,18 +215,10 @@ where
         verdict: Verdict,
         res: Response<Raw<ResB>>,
     ) -> Option<Result<Response<KeyFallbackBody<ResB>>, BoxError>> {
-        let this = self.as_mut().project();
+        let mut this = self.as_mut().project();
         let shared = &**this.shared;
-        let key = *this.key;
-        tracing::debug!(
-            key = shared.pool.label(key),
-            status = res.status().as_u16(),
-            verdict = ?verdict,
-            "upstream answered"
-        );
-        if let Some(outcome) = outcome(shared, verdict) {
-            shared.pool.record(key, outcome);
-        }
+        let attempts = this.attempts.as_mut().expect("attempts while settling");
+        attempts.record(shared, res.status().as_u16(), verdict);
         let hand_back = |res: Response<Raw<ResB>>| {
             Some(Ok(res.map(|b| match b {
                 Raw::Passthrough(b) => KeyFallbackBody::passthrough(b),
@@ -277,123 +228,40 @@ where
         if !verdict.is_key_fault() {
             return hand_back(res);
         }
-        match self.as_mut().next_key(verdict_name(verdict)) {
+        match attempts.advance(shared, this.backup.is_some(), verdict_name(verdict)) {
             // The response is moot: dropping it frees the connection (or closes it, if the
             // body was not read whole).
-            Ok(()) => None,
+            Ok(()) => {
+                this.state.set(State::Readying);
+                None
+            }
             Err(NoReplay::BodyNotReplayable) => hand_back(res),
             Err(NoReplay::NoKeyLeft) => {
                 let res = res.map(|b| match b {
                     Raw::Passthrough(b) => Buffered::rest(boxed(b)),
                     Raw::Read(b) => b,
                 });
-                *self.as_mut().project().last = Some(Last::Response(Box::new(res)));
+                *this.last = Some(Last::Response(Box::new(res)));
                 Some(self.exhausted())
             }
         }
-    }
-
-    /// After a key fault: moves to the next usable key and to `Readying`, or says why not.
-    fn next_key(self: Pin<&mut Self>, reason: &'static str) -> Result<(), NoReplay> {
-        let mut this = self.project();
-        let pool = &this.shared.pool;
-        if this.backup.is_none() {
-            // No copy was kept: either no other key could serve when the request started,
-            // or the body cannot be replayed.
-            return Err(if *this.sent_once {
-                NoReplay::BodyNotReplayable
-            } else {
-                NoReplay::NoKeyLeft
-            });
-        }
-        if *this.attempts >= this.shared.max_attempts {
-            return Err(NoReplay::NoKeyLeft);
-        }
-        let Some(next) = pool.pick(this.cursor) else {
-            return Err(NoReplay::NoKeyLeft);
-        };
-        tracing::info!(
-            from = pool.label(*this.key),
-            to = pool.label(next),
-            reason,
-            "switching API key"
-        );
-        *this.key = next;
-        this.state.set(State::Readying);
-        Ok(())
     }
 
     /// The answer when no key can serve: an `Exhausted` error, or a 429 response.
     fn exhausted(self: Pin<&mut Self>) -> Result<Response<KeyFallbackBody<ResB>>, BoxError> {
         let this = self.project();
         let shared = &**this.shared;
-        let retry_after = shared.pool.earliest();
         let (last_response, last_error) = match this.last.take() {
             Some(Last::Response(res)) => (Some(res.map(ExhaustedBody::new)), None),
             Some(Last::Error(err)) => (None, Some(err)),
             None => (None, None),
         };
-        tracing::warn!(
-            keys = shared.pool.len(),
-            attempts = *this.attempts,
-            retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
-            "no API key could serve the request"
-        );
+        let count = this.attempts.as_ref().map_or(0, |a| a.count());
+        let exhausted = attempts::exhausted(shared, count, last_response, last_error);
         if shared.exhausted_response {
-            return Ok(too_many_requests(retry_after));
+            return Ok(too_many_requests(exhausted.retry_after()));
         }
-        Err(Box::new(Exhausted {
-            retry_after,
-            attempts: *this.attempts,
-            keys: shared.pool.len(),
-            last_response,
-            last_error,
-        }))
-    }
-}
-
-/// What a verdict does to the key, with the configured defaults filled in.
-fn outcome(shared: &Shared, verdict: Verdict) -> Option<Outcome> {
-    Some(match verdict {
-        Verdict::Success => Outcome::Success,
-        Verdict::Drained { retry_after } => {
-            Outcome::Cool(CooldownReason::LimitReached, retry_after)
-        }
-        Verdict::RateLimited { retry_after } => Outcome::Cool(
-            CooldownReason::RateLimited,
-            retry_after.unwrap_or(shared.rate_limit_cooldown),
-        ),
-        Verdict::QuotaExhausted { retry_after } => Outcome::Cool(
-            CooldownReason::QuotaExhausted,
-            retry_after
-                .filter(|d| *d >= shared.quota_min_cooldown)
-                .unwrap_or(shared.quota_cooldown),
-        ),
-        Verdict::InvalidKey => Outcome::Disable(DisableReason::InvalidKey),
-        Verdict::ServerError => Outcome::Error,
-        Verdict::RequestFault => return None,
-    })
-}
-
-fn verdict_name(verdict: Verdict) -> &'static str {
-    match verdict {
-        Verdict::RateLimited { .. } => "rate_limited",
-        Verdict::QuotaExhausted { .. } => "quota_exhausted",
-        Verdict::InvalidKey => "invalid_key",
-        Verdict::ServerError => "server_error",
-        _ => "other",
-    }
-}
-
-/// Puts key `key`'s credential on the request, replacing any the caller set.
-fn set_credential<B>(shared: &Shared, key: usize, req: &mut Request<B>) {
-    let value = shared.pool.begin(key);
-    let headers = req.headers_mut();
-    for name in shared.strip.iter() {
-        headers.remove(name);
-    }
-    if let Some(name) = shared.credential_header() {
-        headers.insert(name.clone(), value);
+        Err(Box::new(exhausted))
     }
 }
 
@@ -412,13 +280,7 @@ fn try_clone_request<B: TryCloneBody>(req: &Request<B>) -> Option<Request<B>> {
 
 /// The 429 a proxy answers with when no key can serve.
 fn too_many_requests<B>(retry_after: Option<std::time::Duration>) -> Response<KeyFallbackBody<B>> {
-    let wait = retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
-    let message = match wait {
-        Some(secs) => format!(
-            "{{\"error\":{{\"message\":\"All API keys are rate limited or unavailable. Retry after {secs} seconds.\",\"type\":\"rate_limit_error\",\"code\":\"keys_exhausted\"}}}}"
-        ),
-        None => "{\"error\":{\"message\":\"All API keys are disabled.\",\"type\":\"rate_limit_error\",\"code\":\"keys_exhausted\"}}".to_owned(),
-    };
+    let (wait, message) = too_many_requests_body(retry_after);
     let mut res = Response::new(KeyFallbackBody::full(Bytes::from(message)));
     *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
     let headers = res.headers_mut();

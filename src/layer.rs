@@ -123,7 +123,7 @@ impl fmt::Debug for Shared {
 /// ```
 #[derive(Clone)]
 pub struct KeyFallbackLayer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl fmt::Debug for KeyFallbackLayer {
