@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 
 use crate::parse;
 
@@ -79,7 +79,7 @@ pub enum HeadVerdict {
 /// [`DefaultClassifier`] for everything you do not handle yourself.
 ///
 /// ```
-/// use http::{HeaderMap, StatusCode};
+/// use http::{HeaderMap, HeaderName, StatusCode};
 /// use tower_key_fallback::{Classify, DefaultClassifier, HeadVerdict, Verdict};
 ///
 /// /// A provider that answers 420 when a key is rate limited.
@@ -266,9 +266,45 @@ impl DefaultClassifier {
     }
 }
 
+const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+
+/// Remaining-count and reset headers per dimension; the reset is RFC 3339 when `true`.
+const DIMENSIONS: [(HeaderName, HeaderName, bool); 6] = [
+    (
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+        false,
+    ),
+    (
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+        false,
+    ),
+    (
+        HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+        true,
+    ),
+    (
+        HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
+        true,
+    ),
+    (
+        HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-input-tokens-reset"),
+        true,
+    ),
+    (
+        HeaderName::from_static("anthropic-ratelimit-output-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-output-tokens-reset"),
+        true,
+    ),
+];
+
 /// The provider's wait hint from headers only, in the documented order.
 pub(crate) fn header_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(v) = headers.get("retry-after-ms") {
+    if let Some(v) = headers.get(&RETRY_AFTER_MS) {
         if let Some(d) = parse::millis(v.as_bytes()) {
             return Some(d);
         }
@@ -281,7 +317,7 @@ pub(crate) fn header_hint(headers: &HeaderMap, now: SystemTime) -> Option<Durati
     reset_hint(headers, now, false)
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -292,45 +328,13 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// remaining count is not zero are ignored; otherwise, when none is at zero, the soonest
 /// reset is taken.
 fn reset_hint(headers: &HeaderMap, now: SystemTime, only_exhausted: bool) -> Option<Duration> {
-    let dims = [
-        (
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-reset-requests",
-            false,
-        ),
-        (
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
-            false,
-        ),
-        (
-            "anthropic-ratelimit-requests-remaining",
-            "anthropic-ratelimit-requests-reset",
-            true,
-        ),
-        (
-            "anthropic-ratelimit-tokens-remaining",
-            "anthropic-ratelimit-tokens-reset",
-            true,
-        ),
-        (
-            "anthropic-ratelimit-input-tokens-remaining",
-            "anthropic-ratelimit-input-tokens-reset",
-            true,
-        ),
-        (
-            "anthropic-ratelimit-output-tokens-remaining",
-            "anthropic-ratelimit-output-tokens-reset",
-            true,
-        ),
-    ];
     let mut exhausted: Option<Duration> = None;
     let mut soonest: Option<Duration> = None;
     let mut any_exhausted = false;
-    for (remaining, reset, rfc3339) in dims {
+    for (remaining, reset, rfc3339) in &DIMENSIONS {
         let reset = match headers.get(reset) {
             // A reset time already past says nothing about how long to wait.
-            Some(v) if rfc3339 => parse::rfc3339_until(v.as_bytes(), now).filter(|d| !d.is_zero()),
+            Some(v) if *rfc3339 => parse::rfc3339_until(v.as_bytes(), now).filter(|d| !d.is_zero()),
             Some(v) => v.to_str().ok().and_then(parse::go_duration),
             None => None,
         };
@@ -354,16 +358,10 @@ fn reset_hint(headers: &HeaderMap, now: SystemTime, only_exhausted: bool) -> Opt
 
 /// Whether any remaining-count header says the allowance is used up.
 fn any_remaining_zero(headers: &HeaderMap) -> bool {
-    [
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-remaining-tokens",
-        "anthropic-ratelimit-requests-remaining",
-        "anthropic-ratelimit-tokens-remaining",
-        "anthropic-ratelimit-input-tokens-remaining",
-        "anthropic-ratelimit-output-tokens-remaining",
-    ]
-    .iter()
-    .any(|name| header_str(headers, name) == Some("0"))
+    !headers.is_empty()
+        && DIMENSIONS
+            .iter()
+            .any(|(remaining, _, _)| header_str(headers, remaining) == Some("0"))
 }
 
 impl Classify for DefaultClassifier {
