@@ -250,9 +250,7 @@ impl FakeProviderBuilder {
                     stats: BTreeMap::new(),
                 }),
                 latency: self.latency,
-                stream_interval: self
-                    .stream_interval
-                    .unwrap_or(Duration::from_millis(5)),
+                stream_interval: self.stream_interval.unwrap_or(Duration::from_millis(5)),
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -406,7 +404,11 @@ impl FakeProvider {
         let (parts, body) = req.into_parts();
         let key = bearer(&parts.headers);
         let chat = parts.method == http::Method::POST
-            && parts.uri.path().trim_end_matches('/').ends_with("/chat/completions");
+            && parts
+                .uri
+                .path()
+                .trim_end_matches('/')
+                .ends_with("/chat/completions");
         // The body is read whole (a real server would too) to see "model" and "stream".
         let body = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -436,14 +438,19 @@ impl FakeProvider {
         now: Instant,
     ) -> Decision {
         let mut state = self.state();
-        let behavior = key.and_then(|k| state.keys.get(k)).map(|e| e.behavior.clone());
+        let behavior = key
+            .and_then(|k| state.keys.get(k))
+            .map(|e| e.behavior.clone());
         let decision = match behavior {
             None | Some(Behavior::InvalidKey) => Decision::Unauthorized,
             Some(_) if !chat => Decision::NotFound,
             Some(Behavior::QuotaExhausted) => Decision::Quota,
             Some(Behavior::Outage) => Decision::Unavailable,
             Some(b @ (Behavior::Ok | Behavior::Slow(_))) => {
-                let entry = state.keys.get_mut(key.unwrap_or_default()).expect("known key");
+                let entry = state
+                    .keys
+                    .get_mut(key.unwrap_or_default())
+                    .expect("known key");
                 let reset = entry.window.refresh(now, DAY);
                 entry.window.used += 1;
                 let used = entry.window.used;
@@ -460,7 +467,10 @@ impl FakeProvider {
                 }
             }
             Some(Behavior::RateLimited { requests, window }) => {
-                let entry = state.keys.get_mut(key.unwrap_or_default()).expect("known key");
+                let entry = state
+                    .keys
+                    .get_mut(key.unwrap_or_default())
+                    .expect("known key");
                 let reset = entry.window.refresh(now, window);
                 let limit = u64::from(requests);
                 if entry.window.used >= limit {
@@ -735,8 +745,7 @@ fn json_value<'a>(text: &'a str, name: &str) -> Option<&'a str> {
 /// `s` if it holds only characters safe to echo in JSON and headers, else `fallback`.
 fn plain<'a>(s: &'a str, fallback: &'a str) -> &'a str {
     let ok = s.len() <= 200
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._/:@+".contains(&b));
     if ok {
         s
@@ -767,7 +776,11 @@ fn rate_limit_headers(headers: &mut HeaderMap, limits: &Limits, tokens: u64) {
     let tokens = tokens.min(TOKENS_PER_MINUTE);
     // Tokens come back at TOKENS_PER_MINUTE a minute: this request's are back after this.
     let tokens_reset = Duration::from_millis(tokens * 60_000 / TOKENS_PER_MINUTE);
-    insert(headers, "x-ratelimit-limit-requests", &limits.limit.to_string());
+    insert(
+        headers,
+        "x-ratelimit-limit-requests",
+        &limits.limit.to_string(),
+    );
     insert(
         headers,
         "x-ratelimit-limit-tokens",
@@ -788,7 +801,11 @@ fn rate_limit_headers(headers: &mut HeaderMap, limits: &Limits, tokens: u64) {
         "x-ratelimit-reset-requests",
         &go_duration(limits.reset),
     );
-    insert(headers, "x-ratelimit-reset-tokens", &go_duration(tokens_reset));
+    insert(
+        headers,
+        "x-ratelimit-reset-tokens",
+        &go_duration(tokens_reset),
+    );
 }
 
 /// A duration as Go prints it, the way Groq and OpenAI send reset times: `2m59.56s`,
@@ -915,9 +932,15 @@ mod tests {
     fn bearer_keys() {
         let mut h = HeaderMap::new();
         assert_eq!(bearer(&h), None);
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer gsk_a"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer gsk_a"),
+        );
         assert_eq!(bearer(&h).as_deref(), Some("gsk_a"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  gsk_b "));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  gsk_b "),
+        );
         assert_eq!(bearer(&h).as_deref(), Some("gsk_b"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert_eq!(bearer(&h), None);
