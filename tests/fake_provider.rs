@@ -529,15 +529,38 @@ async fn the_server_stops_on_shutdown_and_on_drop() {
     assert_eq!(server.addr().port(), port);
     assert_eq!(direct(&server, Some("gsk_a")).await.status(), 200);
     let addr = server.addr();
+    let open = tokio::net::TcpStream::connect(addr).await.unwrap();
     server.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    closes_soon(open).await;
 
     let server = provider.serve_ephemeral().await.unwrap();
     let addr = server.addr();
-    assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+    let open = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(direct(&server, Some("gsk_a")).await.status(), 200);
     drop(server);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    closes_soon(open).await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+/// Waits (at most a second) for the server to close a connection it had open.
+async fn closes_soon(stream: tokio::net::TcpStream) {
+    let closed = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut buf = [0u8; 64];
+        loop {
+            if stream.readable().await.is_err() {
+                return;
+            }
+            match stream.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => panic!("the server sent {n} bytes unasked"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open");
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,15 +1,19 @@
 //! Serving the fake provider over HTTP/1.1 with hyper.
 
 use std::fmt;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::FakeProvider;
 
@@ -89,13 +93,11 @@ impl Drop for FakeServer {
     }
 }
 
-/// Accepts connections until aborted; aborting it drops the listener and, with the join set,
-/// aborts every connection task.
+/// Accepts connections until aborted. Aborting it drops the listener and `_alive`, which
+/// tells every connection task to close its connection.
 async fn accept(listener: TcpListener, provider: FakeProvider) {
-    let mut connections = JoinSet::new();
+    let (_alive, closed) = watch::channel(());
     loop {
-        // Forget connections that are done.
-        while connections.try_join_next().is_some() {}
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
@@ -107,15 +109,24 @@ async fn accept(listener: TcpListener, provider: FakeProvider) {
         };
         let _ = stream.set_nodelay(true);
         let provider = provider.clone();
-        connections.spawn(async move {
+        let mut closed = closed.clone();
+        tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let provider = provider.clone();
                 async move { Ok::<_, std::convert::Infallible>(provider.respond(req).await) }
             });
-            if let Err(err) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let mut conn = pin!(conn);
+            // Resolves (with an error) once the server is gone; nothing is ever sent.
+            let mut server_gone = pin!(closed.changed());
+            let result = poll_fn(|cx| {
+                if server_gone.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
+                conn.as_mut().poll(cx)
+            })
+            .await;
+            if let Err(err) = result {
                 tracing::debug!(error = %err, "fake provider: connection ended with an error");
             }
         });
