@@ -12,7 +12,8 @@
 //! --requests N      requests to send (DEMO_REQUESTS, default 120)
 //! --concurrency N   requests in flight at once (DEMO_CONCURRENCY, default 6)
 //! --window-ms N     the keys' rate-limit window in ms (DEMO_WINDOW_MS, default 2000)
-//! --plain           plain lines even on a terminal (also when NO_COLOR is set: no colours)
+//! --plain           plain lines even on a terminal (as when stdout is not a terminal or
+//!                   TERM=dumb); NO_COLOR=1 keeps the live table without colours
 //! ```
 //!
 //! The exit status is 0 only if every request was served.
@@ -192,7 +193,8 @@ async fn main() -> ExitCode {
     let (opts, plain) = match parse_options() {
         Ok(Some(parsed)) => parsed,
         Ok(None) => {
-            println!("{HELP}");
+            // Not println!: it panics when the reader went away (`… --help | head`).
+            let _ = writeln!(std::io::stdout(), "{HELP}");
             return ExitCode::SUCCESS;
         }
         Err(msg) => {
@@ -200,7 +202,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let display = if plain || !std::io::stdout().is_terminal() {
+    let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
+    let display = if plain || dumb || !std::io::stdout().is_terminal() {
         Display::Plain
     } else {
         Display::Live {
