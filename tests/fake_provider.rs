@@ -404,9 +404,10 @@ async fn a_stream_passes_through_one_event_per_frame() {
     assert_eq!(words, "Hello from the fake provider.");
     assert!(frames[7].contains(r#""finish_reason":"stop""#) && frames[7].contains(r#""usage""#));
     assert_eq!(frames[8], "data: [DONE]\n\n");
-    // Sent 20 ms apart, they arrive spread out, not in one piece at the end.
+    // Sent 20 ms apart (160 ms first to last), they arrive spread out, not in one piece
+    // at the end; the margin allows for a stalled test thread.
     let spread = *arrivals.last().unwrap() - arrivals[0];
-    assert!(spread >= Duration::from_millis(120), "{spread:?}");
+    assert!(spread >= Duration::from_millis(100), "{spread:?}");
 
     let stats = provider.stats();
     assert_eq!(stats.key("gsk_none_left").rate_limited, 1);
