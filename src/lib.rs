@@ -58,6 +58,8 @@ mod layer;
 mod parse;
 mod pool;
 mod service;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use body::{ExhaustedBody, KeyFallbackBody, TryCloneBody};
 pub use classify::{Classify, DefaultClassifier, HeadVerdict, Verdict};

@@ -1,0 +1,135 @@
+//! `cargo run --example demo` finishes on the embedded provider with every request served:
+//! its logic run in process, and the built example binary run with a bounded burst.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+// The example itself, so the test runs the demo's own code, not a copy of it.
+#[allow(dead_code)]
+#[path = "../examples/demo.rs"]
+mod demo;
+
+#[tokio::test]
+async fn the_demo_serves_every_request_of_a_burst_bigger_than_a_window() {
+    let opts = demo::Options {
+        requests: 70,
+        concurrency: 6,
+        window: Duration::from_millis(800),
+        latency: Duration::from_millis(10),
+    };
+    let mut out = Vec::new();
+    let summary = demo::run(&opts, demo::Display::Plain, &mut out)
+        .await
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+
+    assert!(summary.all_served(), "{summary:#?}\n{text}");
+    assert_eq!(summary.served, 70);
+    assert_eq!(summary.failed, 0);
+    // The keys allow 8 + 15 + 30 = 53 requests a window: 70 need a second window of some
+    // key, so the demo went on until one came back, and every key served.
+    assert!(summary.elapsed >= opts.window, "{summary:#?}");
+    let per_key: Vec<u64> = summary.served_per_key.iter().map(|(_, n)| *n).collect();
+    assert_eq!(per_key.len(), 3);
+    assert_eq!(per_key.iter().sum::<u64>(), 70);
+    assert!(per_key.iter().all(|n| *n > 0), "{per_key:?}");
+    let windows = (summary.elapsed.as_secs_f64() / opts.window.as_secs_f64()).floor() as u64 + 1;
+    for (served, limit) in per_key.iter().zip([8, 15, 30]) {
+        assert!(
+            *served <= limit * windows,
+            "{per_key:?} in {windows} windows"
+        );
+    }
+    // The layer's counts agree with the server's, and every call is served or a 429.
+    assert_eq!(summary.upstream_calls, summary.server_calls);
+    assert_eq!(summary.wasted, summary.rate_limited);
+    assert_eq!(summary.upstream_calls, 70 + summary.wasted);
+    assert!(summary.switches <= summary.wasted);
+
+    // Plain lines, no escape codes, and the summary.
+    assert!(!text.contains('\x1b'), "{text}");
+    assert!(text.contains("key-1 cooling ("), "{text}");
+    assert!(text.contains("requests served       70 / 70"), "{text}");
+    assert!(
+        text.contains(&format!("keys switched         {}", summary.switches)),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_live_table_redraws_in_place() {
+    let opts = demo::Options {
+        requests: 20,
+        concurrency: 4,
+        window: Duration::from_millis(500),
+        latency: Duration::from_millis(40),
+    };
+    let mut out = Vec::new();
+    let summary = demo::run(&opts, demo::Display::Live { color: true }, &mut out)
+        .await
+        .unwrap();
+    assert!(summary.all_served(), "{summary:#?}");
+    let text = String::from_utf8(out).unwrap();
+    // The table is drawn, then redrawn over itself (cursor up, clear line).
+    assert!(text.contains("\x1b[9A"), "{text:?}");
+    assert!(text.contains("\r\x1b[2K"), "{text:?}");
+    assert!(text.contains("key-3"), "{text:?}");
+    assert!(text.contains("20/20 served"), "{text:?}");
+}
+
+/// The example binary, built next to the test binaries (`cargo test` builds examples).
+fn demo_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    profile_dir
+        .join("examples")
+        .join(format!("demo{}", std::env::consts::EXE_SUFFIX))
+}
+
+#[test]
+fn the_demo_binary_finishes_and_prints_its_summary() {
+    let bin = demo_binary();
+    // `cargo test` builds the examples, `cargo test --test demo` does not: make sure the
+    // binary is there and up to date (a no-op when it is), in this test's profile.
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "--example", "demo"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if bin
+        .parent()
+        .and_then(|p| p.parent())
+        .is_some_and(|p| p.ends_with("release"))
+    {
+        build.arg("--release");
+    }
+    let status = build.status().unwrap();
+    assert!(status.success(), "cargo build --example demo: {status}");
+    assert!(bin.exists(), "{} is missing", bin.display());
+    let out = Command::new(&bin)
+        .args(["--requests", "40", "--window-ms", "500"])
+        .env_remove("DEMO_REQUESTS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not a terminal: plain lines.
+    assert!(!stdout.contains('\x1b'), "{stdout}");
+    assert!(stdout.contains("40 requests, 6 at a time"), "{stdout}");
+    assert!(stdout.contains("requests served       40 / 40"), "{stdout}");
+
+    // The request count also comes from the environment; bad arguments are refused.
+    let out = Command::new(&bin)
+        .env("DEMO_REQUESTS", "12")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("requests served       12 / 12"));
+    let out = Command::new(&bin).arg("--requests=lots").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
