@@ -57,9 +57,6 @@ pin_project! {
 }
 
 /// The last key fault of a request.
-// Kept as is for now: boxing the response would shrink every `ResponseFuture`, a change for
-// the core's owners to weigh (clippy's large_enum_variant).
-#[allow(clippy::large_enum_variant)]
 enum Last {
     Response(Box<Response<Buffered>>),
     Error(BoxError),
