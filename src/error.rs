@@ -151,6 +151,9 @@ impl fmt::Display for Exhausted {
         if let Some(status) = self.last_status() {
             write!(f, ", last status {}", status.as_u16())?;
         }
+        if let Some(error) = &self.last_error {
+            write!(f, ", last error: {error}")?;
+        }
         write!(f, "): ")?;
         match self.retry_after {
             Some(d) if d.is_zero() => write!(f, "a key is usable again now"),

@@ -396,6 +396,44 @@ mod tests {
         assert_eq!(body_hint(b"try again in"), None);
     }
 
+    /// Arbitrary bytes never make a parser panic, and what parses stays within bounds.
+    #[test]
+    fn parsers_are_total_on_arbitrary_input() {
+        let alphabet = b"0123456789.:-+ TZhmsun\xC2\xB5\"retryDelay againinafter secondsGMTSun,Nov";
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 40) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|i| {
+                    let r = state.rotate_left(i as u32 * 7);
+                    if r % 5 == 0 {
+                        (r >> 8) as u8
+                    } else {
+                        alphabet[(r >> 16) as usize % alphabet.len()]
+                    }
+                })
+                .collect();
+            let text = String::from_utf8_lossy(&input);
+            for d in [
+                go_duration(&text),
+                seconds(&input),
+                millis(&input),
+                retry_after(&input, now),
+                rfc3339_until(&input, now),
+                body_hint(&input),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert!(d <= MAX_WAIT, "{text:?} gave {d:?}");
+            }
+        }
+    }
+
     #[test]
     fn case_insensitive_find() {
         assert_eq!(find_ci(b"Hello World", b"world"), Some(6));

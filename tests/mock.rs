@@ -787,3 +787,52 @@ fn debug_output_never_shows_a_key() {
         assert!(!text.contains("topsecret"), "{text}");
     }
 }
+
+/// A `tower::retry` inside the layer retries with the same key; the layer only sees the
+/// final answer.
+#[tokio::test(start_paused = true)]
+async fn a_retry_inside_the_layer_retries_the_same_key() {
+    #[derive(Clone)]
+    struct OnceOn503(bool);
+    impl tower::retry::Policy<Req, Res, tower::BoxError> for OnceOn503 {
+        type Future = std::future::Ready<()>;
+        fn retry(
+            &mut self,
+            _: &mut Req,
+            result: &mut Result<Res, tower::BoxError>,
+        ) -> Option<Self::Future> {
+            match result {
+                Ok(res) if res.status() == 503 && !self.0 => {
+                    self.0 = true;
+                    Some(std::future::ready(()))
+                }
+                _ => None,
+            }
+        }
+        fn clone_request(&mut self, req: &Req) -> Option<Req> {
+            Some(req.clone())
+        }
+    }
+    let (mock, mut handle) = mock::pair::<Req, Res>();
+    let layer = KeyFallbackLayer::new(keys(2));
+    let keys = layer.handle();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .layer(tower::retry::RetryLayer::new(OnceOn503(false)))
+        .service(mock);
+    handle.allow(2);
+    svc.ready().await.unwrap();
+    let call = tokio::spawn(svc.call(request()));
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(bearer(&req), "Bearer gsk_key1");
+    send.send_response(response(503, &[], ""));
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(bearer(&req), "Bearer gsk_key1");
+    send.send_response(response(200, &[], ""));
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    let s = keys.status();
+    assert_eq!(
+        (s.keys[0].requests, s.keys[0].errors, s.keys[1].requests),
+        (1, 0, 0)
+    );
+}
