@@ -68,8 +68,12 @@ impl Attempts {
     /// counts the attempt.
     pub(crate) fn prepare(&mut self, shared: &Shared, headers: &mut HeaderMap) {
         let value = shared.pool.begin(self.key);
-        for name in shared.strip.iter() {
-            headers.remove(name);
+        // One pass to see whether the caller set any credential (usually not), rather than
+        // a removal per credential header name.
+        if headers.keys().any(|name| shared.strip.contains(name)) {
+            for name in shared.strip.iter() {
+                headers.remove(name);
+            }
         }
         if let Some(name) = shared.credential_header() {
             headers.insert(name.clone(), value);

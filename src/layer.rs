@@ -31,7 +31,9 @@ pub enum Credential {
 /// Credential headers the caller may have set, removed before the key's is inserted.
 const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
 
-/// What every service made by one layer shares: the pool and the configuration.
+/// What every service made by one layer shares: the pool and the configuration. Aligned so
+/// that the `Arc`'s reference counts, written by every request, sit on another cache line.
+#[repr(align(128))]
 pub(crate) struct Shared {
     pub(crate) pool: Pool,
     pub(crate) classifier: Box<dyn Classify>,

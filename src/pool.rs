@@ -76,10 +76,27 @@ pub(crate) enum Outcome {
     Error,
 }
 
+/// Keeps what it holds on cache lines of its own, so that writes to it (counters, the read
+/// lock's count) do not slow down readers of the fields around it.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// One key: read-mostly fields first, then what every request writes, each on its own lines.
 pub(crate) struct Slot {
     pub(crate) label: Box<str>,
-    cred: RwLock<Cred>,
     state: AtomicU64,
+    cred: Padded<RwLock<Cred>>,
+    counters: Padded<Counters>,
+}
+
+struct Counters {
     requests: AtomicU64,
     successes: AtomicU64,
     errors: AtomicU64,
@@ -145,18 +162,20 @@ impl Pool {
         let slots: Box<[Slot]> = keys
             .into_iter()
             .map(|k| Slot {
-                cred: RwLock::new(Cred {
+                cred: Padded(RwLock::new(Cred {
                     value: make_value(k.secret()),
                     fingerprint: k.fingerprint().into(),
-                }),
+                })),
                 label: k.label().into(),
                 state: AtomicU64::new(Word::ACTIVE.0),
-                requests: AtomicU64::new(0),
-                successes: AtomicU64::new(0),
-                errors: AtomicU64::new(0),
-                rate_limited: AtomicU64::new(0),
-                consecutive: AtomicU32::new(0),
-                window_start_ms: AtomicU64::new(0),
+                counters: Padded(Counters {
+                    requests: AtomicU64::new(0),
+                    successes: AtomicU64::new(0),
+                    errors: AtomicU64::new(0),
+                    rate_limited: AtomicU64::new(0),
+                    consecutive: AtomicU32::new(0),
+                    window_start_ms: AtomicU64::new(0),
+                }),
             })
             .collect();
         let words = n.div_ceil(64);
@@ -259,7 +278,7 @@ impl Pool {
             .compare_exchange(seen.0, Word::ACTIVE.0, SeqCst, SeqCst)
             .is_ok()
         {
-            slot.consecutive.store(0, SeqCst);
+            slot.counters.consecutive.store(0, SeqCst);
             tracing::info!(
                 key = %slot.label,
                 fingerprint = %slot.fingerprint(),
@@ -353,7 +372,7 @@ impl Pool {
     /// The credential header value for key `i`, and counts the attempt.
     pub(crate) fn begin(&self, i: usize) -> HeaderValue {
         let slot = &self.slots[i];
-        slot.requests.fetch_add(1, SeqCst);
+        slot.counters.requests.fetch_add(1, SeqCst);
         slot.cred().value.clone()
     }
 
@@ -362,41 +381,41 @@ impl Pool {
         let slot = &self.slots[i];
         match outcome {
             Outcome::Success => {
-                slot.successes.fetch_add(1, SeqCst);
-                if slot.consecutive.load(SeqCst) != 0 {
-                    slot.consecutive.store(0, SeqCst);
+                slot.counters.successes.fetch_add(1, SeqCst);
+                if slot.counters.consecutive.load(SeqCst) != 0 {
+                    slot.counters.consecutive.store(0, SeqCst);
                 }
             }
             Outcome::Cool(reason, d) => {
                 if reason == CooldownReason::RateLimited || reason == CooldownReason::QuotaExhausted
                 {
-                    slot.rate_limited.fetch_add(1, SeqCst);
+                    slot.counters.rate_limited.fetch_add(1, SeqCst);
                 }
                 if reason != CooldownReason::LimitReached {
-                    slot.errors.fetch_add(1, SeqCst);
+                    slot.counters.errors.fetch_add(1, SeqCst);
                 } else {
-                    slot.successes.fetch_add(1, SeqCst);
+                    slot.counters.successes.fetch_add(1, SeqCst);
                 }
                 self.cool(i, reason, d);
             }
             Outcome::Disable(reason) => {
-                slot.errors.fetch_add(1, SeqCst);
+                slot.counters.errors.fetch_add(1, SeqCst);
                 self.disable(i, reason);
             }
             Outcome::Error => {
-                slot.errors.fetch_add(1, SeqCst);
+                slot.counters.errors.fetch_add(1, SeqCst);
                 let now = self.now_ms();
                 let window =
                     u64::try_from(self.policy.error_window.as_millis()).unwrap_or(u64::MAX);
-                let start = slot.window_start_ms.load(SeqCst);
+                let start = slot.counters.window_start_ms.load(SeqCst);
                 if now.saturating_sub(start) >= window {
                     // Old errors age out: a new counting window starts.
-                    slot.window_start_ms.store(now, SeqCst);
-                    slot.consecutive.store(0, SeqCst);
+                    slot.counters.window_start_ms.store(now, SeqCst);
+                    slot.counters.consecutive.store(0, SeqCst);
                 }
-                let count = slot.consecutive.fetch_add(1, SeqCst) + 1;
+                let count = slot.counters.consecutive.fetch_add(1, SeqCst) + 1;
                 if count >= self.policy.error_threshold {
-                    slot.consecutive.store(0, SeqCst);
+                    slot.counters.consecutive.store(0, SeqCst);
                     self.cool(i, CooldownReason::Errors, self.policy.error_cooldown);
                 }
             }
@@ -458,7 +477,7 @@ impl Pool {
     pub(crate) fn reset(&self, i: usize) {
         let slot = &self.slots[i];
         let prev = Word(slot.state.swap(Word::ACTIVE.0, SeqCst));
-        slot.consecutive.store(0, SeqCst);
+        slot.counters.consecutive.store(0, SeqCst);
         if prev.tag() != TAG_ACTIVE {
             tracing::info!(key = %slot.label, fingerprint = %slot.fingerprint(), "API key reset");
         }
@@ -508,19 +527,20 @@ impl Pool {
             _ => KeyState::Active,
         };
         let window = u64::try_from(self.policy.error_window.as_millis()).unwrap_or(u64::MAX);
-        let consecutive = if now.saturating_sub(slot.window_start_ms.load(SeqCst)) >= window {
-            0
-        } else {
-            slot.consecutive.load(SeqCst)
-        };
+        let consecutive =
+            if now.saturating_sub(slot.counters.window_start_ms.load(SeqCst)) >= window {
+                0
+            } else {
+                slot.counters.consecutive.load(SeqCst)
+            };
         KeyStatus {
             label: slot.label.to_string(),
             fingerprint: slot.fingerprint(),
             state,
-            requests: slot.requests.load(SeqCst),
-            successes: slot.successes.load(SeqCst),
-            errors: slot.errors.load(SeqCst),
-            rate_limited: slot.rate_limited.load(SeqCst),
+            requests: slot.counters.requests.load(SeqCst),
+            successes: slot.counters.successes.load(SeqCst),
+            errors: slot.counters.errors.load(SeqCst),
+            rate_limited: slot.counters.rate_limited.load(SeqCst),
             consecutive_errors: consecutive,
         }
     }
