@@ -42,6 +42,10 @@
 //! Keys, their order and their cooldowns are described in the [README]; [`KeyHandle`] shows
 //! and changes their state at run time.
 //!
+//! With the feature `serde`, [`PoolStatus`] and the other status types implement
+//! `serde::Serialize` as flat, stable JSON (labels and fingerprints, never a key), for a
+//! status endpoint such as the gateway example's `GET /keys`.
+//!
 //! [tower]: https://docs.rs/tower
 //! [README]: https://github.com/tower-key-fallback/tower-key-fallback#readme
 #![forbid(unsafe_code)]
@@ -58,6 +62,9 @@ mod layer;
 mod parse;
 mod pool;
 mod service;
+// Feature `serde`: `Serialize` for `PoolStatus`, `KeyStatus`, `KeyState` and the reasons.
+#[cfg(feature = "serde")]
+mod serialize;
 #[cfg(feature = "testing")]
 pub mod testing;
 
