@@ -124,6 +124,12 @@ impl Exhausted {
         self.last_response.as_ref().map(Response::headers)
     }
 
+    /// The last upstream call's error (a timeout, a connection error), when the last attempt
+    /// failed that way rather than with a response.
+    pub fn last_error(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.last_error.as_deref()
+    }
+
     /// Takes the last upstream response, with its whole body, if one was received.
     pub fn take_last_response(&mut self) -> Option<Response<ExhaustedBody>> {
         self.last_response.take()

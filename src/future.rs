@@ -259,6 +259,10 @@ where
         let count = this.attempts.as_ref().map_or(0, |a| a.count());
         let exhausted = attempts::exhausted(shared, count, last_response, last_error);
         if shared.exhausted_response {
+            // An upstream that could not be reached is a bad gateway, not a rate limit.
+            if exhausted.last_error().is_some() {
+                return Ok(bad_gateway());
+            }
             return Ok(too_many_requests(exhausted.retry_after()));
         }
         Err(Box::new(exhausted))
@@ -276,6 +280,18 @@ fn try_clone_request<B: TryCloneBody>(req: &Request<B>) -> Option<Request<B>> {
     *copy.headers_mut() = req.headers().clone();
     *copy.extensions_mut() = req.extensions().clone();
     Some(copy)
+}
+
+/// The 502 a proxy answers with when the last attempt could not reach the upstream.
+fn bad_gateway<B>() -> Response<KeyFallbackBody<B>> {
+    let body = "{\"error\":{\"message\":\"The upstream API could not be reached.\",\"type\":\"api_error\",\"code\":\"upstream_unreachable\"}}";
+    let mut res = Response::new(KeyFallbackBody::full(Bytes::from_static(body.as_bytes())));
+    *res.status_mut() = StatusCode::BAD_GATEWAY;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
 }
 
 /// The 429 a proxy answers with when no key can serve.

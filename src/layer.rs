@@ -263,7 +263,9 @@ impl KeyFallbackBuilder {
     }
 
     /// When no key can serve a request, answer `429 Too Many Requests` with `Retry-After`
-    /// instead of failing with [`Exhausted`](crate::Exhausted). For proxies.
+    /// instead of failing with [`Exhausted`](crate::Exhausted); or `502 Bad Gateway` when the
+    /// last attempt could not reach the upstream at all (a timeout, a connection error). For
+    /// proxies.
     pub fn exhausted_response(mut self, enabled: bool) -> Self {
         self.exhausted_response = enabled;
         self

@@ -510,6 +510,7 @@ async fn when_every_key_is_cooling_no_request_is_sent() {
     let err = exchange(&mut svc, &mut handle, vec![]).await.unwrap_err();
     let exhausted = err.downcast_ref::<Exhausted>().unwrap();
     assert_eq!(exhausted.attempts(), 0);
+    assert!(exhausted.last_error().is_none());
     assert_eq!(exhausted.retry_after(), Some(Duration::from_secs(8)));
     assert!(exhausted.last_status().is_none() && exhausted.last_headers().is_none());
     keys.disable("key-1").unwrap();
@@ -835,4 +836,22 @@ async fn a_retry_inside_the_layer_retries_the_same_key() {
         (s.keys[0].requests, s.keys[0].errors, s.keys[1].requests),
         (1, 0, 0)
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_response_option_answers_502_when_the_upstream_is_unreachable() {
+    let layer = KeyFallbackLayer::builder(keys(2))
+        .exhausted_response(true)
+        .build();
+    let (mut svc, mut handle, _keys) = setup(layer);
+    handle.allow(2);
+    svc.ready().await.unwrap();
+    let call = tokio::spawn(svc.call(request()));
+    for _ in 0..2 {
+        let (_, send) = next(&mut handle).await;
+        send.send_error("connection refused");
+    }
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert!(res.headers().get("retry-after").is_none());
 }
