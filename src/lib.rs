@@ -59,6 +59,9 @@ mod parse;
 mod pool;
 mod service;
 
+#[cfg(feature = "dotenv")]
+mod dotenv;
+
 pub use body::{ExhaustedBody, KeyFallbackBody, TryCloneBody};
 pub use classify::{Classify, DefaultClassifier, HeadVerdict, Verdict};
 pub use error::{BoxError, ConfigError, Exhausted};
@@ -67,6 +70,9 @@ pub use handle::{CooldownReason, DisableReason, KeyHandle, KeyState, KeyStatus, 
 pub use keys::KeySet;
 pub use layer::{Credential, KeyFallbackBuilder, KeyFallbackLayer};
 pub use service::KeyFallback;
+
+#[cfg(feature = "dotenv")]
+pub use crate::dotenv::DotenvError;
 
 // The README's examples are compiled and run as doctests.
 #[cfg(doctest)]
