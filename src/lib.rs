@@ -61,6 +61,8 @@ mod service;
 
 #[cfg(feature = "dotenv")]
 mod dotenv;
+#[cfg(feature = "retry")]
+mod retry;
 
 pub use body::{ExhaustedBody, KeyFallbackBody, TryCloneBody};
 pub use classify::{Classify, DefaultClassifier, HeadVerdict, Verdict};
@@ -73,6 +75,8 @@ pub use service::KeyFallback;
 
 #[cfg(feature = "dotenv")]
 pub use crate::dotenv::DotenvError;
+#[cfg(feature = "retry")]
+pub use crate::retry::RetryExhausted;
 
 // The README's examples are compiled and run as doctests.
 #[cfg(doctest)]
