@@ -61,6 +61,8 @@ mod service;
 
 #[cfg(feature = "dotenv")]
 mod dotenv;
+#[cfg(feature = "reqwest-middleware")]
+mod reqwest_middleware;
 #[cfg(feature = "retry")]
 mod retry;
 
@@ -75,6 +77,8 @@ pub use service::KeyFallback;
 
 #[cfg(feature = "dotenv")]
 pub use crate::dotenv::DotenvError;
+#[cfg(feature = "reqwest-middleware")]
+pub use crate::reqwest_middleware::KeyFallbackMiddleware;
 #[cfg(feature = "retry")]
 pub use crate::retry::RetryExhausted;
 
