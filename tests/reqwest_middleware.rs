@@ -19,7 +19,7 @@ use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tower_key_fallback::{
-    DisableReason, KeyFallbackLayer, KeyFallbackMiddleware, KeySet, KeyState,
+    Credential, DisableReason, KeyFallbackLayer, KeyFallbackMiddleware, KeySet, KeyState,
 };
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -45,6 +45,8 @@ enum Mode {
     BigError(usize),
     /// Streams SSE: one event, then the rest once notified.
     Sse(Arc<Notify>),
+    /// Answers `307 Temporary Redirect` to this URL.
+    Redirect(String),
 }
 
 /// What the upstream saw.
@@ -102,13 +104,17 @@ async fn handle(up: Arc<Upstream>, req: Request<Incoming>) -> Result<Response<Bo
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let key = auth.strip_prefix("Bearer ").unwrap_or("").to_owned();
     let other: Vec<String> = req
         .headers()
         .get_all("x-api-key")
         .iter()
         .map(|v| v.to_str().unwrap_or("?").to_owned())
         .collect();
+    // The key: a bearer token, else an `x-api-key`.
+    let key = match auth.strip_prefix("Bearer ") {
+        Some(key) => key.to_owned(),
+        None => other.first().cloned().unwrap_or_default(),
+    };
     let body = req.into_body().collect().await.unwrap().to_bytes();
     up.total.fetch_add(1, Ordering::SeqCst);
     let n = {
@@ -139,6 +145,7 @@ async fn handle(up: Arc<Upstream>, req: Request<Incoming>) -> Result<Response<Bo
         Some(Mode::Quota) => answer(429, &[], full(OPENAI_QUOTA)),
         Some(Mode::Hang) => std::future::pending().await,
         Some(Mode::BigError(n)) => answer(400, &[], full(vec![b'e'; n])),
+        Some(Mode::Redirect(to)) => answer(307, &[("location", &to)], full("")),
         Some(Mode::Sse(release)) => {
             let mut res = answer(200, &[], StreamBody::new(sse(release)).boxed());
             res.headers_mut()
@@ -206,6 +213,9 @@ fn keys(names: &[&str]) -> KeySet {
 
 /// A client with the middleware; no proxy from the environment, so loopback stays loopback.
 fn client_with(layer: &KeyFallbackLayer, reqwest: reqwest::ClientBuilder) -> ClientWithMiddleware {
+    // The dev-dependencies build reqwest with rustls and no crypto provider (for
+    // examples/groq.rs); a client cannot be built before one is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let reqwest = reqwest.no_proxy().build().unwrap();
     ClientBuilder::new(reqwest)
         .with(KeyFallbackMiddleware::new(layer))
@@ -530,4 +540,39 @@ async fn concurrent_requests_over_keys_running_out_match_the_server_counts() {
     assert_eq!(served, 100);
     assert_eq!((s.keys[0].successes, s.keys[1].successes), (15, 25));
     assert!(!s.keys[0].is_available() && !s.keys[1].is_available());
+}
+
+#[tokio::test]
+async fn a_redirect_to_another_origin_never_carries_the_bearer_key() {
+    // The other origin: another port on 127.0.0.1. It serves any request.
+    let (other, other_up) = serve(&[("", Mode::Ok), ("k1", Mode::Ok), ("k2", Mode::Ok)]).await;
+    let target = format!("http://{other}/elsewhere");
+    let (addr, up) = serve(&[("k1", Mode::Redirect(target.clone()))]).await;
+
+    // reqwest follows the redirect beneath the middleware and drops `Authorization`.
+    let layer = KeyFallbackLayer::new(keys(&["k1", "k2"]));
+    let res = chat(&client(&layer), addr).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.url().as_str(), target);
+    assert_eq!(up.authorizations(), ["Bearer k1"]);
+    assert_eq!(other_up.authorizations(), [""]);
+
+    // A key in another header is not dropped by reqwest: such a client must not follow
+    // redirects, and then the 3xx comes back as it is.
+    let layer = KeyFallbackLayer::builder(keys(&["k1", "k2"]))
+        .credential(Credential::Header(http::HeaderName::from_static(
+            "x-api-key",
+        )))
+        .build();
+    let res = chat(&client(&layer), addr).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(other_up.seen.lock().unwrap().other_credentials, ["k1"]);
+    let no_redirects = client_with(
+        &layer,
+        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()),
+    );
+    let res = chat(&no_redirects, addr).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(res.headers()["location"], target.as_str());
+    assert_eq!(other_up.total.load(Ordering::SeqCst), 2);
 }
