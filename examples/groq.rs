@@ -9,17 +9,19 @@
 //! cargo run --example groq --features reqwest-middleware,dotenv -- "Why is the sky blue?"
 //! ```
 //!
-//! `GROQ_MODEL` picks the model (default `llama-3.1-8b-instant`). Exit codes: 0 with an
-//! answer, 1 when Groq could not be reached or gave no answer, 2 when no key is configured.
+//! `GROQ_MODEL` picks the model (default `llama-3.1-8b-instant`); `GROQ_BASE_URL` another
+//! OpenAI-compatible endpoint (default `https://api.groq.com/openai/v1`). Exit codes: 0 with
+//! an answer, 1 when Groq could not be reached or gave no answer, 2 when no key is configured.
 
 use std::error::Error;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use reqwest_middleware::ClientBuilder;
 use tower_key_fallback::{KeyFallbackLayer, KeyFallbackMiddleware, KeyHandle, KeySet};
 
-const URL: &str = "https://api.groq.com/openai/v1/chat/completions";
+const BASE_URL: &str = "https://api.groq.com/openai/v1";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -62,13 +64,19 @@ async fn main() -> ExitCode {
         prompt
     };
     let model = std::env::var("GROQ_MODEL").unwrap_or_else(|_| "llama-3.1-8b-instant".to_owned());
+    let base = std::env::var("GROQ_BASE_URL").unwrap_or_else(|_| BASE_URL.to_owned());
+    let url = format!("{}/chat/completions", base.trim_end_matches('/'));
+    let host = reqwest::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or(base);
     let body = serde_json::json!({
         "model": model,
         "messages": [{ "role": "user", "content": prompt }],
     });
 
     let code = match client
-        .post(URL)
+        .post(&url)
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
@@ -101,29 +109,45 @@ async fn main() -> ExitCode {
             }
         }
         Err(err) => {
-            match KeyFallbackMiddleware::exhausted(&err) {
-                // Every key got an answer it could not use (429, 401, 5xx, …).
-                Some(exhausted) if exhausted.last_status().is_some() => {
-                    eprintln!("error: {exhausted}");
-                }
-                // Every attempt failed before an answer: DNS, connection, TLS or timeout.
-                Some(exhausted) => match exhausted.source() {
-                    Some(cause) => eprintln!(
-                        "error: could not reach api.groq.com: {}; this example needs network access",
-                        chain(cause)
-                    ),
-                    None => eprintln!("error: {exhausted}"),
-                },
-                None => eprintln!(
-                    "error: could not reach api.groq.com: {}; this example needs network access",
-                    chain(&err)
-                ),
-            }
+            report(&host, err).await;
             ExitCode::FAILURE
         }
     };
     print_status(&handle);
     code
+}
+
+/// Says why no answer came.
+async fn report(host: &str, err: reqwest_middleware::Error) {
+    let unreachable = |cause: &(dyn Error + 'static)| {
+        eprintln!(
+            "error: could not reach {host}: {}; this example needs network access",
+            chain(cause)
+        )
+    };
+    let mut exhausted = match KeyFallbackMiddleware::into_exhausted(err) {
+        Ok(exhausted) => exhausted,
+        // A transport error handed back as it is.
+        Err(err) => return unreachable(&err),
+    };
+    let message = exhausted.to_string();
+    match exhausted.take_last_response() {
+        // Every key got an answer it could not use (429, 401, 5xx, …): show the last one.
+        Some(last) => {
+            let status = last.status();
+            let body = match last.into_body().collect().await {
+                Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                Err(err) => format!("(the body failed: {err})"),
+            };
+            eprintln!("error: {message}\nlast answer, {status}: {body}");
+        }
+        None => match exhausted.source() {
+            // Every attempt failed before an answer: DNS, connection, TLS or timeout.
+            Some(cause) => unreachable(cause),
+            // No key was usable at all.
+            None => eprintln!("error: {message}"),
+        },
+    }
 }
 
 /// The message of a chat completion.
