@@ -221,7 +221,7 @@ impl KeySet {
 }
 
 /// The sort position of `name` among `prefix`'s variables: `PREFIX` is 0, `PREFIX_N` is N.
-fn numbered(prefix: &str, name: &str) -> Option<u64> {
+pub(crate) fn numbered(prefix: &str, name: &str) -> Option<u64> {
     let rest = name.strip_prefix(prefix)?;
     if rest.is_empty() {
         return Some(0);

@@ -68,6 +68,13 @@ mod serialize;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "dotenv")]
+mod dotenv;
+#[cfg(feature = "reqwest-middleware")]
+mod reqwest_middleware;
+#[cfg(feature = "retry")]
+mod retry;
+
 pub use body::{ExhaustedBody, KeyFallbackBody, TryCloneBody};
 pub use classify::{Classify, DefaultClassifier, HeadVerdict, Verdict};
 pub use error::{BoxError, ConfigError, Exhausted};
@@ -76,6 +83,13 @@ pub use handle::{CooldownReason, DisableReason, KeyHandle, KeyState, KeyStatus, 
 pub use keys::KeySet;
 pub use layer::{Credential, KeyFallbackBuilder, KeyFallbackLayer};
 pub use service::KeyFallback;
+
+#[cfg(feature = "dotenv")]
+pub use crate::dotenv::DotenvError;
+#[cfg(feature = "reqwest-middleware")]
+pub use crate::reqwest_middleware::KeyFallbackMiddleware;
+#[cfg(feature = "retry")]
+pub use crate::retry::RetryExhausted;
 
 // The README's examples are compiled and run as doctests.
 #[cfg(doctest)]

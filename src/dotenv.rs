@@ -1,0 +1,635 @@
+//! Keys from the environment and a `.env` file: a small parser, and the merge in which
+//! variables already set in the environment win.
+//!
+//! The process environment is only read, never written (`std::env::set_var` races with
+//! every other thread that reads the environment).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::error::ConfigError;
+use crate::keys::{numbered, KeySet};
+
+/// Keys could not be read from the environment and a `.env` file.
+///
+/// The message names the file and line, or the variable, and what to do; it never contains a
+/// value from the file.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DotenvError {
+    /// The file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A line of the file is not `KEY=value`.
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// The keys found are not usable: none is set, one is empty, one is a duplicate, ….
+    Keys {
+        /// What is wrong, naming the variable.
+        error: ConfigError,
+        /// The file and line the variable was set on, when it came from the file.
+        origin: Option<(PathBuf, usize)>,
+    },
+}
+
+impl DotenvError {
+    /// The key set error, when the file was read but the keys are not usable.
+    pub fn config_error(&self) -> Option<&ConfigError> {
+        match self {
+            DotenvError::Keys { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DotenvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DotenvError::Read { path, source } => {
+                write!(f, "could not read {}: {source}", path.display())
+            }
+            DotenvError::Syntax {
+                path,
+                line,
+                problem,
+            } => write!(f, "{} line {line}: {problem}", path.display()),
+            DotenvError::Keys { error, origin } => {
+                write!(f, "{error}")?;
+                if let Some((path, line)) = origin {
+                    write!(f, " (set in {} line {line})", path.display())?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for DotenvError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DotenvError::Read { source, .. } => Some(source),
+            DotenvError::Keys { error, .. } => Some(error),
+            DotenvError::Syntax { .. } => None,
+        }
+    }
+}
+
+impl From<ConfigError> for DotenvError {
+    fn from(error: ConfigError) -> Self {
+        DotenvError::Keys {
+            error,
+            origin: None,
+        }
+    }
+}
+
+/// Feature `dotenv`: keys from the environment and a `.env` file.
+impl KeySet {
+    /// Like [`KeySet::from_env`], with the variables of `./.env` (in the current directory)
+    /// added when the file exists. A variable already set in the environment wins over the
+    /// file's, one by one; the environment is never changed.
+    ///
+    /// The file holds `KEY=value` lines: `export KEY=value`, blank lines and `#` comments
+    /// are allowed; a value may be unquoted (a `#` after white space starts a comment),
+    /// `'single-quoted'` (taken literally) or `"double-quoted"` (with `\n`, `\t`, `\"` and
+    /// `\\` escapes); quoted values may span lines. `$VAR` is not expanded. When a name is
+    /// given twice, the last line wins.
+    ///
+    /// Errors name the file and line or the variable, never a value.
+    ///
+    /// ```no_run
+    /// use tower_key_fallback::KeySet;
+    ///
+    /// // .env:
+    /// //   GROQ_API_KEY=gsk_...
+    /// //   GROQ_API_KEY_2=gsk_...
+    /// let keys = KeySet::from_env_and_dotenv("GROQ_API_KEY")?;
+    /// # Ok::<(), tower_key_fallback::DotenvError>(())
+    /// ```
+    pub fn from_env_and_dotenv(prefix: &str) -> Result<KeySet, DotenvError> {
+        let path = Path::new(".env");
+        let file = match std::fs::read(path) {
+            Ok(bytes) => Some(parse(path, &bytes)?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(DotenvError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        merge(prefix, env_vars(prefix)?, file.as_ref())
+    }
+
+    /// Like [`KeySet::from_env_and_dotenv`], with the `.env` file at `path`, which must
+    /// exist.
+    ///
+    /// ```
+    /// use tower_key_fallback::KeySet;
+    ///
+    /// let path = std::env::temp_dir().join(format!("keys-doc-{}.env", std::process::id()));
+    /// std::fs::write(&path, "# Groq\nexport TKF_DOC_KEY=gsk_a\nTKF_DOC_KEY_2='gsk_b' # spare\n")?;
+    /// let keys = KeySet::from_env_and_dotenv_file("TKF_DOC_KEY", &path)?;
+    /// assert_eq!(keys.labels().collect::<Vec<_>>(), ["TKF_DOC_KEY", "TKF_DOC_KEY_2"]);
+    ///
+    /// std::fs::write(&path, "TKF_DOC_KEY=gsk_a\nTKF_DOC_KEY_2=\"gsk_b\n")?;
+    /// let err = KeySet::from_env_and_dotenv_file("TKF_DOC_KEY", &path).unwrap_err();
+    /// assert!(err.to_string().ends_with("line 2: a double-quoted value has no closing quote"));
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_env_and_dotenv_file(
+        prefix: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<KeySet, DotenvError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| DotenvError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file = parse(path, &bytes)?;
+        merge(prefix, env_vars(prefix)?, Some(&file))
+    }
+}
+
+/// The variables of a parsed `.env` file: name → (value, line), the last line winning.
+#[derive(Debug, Default)]
+pub(crate) struct DotenvFile {
+    path: PathBuf,
+    vars: HashMap<String, (String, usize)>,
+}
+
+/// The environment's variables that belong to `prefix`.
+fn env_vars(prefix: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if numbered(prefix, name).is_none() {
+            continue;
+        }
+        match value.into_string() {
+            Ok(v) => vars.push((name.to_owned(), v)),
+            Err(_) => {
+                return Err(ConfigError::NotUnicode {
+                    name: name.to_owned(),
+                })
+            }
+        }
+    }
+    Ok(vars)
+}
+
+/// The key set from `env` and the file's variables that `env` does not set.
+pub(crate) fn merge(
+    prefix: &str,
+    env: Vec<(String, String)>,
+    file: Option<&DotenvFile>,
+) -> Result<KeySet, DotenvError> {
+    let mut vars = env;
+    let mut origins = HashMap::new();
+    if let Some(file) = file {
+        for (name, (value, line)) in &file.vars {
+            if numbered(prefix, name).is_none() || vars.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            origins.insert(name.clone(), (file.path.clone(), *line));
+            vars.push((name.clone(), value.clone()));
+        }
+    }
+    KeySet::from_vars(prefix, vars).map_err(|error| {
+        let origin = match &error {
+            ConfigError::Empty { name }
+            | ConfigError::InvalidValue { name }
+            | ConfigError::Duplicate { name, .. } => origins.get(name).cloned(),
+            _ => None,
+        };
+        DotenvError::Keys { error, origin }
+    })
+}
+
+/// Parses a `.env` file.
+pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<DotenvFile, DotenvError> {
+    let syntax = |line: usize, problem: &'static str| DotenvError::Syntax {
+        path: path.to_owned(),
+        line,
+        problem,
+    };
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let line = 1 + bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count();
+            return Err(syntax(line, "not valid UTF-8"));
+        }
+    };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut file = DotenvFile {
+        path: path.to_owned(),
+        vars: HashMap::new(),
+    };
+    let mut parser = Parser {
+        rest: text,
+        line: 1,
+    };
+    while !parser.rest.is_empty() {
+        let line = parser.line;
+        if let Some((name, value)) = parser
+            .entry()
+            .map_err(|(at, problem)| syntax(at, problem))?
+        {
+            file.vars.insert(name.to_owned(), (value, line));
+        }
+    }
+    Ok(file)
+}
+
+/// What is left of a `.env` file, and the line it starts on.
+struct Parser<'a> {
+    rest: &'a str,
+    line: usize,
+}
+
+impl<'a> Parser<'a> {
+    /// Parses one entry: a line, or more for a quoted value that spans lines. A problem
+    /// comes with its line.
+    fn entry(&mut self) -> Result<Option<(&'a str, String)>, (usize, &'static str)> {
+        let start = self.line;
+        let line = self.take_line();
+        let body = line.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            return Ok(None);
+        }
+        let body = match body.strip_prefix("export") {
+            Some(rest) if rest.starts_with([' ', '\t']) => rest.trim_start(),
+            _ => body,
+        };
+        let Some((name, value)) = body.split_once('=') else {
+            return Err((start, "expected KEY=value"));
+        };
+        let name = name.trim_end();
+        if !valid_name(name) {
+            return Err((
+                start,
+                "the name before `=` must be ASCII letters, digits, `_` or `.`, not starting with a digit",
+            ));
+        }
+        let value = value.trim_start_matches([' ', '\t']);
+        let value = match value.chars().next() {
+            Some(quote @ ('"' | '\'')) => self.quoted(&value[1..], quote)?,
+            _ => unquoted(value),
+        };
+        Ok(Some((name, value)))
+    }
+
+    /// Takes the next line, without its line ending.
+    fn take_line(&mut self) -> &'a str {
+        let (line, rest) = match self.rest.find('\n') {
+            Some(end) => (&self.rest[..end], &self.rest[end + 1..]),
+            None => (self.rest, ""),
+        };
+        self.rest = rest;
+        self.line += 1;
+        line.strip_suffix('\r').unwrap_or(line)
+    }
+
+    /// A quoted value: `start` is the rest of its first line after the opening quote; the
+    /// value may go on over the following lines.
+    fn quoted(&mut self, start: &'a str, quote: char) -> Result<String, (usize, &'static str)> {
+        let first_line = self.line - 1;
+        let unclosed = match quote {
+            '"' => "a double-quoted value has no closing quote",
+            _ => "a single-quoted value has no closing quote",
+        };
+        let mut value = String::new();
+        let mut part = start;
+        loop {
+            let mut chars = part.char_indices();
+            while let Some((i, c)) = chars.next() {
+                if c == quote {
+                    let tail = part[i + 1..].trim_start_matches([' ', '\t']);
+                    if !tail.is_empty() && !tail.starts_with('#') {
+                        return Err((
+                            self.line - 1,
+                            "only a `#` comment may follow the closing quote",
+                        ));
+                    }
+                    return Ok(value);
+                }
+                if c == '\\' && quote == '"' {
+                    match chars.next().map(|(_, c)| c) {
+                        Some('n') => value.push('\n'),
+                        Some('r') => value.push('\r'),
+                        Some('t') => value.push('\t'),
+                        Some(c @ ('"' | '\\' | '\'' | '$')) => value.push(c),
+                        Some(c) => {
+                            value.push('\\');
+                            value.push(c);
+                        }
+                        // A backslash at the end of a line: the line break is kept.
+                        None => value.push('\\'),
+                    }
+                    continue;
+                }
+                value.push(c);
+            }
+            if self.rest.is_empty() {
+                return Err((first_line, unclosed));
+            }
+            value.push('\n');
+            part = self.take_line();
+        }
+    }
+}
+
+/// An unquoted value: up to a `#` that follows white space, trimmed.
+fn unquoted(value: &str) -> String {
+    let mut end = value.len();
+    let mut prev_blank = true;
+    for (i, c) in value.char_indices() {
+        if c == '#' && prev_blank {
+            end = i;
+            break;
+        }
+        prev_blank = c == ' ' || c == '\t';
+    }
+    value[..end].trim().to_owned()
+}
+
+/// Whether `name` can be a variable name: ASCII letters, digits, `_`, `.`, not starting with
+/// a digit.
+fn valid_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(text: &str) -> Vec<(String, String)> {
+        let file = parse(Path::new(".env"), text.as_bytes()).unwrap();
+        let mut vars: Vec<_> = file.vars.into_iter().map(|(k, (v, _))| (k, v)).collect();
+        vars.sort();
+        vars
+    }
+
+    fn var(text: &str) -> String {
+        let all = vars(text);
+        assert_eq!(all.len(), 1, "{all:?}");
+        all.into_iter().next().unwrap().1
+    }
+
+    fn problem(text: &str) -> String {
+        parse(Path::new("/app/.env"), text.as_bytes())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn values_unquoted_quoted_and_commented() {
+        let cases = [
+            ("K=v", "v"),
+            ("K = v ", "v"),
+            ("K=", ""),
+            ("K=  ", ""),
+            ("export K=v", "v"),
+            ("export\tK=v", "v"),
+            ("  K=v", "v"),
+            ("K=v # comment", "v"),
+            ("K=v\t# comment", "v"),
+            ("K=a#b", "a#b"),
+            ("K= # only a comment", ""),
+            ("K=a b c", "a b c"),
+            ("K=it's", "it's"),
+            ("K=a=b", "a=b"),
+            ("K=v\r", "v"),
+            ("K='single # not a comment'", "single # not a comment"),
+            ("K='no \\n escapes'", "no \\n escapes"),
+            ("K='v' # comment", "v"),
+            ("K=\"double\"", "double"),
+            ("K=\"a\\nb\"", "a\nb"),
+            ("K=\"say \\\"hi\\\"\"", "say \"hi\""),
+            ("K=\"back\\\\slash\"", "back\\slash"),
+            ("K=\"tab\\there\"", "tab\there"),
+            ("K=\"\\$HOME stays\"", "$HOME stays"),
+            ("K=\"$HOME\"", "$HOME"),
+            ("K=\"unknown \\q kept\"", "unknown \\q kept"),
+            ("K=\"# not a comment\" # comment", "# not a comment"),
+            ("K=\"\"", ""),
+            ("K=''", ""),
+            ("K.dotted_1=v", "v"),
+            ("_K=v", "v"),
+            ("\u{feff}K=bom", "bom"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(var(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_whole_file_with_comments_blank_lines_and_multiline_values() {
+        let text = "# Groq keys\r\n\
+                    \r\n\
+                    GROQ_API_KEY=gsk_a\r\n\
+                    export GROQ_API_KEY_2='gsk_b' # spare\n\
+                    \n\
+                    \t# indented comment\n\
+                    CERT=\"-----BEGIN-----\n\
+                    line two\n\
+                    -----END-----\"\n\
+                    OTHER='multi\n\
+                    line'\n\
+                    GROQ_API_KEY_3=gsk_old\n\
+                    GROQ_API_KEY_3=gsk_c";
+        let file = parse(Path::new(".env"), text.as_bytes()).unwrap();
+        let get = |k: &str| file.vars.get(k).cloned().unwrap();
+        assert_eq!(get("GROQ_API_KEY"), ("gsk_a".into(), 3));
+        assert_eq!(get("GROQ_API_KEY_2"), ("gsk_b".into(), 4));
+        assert_eq!(
+            get("CERT"),
+            ("-----BEGIN-----\nline two\n-----END-----".into(), 7)
+        );
+        assert_eq!(get("OTHER"), ("multi\nline".into(), 10));
+        // The last of two lines wins.
+        assert_eq!(get("GROQ_API_KEY_3"), ("gsk_c".into(), 13));
+        assert_eq!(file.vars.len(), 5);
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file_and_line_never_the_value() {
+        let secret = "gsk_supersecret";
+        let cases = [
+            (
+                format!("A=1\n{secret}\n"),
+                "/app/.env line 2: expected KEY=value",
+            ),
+            (
+                format!("A=1\n\nB=\"{secret}\n"),
+                "/app/.env line 3: a double-quoted value has no closing quote",
+            ),
+            (
+                format!("B='{secret}"),
+                "/app/.env line 1: a single-quoted value has no closing quote",
+            ),
+            (
+                format!("B=\"{secret}\" trailing"),
+                "/app/.env line 1: only a `#` comment may follow the closing quote",
+            ),
+            (
+                format!("B=\"x\n{secret}\" trailing"),
+                "/app/.env line 2: only a `#` comment may follow the closing quote",
+            ),
+            (
+                format!("1B={secret}"),
+                "/app/.env line 1: the name before `=`",
+            ),
+            (
+                format!("MY KEY={secret}"),
+                "/app/.env line 1: the name before `=`",
+            ),
+            (
+                format!("=({secret})"),
+                "/app/.env line 1: the name before `=`",
+            ),
+            (
+                format!("exportB={secret} x\nexport"),
+                "/app/.env line 2: expected KEY=value",
+            ),
+        ];
+        for (text, want) in cases {
+            let msg = problem(&text);
+            assert!(msg.starts_with(want), "{text:?}: {msg}");
+            assert!(!msg.contains(secret), "{msg}");
+        }
+        let mut bytes = b"A=1\nB=2\nC=\xff\n".to_vec();
+        let err = parse(Path::new("x.env"), &bytes).unwrap_err().to_string();
+        assert_eq!(err, "x.env line 3: not valid UTF-8");
+        bytes.truncate(8);
+        assert!(parse(Path::new("x.env"), &bytes).is_ok());
+    }
+
+    fn file(text: &str) -> DotenvFile {
+        parse(Path::new("/app/.env"), text.as_bytes()).unwrap()
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn secrets(set: &KeySet) -> Vec<(String, String)> {
+        set.clone()
+            .into_keys()
+            .iter()
+            .map(|k| (k.label().to_owned(), k.secret().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_environment_wins_variable_by_variable() {
+        let f =
+            file("GROQ_API_KEY=file_a\nGROQ_API_KEY_2=file_b\nGROQ_API_KEY_5=file_e\nHOME=/nope\n");
+        let set = merge(
+            "GROQ_API_KEY",
+            env(&[("GROQ_API_KEY_2", "env_b"), ("GROQ_API_KEY_3", "env_c")]),
+            Some(&f),
+        )
+        .unwrap();
+        let want = [
+            ("GROQ_API_KEY", "file_a"),
+            ("GROQ_API_KEY_2", "env_b"),
+            ("GROQ_API_KEY_3", "env_c"),
+            ("GROQ_API_KEY_5", "file_e"),
+        ];
+        assert_eq!(secrets(&set), env(&want));
+        // A variable set in the environment wins even when it is empty.
+        let err = merge("GROQ_API_KEY", env(&[("GROQ_API_KEY", "")]), Some(&f)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "GROQ_API_KEY is set but empty: give it a value or remove it"
+        );
+        // No file: the environment alone.
+        let set = merge("GROQ_API_KEY", env(&[("GROQ_API_KEY", "env_a")]), None).unwrap();
+        assert_eq!(secrets(&set), env(&[("GROQ_API_KEY", "env_a")]));
+    }
+
+    #[test]
+    fn key_errors_name_the_variable_and_where_the_file_set_it() {
+        let secret = "gsk_supersecret";
+        let f = file(&format!(
+            "OTHER=x\nGROQ_API_KEY=\nGROQ_API_KEY_2='{secret} x'\nGROQ_API_KEY_3={secret}\n"
+        ));
+        let err = merge("GROQ_API_KEY", env(&[]), Some(&f)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "GROQ_API_KEY is set but empty: give it a value or remove it (set in /app/.env line 2)"
+        );
+        assert!(matches!(
+            err.config_error(),
+            Some(ConfigError::Empty { .. })
+        ));
+        let err = merge("GROQ_API_KEY", env(&[("GROQ_API_KEY", "ok")]), Some(&f)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("GROQ_API_KEY_2 holds characters"), "{msg}");
+        assert!(msg.ends_with("(set in /app/.env line 3)"), "{msg}");
+        assert!(!msg.contains(secret) && !format!("{err:?}").contains(secret));
+        let err = merge(
+            "GROQ_API_KEY",
+            env(&[("GROQ_API_KEY", secret), ("GROQ_API_KEY_2", "b")]),
+            Some(&f),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "GROQ_API_KEY_3 is the same key as GROQ_API_KEY: remove the duplicate (set in /app/.env line 4)"
+        );
+        let err = merge("GROQ_API_KEY", env(&[]), Some(&file("OTHER=1\n"))).unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("no API key found: set GROQ_API_KEY"));
+    }
+
+    #[test]
+    fn files_on_disk_and_missing_files() {
+        let dir = std::env::temp_dir().join(format!("tkf-dotenv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.env");
+        std::fs::write(
+            &path,
+            "TKF_TEST_ONLY_KEY=\"gsk_a\"\nTKF_TEST_ONLY_KEY_2=gsk_b\n",
+        )
+        .unwrap();
+        let set = KeySet::from_env_and_dotenv_file("TKF_TEST_ONLY_KEY", &path).unwrap();
+        assert_eq!(
+            secrets(&set),
+            env(&[
+                ("TKF_TEST_ONLY_KEY", "gsk_a"),
+                ("TKF_TEST_ONLY_KEY_2", "gsk_b")
+            ])
+        );
+        let missing = dir.join("missing.env");
+        let err = KeySet::from_env_and_dotenv_file("TKF_TEST_ONLY_KEY", &missing).unwrap_err();
+        assert!(matches!(err, DotenvError::Read { .. }));
+        assert!(err
+            .to_string()
+            .starts_with(&format!("could not read {}", missing.display())));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

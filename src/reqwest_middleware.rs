@@ -1,0 +1,331 @@
+//! [`KeyFallbackMiddleware`]: the key pool in a `reqwest_middleware` client stack.
+//!
+//! The walk over the keys is the tower service's own ([`Attempts`]); only the plumbing
+//! differs: a `reqwest::Request` is copied with `try_clone`, the next middleware is run once
+//! per attempt, and an inspected error body is handed back as a `reqwest::Response` that
+//! yields the bytes read for inspection and then the rest of the stream.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::Arc;
+
+use ::reqwest_middleware::{Error, Middleware, Next, Result};
+use http::{header, Extensions, HeaderValue, StatusCode};
+use reqwest::{Request, Response, ResponseBuilderExt, Url};
+
+use crate::attempts::{self, too_many_requests_body, verdict_name, Attempts, NoReplay};
+use crate::body::{boxed, Buffered, ExhaustedBody, Peek};
+use crate::classify::{HeadVerdict, Verdict};
+use crate::error::{BoxError, Exhausted};
+use crate::handle::KeyHandle;
+use crate::layer::{KeyFallbackLayer, Shared};
+
+/// A [`reqwest_middleware`] [`Middleware`] that runs each request over a pool of API keys,
+/// falling back to the next key when one is rate limited, out of quota, rejected or failing.
+///
+/// It is made from a [`KeyFallbackLayer`] and shares that layer's key pool, configuration,
+/// classification and [`KeyHandle`]: a tower stack and a reqwest client built from one layer
+/// spend, cool and report the same keys.
+///
+/// - The key's credential replaces any the caller set (`Authorization: Bearer` by default).
+/// - A request whose body can be copied (`reqwest::Request::try_clone`: any body but a
+///   stream) is replayed with the next key after a key fault; a streaming body is sent once.
+/// - Error responses are classified from a bounded prefix of their body; the response handed
+///   back still carries every byte, with its status, headers, version, extensions and URL.
+/// - Errors of the rest of the stack (connection errors, timeouts) count against the key and
+///   move the request to the next key, unless
+///   [`fallback_on_transport_errors(false)`](crate::KeyFallbackBuilder::fallback_on_transport_errors).
+/// - When no key can serve, the error is [`Error::Middleware`] holding an [`Exhausted`]
+///   ([`KeyFallbackMiddleware::exhausted`] finds it), or, with
+///   [`exhausted_response(true)`](crate::KeyFallbackBuilder::exhausted_response), a
+///   `429 Too Many Requests` response with `Retry-After`.
+///
+/// Put it before any middleware that retries ([`ClientBuilder::with`] runs middleware in the
+/// order added), so a retry reuses the key pool rather than the key. reqwest's `Client`
+/// follows redirects beneath every middleware: it drops `Authorization` on a redirect to
+/// another host, but not a key in another header (`x-api-key`, …); with
+/// [`Credential::Header`](crate::Credential::Header) build the client with
+/// `redirect(reqwest::redirect::Policy::none())`.
+///
+/// [`ClientBuilder::with`]: reqwest_middleware::ClientBuilder::with
+///
+/// ```no_run
+/// use reqwest_middleware::ClientBuilder;
+/// use tower_key_fallback::{KeyFallbackLayer, KeyFallbackMiddleware, KeySet};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let layer = KeyFallbackLayer::new(KeySet::from_env("GROQ_API_KEY")?);
+/// let keys = KeyFallbackMiddleware::new(&layer);
+/// let handle = keys.handle();
+/// let client = ClientBuilder::new(reqwest::Client::new()).with(keys).build();
+///
+/// let res = client
+///     .post("http://127.0.0.1:8080/openai/v1/chat/completions")
+///     .header("content-type", "application/json")
+///     .body(r#"{"model":"llama-3.1-8b-instant","messages":[{"role":"user","content":"Hi"}]}"#)
+///     .send()
+///     .await;
+/// match res {
+///     Ok(res) => println!("{}: {}", res.status(), res.text().await?),
+///     Err(err) => match KeyFallbackMiddleware::exhausted(&err) {
+///         Some(exhausted) => println!("every key is busy: {exhausted}"),
+///         None => return Err(err.into()),
+///     },
+/// }
+/// for key in handle.status().keys {
+///     println!("{} {:?} requests={}", key.label, key.state, key.requests);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct KeyFallbackMiddleware {
+    shared: Arc<Shared>,
+}
+
+impl KeyFallbackMiddleware {
+    /// A middleware sharing `layer`'s key pool and configuration.
+    pub fn new(layer: &KeyFallbackLayer) -> Self {
+        KeyFallbackMiddleware {
+            shared: layer.shared.clone(),
+        }
+    }
+
+    /// A handle on the key pool, the same as the layer's.
+    pub fn handle(&self) -> KeyHandle {
+        KeyHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The [`Exhausted`] in a client error, if no key could serve the request.
+    ///
+    /// ```
+    /// use tower_key_fallback::KeyFallbackMiddleware;
+    ///
+    /// fn wait_hint(err: &reqwest_middleware::Error) -> Option<std::time::Duration> {
+    ///     KeyFallbackMiddleware::exhausted(err)?.retry_after()
+    /// }
+    /// ```
+    pub fn exhausted(err: &Error) -> Option<&Exhausted> {
+        match err {
+            Error::Middleware(err) => err.downcast_ref::<Exhausted>(),
+            _ => None,
+        }
+    }
+
+    /// Takes the [`Exhausted`] out of a client error (to read the last response's body), or
+    /// gives the error back.
+    pub fn into_exhausted(err: Error) -> std::result::Result<Exhausted, Error> {
+        match err {
+            Error::Middleware(err) => err.downcast::<Exhausted>().map_err(Error::Middleware),
+            other => Err(other),
+        }
+    }
+}
+
+impl From<&KeyFallbackLayer> for KeyFallbackMiddleware {
+    fn from(layer: &KeyFallbackLayer) -> Self {
+        KeyFallbackMiddleware::new(layer)
+    }
+}
+
+impl fmt::Debug for KeyFallbackMiddleware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyFallbackMiddleware")
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+/// A response before it is handed on: untouched, or with a prefix of its body read.
+enum Raw {
+    Untouched(Response),
+    Read(Box<Read>),
+}
+
+/// A response whose body was partly read to classify it.
+struct Read {
+    parts: http::response::Parts,
+    url: Url,
+    body: Buffered,
+}
+
+impl Raw {
+    fn status(&self) -> StatusCode {
+        match self {
+            Raw::Untouched(res) => res.status(),
+            Raw::Read(read) => read.parts.status,
+        }
+    }
+
+    /// The response as the caller gets it, every byte of the body included.
+    fn into_response(self) -> Response {
+        match self {
+            Raw::Untouched(res) => res,
+            Raw::Read(read) => {
+                let Read {
+                    mut parts,
+                    url,
+                    body,
+                } = *read;
+                parts.extensions.extend(url_extension(url));
+                let body = reqwest::Body::wrap(ExhaustedBody::new(body));
+                Response::from(http::Response::from_parts(parts, body))
+            }
+        }
+    }
+
+    /// The response as [`Exhausted`] carries it.
+    fn into_last(self) -> http::Response<ExhaustedBody> {
+        match self {
+            Raw::Untouched(res) => {
+                let res: http::Response<reqwest::Body> = res.into();
+                res.map(|b| ExhaustedBody::new(Buffered::rest(boxed(b))))
+            }
+            Raw::Read(read) => {
+                http::Response::from_parts(read.parts, ExhaustedBody::new(read.body))
+            }
+        }
+    }
+}
+
+/// The extension by which a `reqwest::Response` made from an `http::Response` knows its URL.
+fn url_extension(url: Url) -> Extensions {
+    // A builder with no status or header set cannot fail.
+    http::Response::builder()
+        .url(url)
+        .body(())
+        .map(|res| res.into_parts().0.extensions)
+        .unwrap_or_default()
+}
+
+/// The last key fault of a request.
+enum Last {
+    Response(Raw),
+    Error(BoxError),
+}
+
+#[async_trait::async_trait]
+impl Middleware for KeyFallbackMiddleware {
+    async fn handle(
+        &self,
+        req: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> Result<Response> {
+        let shared = &*self.shared;
+        let url = req.url().clone();
+        let Some(mut attempts) = Attempts::first(shared) else {
+            return give_up(shared, 0, None, url);
+        };
+        // Keep a copy only when another key could serve if this one fails.
+        let mut backup = attempts.keep_copy(shared, || req.try_clone());
+        let mut req = req;
+        loop {
+            attempts.prepare(shared, req.headers_mut());
+            let (verdict, raw) = match next.clone().run(req, extensions).await {
+                Ok(res) => classify(shared, res).await,
+                Err(err) => {
+                    if !shared.transport_errors {
+                        return Err(err);
+                    }
+                    let err: BoxError = Box::new(err);
+                    attempts.record_error(shared, &err);
+                    match attempts.advance(shared, backup.is_some(), "transport_error") {
+                        Ok(()) => {
+                            req = next_request(shared, &mut attempts, &mut backup);
+                            continue;
+                        }
+                        Err(NoReplay::BodyNotReplayable) => return Err(unbox(err)),
+                        Err(NoReplay::NoKeyLeft) => {
+                            return give_up(shared, attempts.count(), Some(Last::Error(err)), url)
+                        }
+                    }
+                }
+            };
+            attempts.record(shared, raw.status().as_u16(), verdict);
+            if !verdict.is_key_fault() {
+                return Ok(raw.into_response());
+            }
+            match attempts.advance(shared, backup.is_some(), verdict_name(verdict)) {
+                // The response is moot: dropping it frees the connection (or closes it, if
+                // the body was not read whole).
+                Ok(()) => req = next_request(shared, &mut attempts, &mut backup),
+                Err(NoReplay::BodyNotReplayable) => return Ok(raw.into_response()),
+                Err(NoReplay::NoKeyLeft) => {
+                    return give_up(shared, attempts.count(), Some(Last::Response(raw)), url)
+                }
+            }
+        }
+    }
+}
+
+/// The request for the next attempt: a copy of the backup if yet another key could follow,
+/// else the backup itself.
+fn next_request(shared: &Shared, attempts: &mut Attempts, backup: &mut Option<Request>) -> Request {
+    let kept = backup.as_ref().expect("a copy is kept for a replay");
+    match attempts.keep_copy(shared, || kept.try_clone()) {
+        Some(copy) => copy,
+        None => backup.take().expect("a copy is kept for a replay"),
+    }
+}
+
+/// Classifies a response, reading a bounded prefix of its body when the head is not enough.
+async fn classify(shared: &Shared, res: Response) -> (Verdict, Raw) {
+    match shared.classifier.classify_head(res.status(), res.headers()) {
+        HeadVerdict::Done(verdict) => (verdict, Raw::Untouched(res)),
+        HeadVerdict::InspectBody => {
+            let url = res.url().clone();
+            let res: http::Response<reqwest::Body> = res.into();
+            let (parts, body) = res.into_parts();
+            let mut peek = Peek::new(boxed(body), shared.inspect_limit);
+            poll_fn(|cx| peek.poll_peek(cx)).await;
+            let verdict =
+                shared
+                    .classifier
+                    .classify_body(parts.status, &parts.headers, peek.prefix());
+            let body = peek.into_buffered();
+            (verdict, Raw::Read(Box::new(Read { parts, url, body })))
+        }
+    }
+}
+
+/// The answer when no key can serve: an [`Exhausted`] error, or a 429 response.
+fn give_up(shared: &Shared, count: u32, last: Option<Last>, url: Url) -> Result<Response> {
+    let (last_response, last_error) = match last {
+        Some(Last::Response(raw)) => (Some(raw.into_last()), None),
+        Some(Last::Error(err)) => (None, Some(err)),
+        None => (None, None),
+    };
+    let exhausted = attempts::exhausted(shared, count, last_response, last_error);
+    if shared.exhausted_response {
+        return Ok(too_many_requests(exhausted.retry_after(), url));
+    }
+    Err(Error::Middleware(anyhow::Error::new(exhausted)))
+}
+
+/// The 429 a proxy answers with when no key can serve.
+fn too_many_requests(retry_after: Option<std::time::Duration>, url: Url) -> Response {
+    let (wait, message) = too_many_requests_body(retry_after);
+    let mut res = http::Response::new(reqwest::Body::from(message));
+    *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    res.extensions_mut().extend(url_extension(url));
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(secs) = wait {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    Response::from(res)
+}
+
+/// The client error boxed for [`Attempts::record_error`], given back.
+fn unbox(err: BoxError) -> Error {
+    match err.downcast::<Error>() {
+        Ok(err) => *err,
+        Err(err) => Error::Middleware(anyhow::anyhow!(err)),
+    }
+}
