@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::HeaderMap;
+use http::{HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -90,6 +90,19 @@ impl TryCloneBody for hyper::body::Incoming {
     fn try_clone_body(&self) -> Option<Self> {
         None
     }
+}
+
+/// A copy of the request (method, URI, version, headers, extensions, body), if the body can
+/// be copied.
+pub(crate) fn try_clone_request<B: TryCloneBody>(req: &Request<B>) -> Option<Request<B>> {
+    let body = req.body().try_clone_body()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    Some(copy)
 }
 
 /// A boxed body with `Bytes` data and boxed errors.

@@ -54,7 +54,7 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::NoKeys { var: Some(var) } => write!(
                 f,
-                "no API key found: set {var} (and {var}_2, {var}_3, … for more keys) in the environment or a .env file"
+                "no API key found: set {var} (and {var}_2, {var}_3, … for more keys) in the environment"
             ),
             ConfigError::NoKeys { var: None } => {
                 write!(f, "no API key given: pass at least one key")

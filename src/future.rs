@@ -16,7 +16,9 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::attempts::{self, too_many_requests_body, verdict_name, Attempts, NoReplay};
-use crate::body::{boxed, Buffered, ExhaustedBody, KeyFallbackBody, Peek, TryCloneBody};
+use crate::body::{
+    boxed, try_clone_request, Buffered, ExhaustedBody, KeyFallbackBody, Peek, TryCloneBody,
+};
 use crate::classify::{HeadVerdict, Verdict};
 use crate::error::BoxError;
 use crate::layer::Shared;
@@ -267,19 +269,6 @@ where
         }
         Err(Box::new(exhausted))
     }
-}
-
-/// A copy of the request (method, URI, version, headers, extensions, body), if the body can
-/// be copied.
-fn try_clone_request<B: TryCloneBody>(req: &Request<B>) -> Option<Request<B>> {
-    let body = req.body().try_clone_body()?;
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    *copy.extensions_mut() = req.extensions().clone();
-    Some(copy)
 }
 
 /// The 502 a proxy answers with when the last attempt could not reach the upstream.

@@ -108,14 +108,7 @@ where
         if self.max_retries == 0 {
             return None;
         }
-        let body = req.body().try_clone_body()?;
-        let mut copy = Request::new(body);
-        *copy.method_mut() = req.method().clone();
-        *copy.uri_mut() = req.uri().clone();
-        *copy.version_mut() = req.version();
-        *copy.headers_mut() = req.headers().clone();
-        *copy.extensions_mut() = req.extensions().clone();
-        Some(copy)
+        crate::body::try_clone_request(req)
     }
 }
 
