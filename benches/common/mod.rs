@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod contention;
+pub mod counting;
 
 use std::convert::Infallible;
 use std::fmt::Debug;
