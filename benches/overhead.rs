@@ -1,0 +1,109 @@
+//! The cost of the key-fallback layer next to the least its job allows (issue 4).
+//!
+//! `cargo bench --bench overhead` measures, in one run:
+//!
+//! - `bare`: the upstream stand-in alone (a `service_fn` answering a small 200);
+//! - `set_header`: tower-http's `SetRequestHeader` overriding `Authorization`;
+//! - `limit`: `set_header` plus one copy of the request kept until the answer is in, the
+//!   floor for a layer able to replay;
+//! - `tower_retry`: tower's `Retry` around `set_header`, its policy copying the request and
+//!   never retrying;
+//! - `key_fallback/happy`, `key_fallback/one_429`, `key_fallback/keys_1000`: our layer;
+//! - `contention/{bare,limit,key_fallback}/{1,2}`: 64 tasks on a tokio runtime with 1 and 2
+//!   worker threads sending requests through clones of one service, as throughput.
+//!
+//! The single-threaded benchmarks drive each request synchronously (the services are always
+//! ready and answer at once): every iteration is `poll_ready`, `call`, polling the future to
+//! its answer and dropping the response. The request is built outside the timing (criterion's
+//! `iter_batched`), always the same realistic one (`common::request`).
+//!
+//! `scripts/bench-table.py` turns the results into the ratios of the README.
+
+use std::hint::black_box;
+
+use criterion::{
+    criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use http::{Response, StatusCode};
+use tower::Service;
+
+mod common;
+use common::*;
+
+/// Times `svc` on the usual request: build outside the timing, drive, drop the response.
+fn bench_service<S, ResB>(b: &mut criterion::Bencher<'_>, svc: &mut S)
+where
+    S: Service<Req, Response = Response<ResB>>,
+    S::Error: std::fmt::Debug,
+{
+    b.iter_batched(
+        request,
+        |req| drop(black_box(drive(svc, req))),
+        // Small batches: 64 requests are built, then sent and dropped one by one. Large
+        // batches (`SmallInput` builds thousands) leave the allocator freeing long runs of
+        // adjacent chunks inside the timing (`malloc_consolidate`), which a client sending
+        // requests as it builds them never does.
+        BatchSize::NumIterations(64),
+    );
+}
+
+fn single(c: &mut Criterion) {
+    c.bench_function("bare", |b| bench_service(b, &mut bare()));
+    c.bench_function("set_header", |b| bench_service(b, &mut set_header()));
+    c.bench_function("limit", |b| bench_service(b, &mut limit()));
+    c.bench_function("tower_retry", |b| bench_service(b, &mut tower_retry()));
+
+    let mut g = c.benchmark_group("key_fallback");
+
+    let mut svc = key_fallback();
+    let handle = svc.handle();
+    assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+    assert_eq!(handle.status().keys[0].successes, 1);
+    g.bench_function("happy", |b| bench_service(b, &mut svc));
+
+    // Key 1 answers 429 (with `retry-after: 0`, see `common::groq_429`), key 2 answers 200.
+    let mut svc = key_fallback_one_429();
+    let handle = svc.handle();
+    for round in 1..=2 {
+        assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+        let status = handle.status();
+        assert_eq!(
+            status.keys[0].rate_limited, round,
+            "key 1 is limited every time"
+        );
+        assert_eq!(status.keys[1].successes, round, "key 2 serves every time");
+    }
+    g.bench_function("one_429", |b| bench_service(b, &mut svc));
+
+    let mut svc = key_fallback_keys_1000();
+    let handle = svc.handle();
+    assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+    assert_eq!(handle.status().keys[999].successes, 1);
+    g.bench_function("keys_1000", |b| bench_service(b, &mut svc));
+
+    g.finish();
+}
+
+fn contention(c: &mut Criterion) {
+    let mut g = c.benchmark_group("contention");
+    g.throughput(Throughput::Elements(contention::PER_ROUND));
+    g.sampling_mode(SamplingMode::Flat);
+    g.sample_size(20);
+    for threads in [1usize, 2] {
+        let rt = contention::runtime(threads);
+        g.bench_function(BenchmarkId::new("bare", threads), |b| {
+            contention::bench_rounds(b, &rt, &contention::shared(bare()))
+        });
+        g.bench_function(BenchmarkId::new("limit", threads), |b| {
+            contention::bench_rounds(b, &rt, &contention::shared(limit()))
+        });
+        // Every task holds a clone of one service: one key pool for all.
+        g.bench_function(BenchmarkId::new("key_fallback", threads), |b| {
+            contention::bench_rounds(b, &rt, &contention::shared(key_fallback()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, single, contention);
+criterion_main!(benches);
