@@ -49,7 +49,8 @@ pin_project! {
         // An upstream call is in flight.
         Calling { #[pin] fut: F },
         // Reading a bounded prefix of an error body to classify it.
-        Inspecting { parts: Option<http::response::Parts>, peek: Option<Peek> },
+        // Boxed: the error path pays for it, and the future stays small for the happy path.
+        Inspecting { inspect: Option<Box<(http::response::Parts, Peek)>> },
         // Driving the service clone to readiness before replaying with the next key.
         Readying,
         // No key can serve: answer on the next poll.
@@ -80,28 +81,30 @@ where
         S: Clone,
         B: TryCloneBody,
     {
-        let mut fut = ResponseFuture {
-            state: State::Exhausted,
-            shared: shared.clone(),
-            attempts: None,
-            svc: None,
-            backup: None,
-            last: None,
-        };
         let Some(mut attempts) = Attempts::first(shared) else {
-            return fut;
+            return ResponseFuture {
+                state: State::Exhausted,
+                shared: shared.clone(),
+                attempts: None,
+                svc: None,
+                backup: None,
+                last: None,
+            };
         };
         // Keep a copy only when another key could serve if this one fails.
-        fut.backup = attempts.keep_copy(shared, || try_clone_request(&req));
-        if fut.backup.is_some() {
-            fut.svc = Some(inner.clone());
-        }
+        let backup = attempts.keep_copy(shared, || try_clone_request(&req));
+        let svc = backup.as_ref().map(|_| inner.clone());
         attempts.prepare(shared, req.headers_mut());
-        fut.attempts = Some(attempts);
-        fut.state = State::Calling {
-            fut: inner.call(req),
-        };
-        fut
+        ResponseFuture {
+            state: State::Calling {
+                fut: inner.call(req),
+            },
+            shared: shared.clone(),
+            attempts: Some(attempts),
+            svc,
+            backup,
+            last: None,
+        }
     }
 }
 
@@ -153,8 +156,7 @@ where
                             let (parts, body) = res.into_parts();
                             let peek = Peek::new(boxed(body), shared.inspect_limit);
                             this.state.set(State::Inspecting {
-                                parts: Some(parts),
-                                peek: Some(peek),
+                                inspect: Some(Box::new((parts, peek))),
                             });
                             continue;
                         }
@@ -163,10 +165,10 @@ where
                         return Poll::Ready(done);
                     }
                 }
-                StateProj::Inspecting { parts, peek } => {
-                    ready!(peek.as_mut().expect("peek while inspecting").poll_peek(cx));
-                    let parts = parts.take().expect("parts while inspecting");
-                    let peek = peek.take().expect("peek while inspecting");
+                StateProj::Inspecting { inspect } => {
+                    let (_, peek) = &mut **inspect.as_mut().expect("inspecting");
+                    ready!(peek.poll_peek(cx));
+                    let (parts, peek) = *inspect.take().expect("inspecting");
                     let verdict = shared.classifier.classify_body(
                         parts.status,
                         &parts.headers,

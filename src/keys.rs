@@ -26,6 +26,29 @@ impl Key {
     }
 }
 
+/// Keeps one copy of each credential value for the life of the process and returns it.
+///
+/// Header values made from a `&'static str` are copied without a reference count, which
+/// keeps the request path free of writes to shared memory. The cost is that every distinct
+/// value ever used (a few dozen bytes per key, per credential style) stays in memory until
+/// the process ends, as the keys in its environment do anyway; making layers again with the
+/// same keys adds nothing.
+pub(crate) fn intern(value: String) -> &'static str {
+    static INTERNED: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashSet<&'static str>>,
+    > = std::sync::OnceLock::new();
+    let mut set = INTERNED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(existing) = set.get(value.as_str()) {
+        return existing;
+    }
+    let leaked: &'static str = Box::leak(value.into_boxed_str());
+    set.insert(leaked);
+    leaked
+}
+
 /// A short, stable, non-reversible tag for a key, for logs and status output.
 pub(crate) fn fingerprint(secret: &str) -> String {
     let mut h = DefaultHasher::new();

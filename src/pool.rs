@@ -11,7 +11,7 @@
 //! No lock is taken on the request path. Time is `tokio::time::Instant`, so a paused tokio
 //! clock drives cooldowns in tests.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -92,6 +92,10 @@ impl<T> std::ops::Deref for Padded<T> {
 pub(crate) struct Slot {
     pub(crate) label: Box<str>,
     state: AtomicU64,
+    /// The credential the key set gave; used until the key is rotated.
+    initial: HeaderValue,
+    /// Set once the key is rotated: from then on the credential is read from `cred`.
+    rotated: AtomicBool,
     cred: Padded<RwLock<Cred>>,
     counters: Padded<Counters>,
 }
@@ -162,6 +166,8 @@ impl Pool {
         let slots: Box<[Slot]> = keys
             .into_iter()
             .map(|k| Slot {
+                initial: make_value(k.secret()),
+                rotated: AtomicBool::new(false),
                 cred: Padded(RwLock::new(Cred {
                     value: make_value(k.secret()),
                     fingerprint: k.fingerprint().into(),
@@ -373,7 +379,11 @@ impl Pool {
     pub(crate) fn begin(&self, i: usize) -> HeaderValue {
         let slot = &self.slots[i];
         slot.counters.requests.fetch_add(1, SeqCst);
-        slot.cred().value.clone()
+        if slot.rotated.load(SeqCst) {
+            slot.cred().value.clone()
+        } else {
+            slot.initial.clone()
+        }
     }
 
     /// Records what an attempt with key `i` came to.
@@ -491,6 +501,7 @@ impl Pool {
             value,
             fingerprint: fingerprint.into(),
         };
+        slot.rotated.store(true, SeqCst);
         tracing::info!(key = %slot.label, fingerprint = %fingerprint, "API key rotated");
         self.reset(i);
     }
