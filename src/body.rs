@@ -211,8 +211,10 @@ impl Buffered {
     }
 }
 
-/// Reads a body up to a limit, keeping every byte read.
+/// Reads a body up to a limit, keeping every byte read. A body that comes in one frame (the
+/// usual error body) is kept as that frame, without a copy.
 pub(crate) struct Peek {
+    first: Option<Bytes>,
     buf: BytesMut,
     body: Option<BoxedBody>,
     trailers: Option<HeaderMap>,
@@ -222,9 +224,9 @@ pub(crate) struct Peek {
 
 impl Peek {
     pub(crate) fn new(body: BoxedBody, limit: usize) -> Peek {
-        let hint = body.size_hint().upper().unwrap_or(0).min(limit as u64) as usize;
         Peek {
-            buf: BytesMut::with_capacity(hint.min(16 * 1024)),
+            first: None,
+            buf: BytesMut::new(),
             body: Some(body),
             trailers: None,
             error: None,
@@ -232,9 +234,13 @@ impl Peek {
         }
     }
 
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.buf.len()
+    }
+
     /// Reads until the limit, the end, trailers or an error.
     pub(crate) fn poll_peek(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        while self.buf.len() < self.limit {
+        while self.len() < self.limit {
             let Some(body) = self.body.as_mut() else {
                 break;
             };
@@ -244,7 +250,16 @@ impl Peek {
             }
             match ready!(body.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.buf.extend_from_slice(&data),
+                    Ok(data) if self.first.is_none() && self.buf.is_empty() => {
+                        self.first = Some(data);
+                    }
+                    Ok(data) => {
+                        if let Some(first) = self.first.take() {
+                            self.buf.reserve(first.len() + data.len());
+                            self.buf.extend_from_slice(&first);
+                        }
+                        self.buf.extend_from_slice(&data);
+                    }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
                             self.trailers = Some(trailers);
@@ -264,7 +279,11 @@ impl Peek {
 
     /// The bytes read so far, up to the limit.
     pub(crate) fn prefix(&self) -> &[u8] {
-        &self.buf[..self.buf.len().min(self.limit)]
+        let all: &[u8] = match &self.first {
+            Some(first) => first,
+            None => &self.buf,
+        };
+        &all[..all.len().min(self.limit)]
     }
 
     /// Whether the whole body was read.
@@ -274,8 +293,12 @@ impl Peek {
     }
 
     pub(crate) fn into_buffered(self) -> Buffered {
+        let prefix = match self.first {
+            Some(first) => Some(first),
+            None => (!self.buf.is_empty()).then(|| self.buf.freeze()),
+        };
         Buffered {
-            prefix: (!self.buf.is_empty()).then(|| self.buf.freeze()),
+            prefix,
             rest: self.body,
             trailers: self.trailers,
             error: self.error,

@@ -149,12 +149,26 @@ enum Mark {
     NotKey = 16,
 }
 
-/// Body patterns, found in one pass over the body: each byte is looked up in a table of the
-/// patterns' first bytes, and only those patterns are compared there.
+/// Body patterns, found in one pass over the body: each pair of bytes (ASCII lowercased) is
+/// hashed into a table of the pairs the patterns start with, and only the patterns in that
+/// bucket are compared there. Most positions cost a table lookup.
 #[derive(Debug, Clone, Default)]
 struct Patterns {
     list: Vec<(Mark, Box<[u8]>)>,
-    by_first: Vec<Vec<u16>>,
+    /// Per bucket, the range of `candidates` holding the patterns that start with a pair of
+    /// bytes hashing there.
+    buckets: Vec<(u16, u16)>,
+    candidates: Vec<u16>,
+    /// One bit per bucket: whether it holds any pattern (512 bytes, so it stays in L1).
+    occupied: Vec<u64>,
+    /// The marks of all patterns, to stop early once every kind was found.
+    all: u8,
+}
+
+const BUCKETS: usize = 4096;
+
+fn bucket(a: u8, b: u8) -> usize {
+    ((usize::from(a) << 6) ^ usize::from(b)) & (BUCKETS - 1)
 }
 
 impl Patterns {
@@ -162,8 +176,7 @@ impl Patterns {
         let mut p = Patterns::default();
         for (mark, list) in marked {
             for s in *list {
-                p.list
-                    .push((*mark, s.as_bytes().to_ascii_lowercase().into()));
+                p.list.push((*mark, s.as_bytes().to_ascii_lowercase().into()));
             }
         }
         p.index();
@@ -172,39 +185,64 @@ impl Patterns {
 
     fn add(&mut self, mark: Mark, pattern: String) {
         if !pattern.is_empty() {
-            self.list
-                .push((mark, pattern.into_bytes().to_ascii_lowercase().into()));
+            self.list.push((mark, pattern.into_bytes().to_ascii_lowercase().into()));
             self.index();
         }
     }
 
     fn index(&mut self) {
-        self.by_first = vec![Vec::new(); 256];
+        let mut lists: Vec<Vec<u16>> = vec![Vec::new(); BUCKETS];
+        // One-byte patterns are compared at every position: they go in every bucket their
+        // byte can start.
         for (i, (_, pat)) in self.list.iter().enumerate() {
-            self.by_first[usize::from(pat[0])].push(i as u16);
+            match pat[..] {
+                [a, b, ..] => lists[bucket(a, b)].push(i as u16),
+                [a] => (0..=255u8).for_each(|b| lists[bucket(a, b)].push(i as u16)),
+                [] => {}
+            }
         }
+        self.buckets = Vec::with_capacity(BUCKETS);
+        self.candidates.clear();
+        self.occupied = vec![0; BUCKETS / 64];
+        for (i, list) in lists.iter().enumerate() {
+            if !list.is_empty() {
+                self.occupied[i / 64] |= 1 << (i % 64);
+            }
+        }
+        for list in lists {
+            self.buckets.push((self.candidates.len() as u16, list.len() as u16));
+            self.candidates.extend(list);
+        }
+        self.all = self.list.iter().fold(0u8, |m, (mark, _)| m | *mark as u8);
     }
 
     /// The marks of every pattern found in `body`, ASCII case-insensitively.
     fn scan(&self, body: &[u8]) -> u8 {
-        let all = self.list.iter().fold(0u8, |m, (mark, _)| m | *mark as u8);
         let mut found = 0u8;
-        if all == 0 {
+        if self.all == 0 || body.is_empty() {
             return 0;
         }
-        for (i, b) in body.iter().enumerate() {
-            for &p in &self.by_first[usize::from(b.to_ascii_lowercase())] {
-                let (mark, pat) = &self.list[usize::from(p)];
-                if found & *mark as u8 != 0 {
-                    continue;
-                }
-                if body.len() - i >= pat.len() && body[i..i + pat.len()].eq_ignore_ascii_case(pat) {
-                    found |= *mark as u8;
-                    if found == all {
-                        return found;
+        let mut a = body[0].to_ascii_lowercase();
+        // At the last position the pair is (byte, 0): one-byte patterns still match there.
+        for i in 0..body.len() {
+            let b = body.get(i + 1).map_or(0, u8::to_ascii_lowercase);
+            let at = bucket(a, b);
+            if self.occupied[at / 64] & (1 << (at % 64)) != 0 {
+                let (start, len) = self.buckets[at];
+                for &p in &self.candidates[usize::from(start)..usize::from(start + len)] {
+                    let (mark, pat) = &self.list[usize::from(p)];
+                    if found & *mark as u8 == 0
+                        && body.len() - i >= pat.len()
+                        && body[i..i + pat.len()].eq_ignore_ascii_case(pat)
+                    {
+                        found |= *mark as u8;
+                        if found == self.all {
+                            return found;
+                        }
                     }
                 }
             }
+            a = b;
         }
         found
     }
@@ -310,8 +348,7 @@ impl DefaultClassifier {
 
     /// Drops every body pattern, keeping only the status and header rules.
     pub fn without_patterns(mut self) -> Self {
-        self.patterns = Patterns::default();
-        self.patterns.index();
+        self.patterns = Patterns::new(&[]);
         self
     }
 

@@ -268,7 +268,7 @@ impl Pool {
                 continue;
             }
             if w.until() <= now {
-                self.recover(i, w);
+                self.recover(i, w, now);
             } else {
                 soonest = soonest.min(w.until());
             }
@@ -277,7 +277,7 @@ impl Pool {
     }
 
     /// Moves a key whose cooldown has passed back to active. Returns whether it is usable.
-    fn recover(&self, i: usize, seen: Word) -> bool {
+    fn recover(&self, i: usize, seen: Word, now: u64) -> bool {
         let slot = &self.slots[i];
         if slot
             .state
@@ -293,7 +293,7 @@ impl Pool {
             );
         }
         self.sync_bit(i);
-        slot.word().usable(self.now_ms())
+        slot.word().usable(now)
     }
 
     /// Makes key `i`'s bit agree with its state word, whatever raced with us.
@@ -367,7 +367,15 @@ impl Pool {
         let w = self.slots[i].word();
         match w.tag() {
             TAG_ACTIVE => true,
-            TAG_COOLING if w.until() <= self.now_ms() => self.recover(i, w),
+            TAG_COOLING => {
+                let now = self.now_ms();
+                if w.until() <= now {
+                    self.recover(i, w, now)
+                } else {
+                    self.sync_bit(i);
+                    false
+                }
+            }
             _ => {
                 self.sync_bit(i);
                 false
