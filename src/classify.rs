@@ -149,34 +149,28 @@ enum Mark {
     NotKey = 16,
 }
 
-/// Body patterns, found in one pass over the body: each pair of bytes (ASCII lowercased) is
-/// hashed into a table of the pairs the patterns start with, and only the patterns in that
-/// bucket are compared there. Most positions cost a table lookup.
-#[derive(Debug, Clone, Default)]
+/// Body patterns, all found in one pass over the body by an Aho-Corasick automaton (ASCII
+/// case-insensitive, overlapping matches), so the cost does not grow with the number of
+/// patterns.
+#[derive(Debug, Clone)]
 struct Patterns {
     list: Vec<(Mark, Box<[u8]>)>,
-    /// Per bucket, the range of `candidates` holding the patterns that start with a pair of
-    /// bytes hashing there.
-    buckets: Vec<(u16, u16)>,
-    candidates: Vec<u16>,
-    /// One bit per bucket: whether it holds any pattern (512 bytes, so it stays in L1).
-    occupied: Vec<u64>,
+    automaton: Option<aho_corasick::AhoCorasick>,
     /// The marks of all patterns, to stop early once every kind was found.
     all: u8,
 }
 
-const BUCKETS: usize = 4096;
-
-fn bucket(a: u8, b: u8) -> usize {
-    ((usize::from(a) << 6) ^ usize::from(b)) & (BUCKETS - 1)
-}
-
 impl Patterns {
     fn new(marked: &[(Mark, &[&str])]) -> Patterns {
-        let mut p = Patterns::default();
+        let mut p = Patterns {
+            list: Vec::new(),
+            automaton: None,
+            all: 0,
+        };
         for (mark, list) in marked {
             for s in *list {
-                p.list.push((*mark, s.as_bytes().to_ascii_lowercase().into()));
+                p.list
+                    .push((*mark, s.as_bytes().to_ascii_lowercase().into()));
             }
         }
         p.index();
@@ -185,64 +179,36 @@ impl Patterns {
 
     fn add(&mut self, mark: Mark, pattern: String) {
         if !pattern.is_empty() {
-            self.list.push((mark, pattern.into_bytes().to_ascii_lowercase().into()));
+            self.list
+                .push((mark, pattern.into_bytes().to_ascii_lowercase().into()));
             self.index();
         }
     }
 
     fn index(&mut self) {
-        let mut lists: Vec<Vec<u16>> = vec![Vec::new(); BUCKETS];
-        // One-byte patterns are compared at every position: they go in every bucket their
-        // byte can start.
-        for (i, (_, pat)) in self.list.iter().enumerate() {
-            match pat[..] {
-                [a, b, ..] => lists[bucket(a, b)].push(i as u16),
-                [a] => (0..=255u8).for_each(|b| lists[bucket(a, b)].push(i as u16)),
-                [] => {}
-            }
-        }
-        self.buckets = Vec::with_capacity(BUCKETS);
-        self.candidates.clear();
-        self.occupied = vec![0; BUCKETS / 64];
-        for (i, list) in lists.iter().enumerate() {
-            if !list.is_empty() {
-                self.occupied[i / 64] |= 1 << (i % 64);
-            }
-        }
-        for list in lists {
-            self.buckets.push((self.candidates.len() as u16, list.len() as u16));
-            self.candidates.extend(list);
-        }
         self.all = self.list.iter().fold(0u8, |m, (mark, _)| m | *mark as u8);
+        self.automaton = if self.list.is_empty() {
+            None
+        } else {
+            aho_corasick::AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+                .build(self.list.iter().map(|(_, p)| &p[..]))
+                .ok()
+        };
     }
 
     /// The marks of every pattern found in `body`, ASCII case-insensitively.
     fn scan(&self, body: &[u8]) -> u8 {
-        let mut found = 0u8;
-        if self.all == 0 || body.is_empty() {
+        let Some(automaton) = &self.automaton else {
             return 0;
-        }
-        let mut a = body[0].to_ascii_lowercase();
-        // At the last position the pair is (byte, 0): one-byte patterns still match there.
-        for i in 0..body.len() {
-            let b = body.get(i + 1).map_or(0, u8::to_ascii_lowercase);
-            let at = bucket(a, b);
-            if self.occupied[at / 64] & (1 << (at % 64)) != 0 {
-                let (start, len) = self.buckets[at];
-                for &p in &self.candidates[usize::from(start)..usize::from(start + len)] {
-                    let (mark, pat) = &self.list[usize::from(p)];
-                    if found & *mark as u8 == 0
-                        && body.len() - i >= pat.len()
-                        && body[i..i + pat.len()].eq_ignore_ascii_case(pat)
-                    {
-                        found |= *mark as u8;
-                        if found == self.all {
-                            return found;
-                        }
-                    }
-                }
+        };
+        let mut found = 0u8;
+        for m in automaton.find_overlapping_iter(body) {
+            found |= self.list[m.pattern().as_usize()].0 as u8;
+            if found == self.all {
+                break;
             }
-            a = b;
         }
         found
     }
