@@ -68,9 +68,12 @@ impl Attempts {
     /// counts the attempt.
     pub(crate) fn prepare(&mut self, shared: &Shared, headers: &mut HeaderMap) {
         let value = shared.pool.begin(self.key);
-        // One pass to see whether the caller set any credential (usually not), rather than
-        // a removal per credential header name.
-        if headers.keys().any(|name| shared.strip.contains(name)) {
+        // One pass to see whether the caller set any other credential (usually not), rather
+        // than a removal per credential header name; most names differ in length alone.
+        let lengths = shared.strip_lengths;
+        if headers.keys().any(|name| {
+            lengths & (1u64 << name.as_str().len().min(63)) != 0 && shared.strip.contains(name)
+        }) {
             for name in shared.strip.iter() {
                 headers.remove(name);
             }

@@ -151,6 +151,11 @@ where
                     };
                     let verdict = match shared.classifier.classify_head(res.status(), res.headers())
                     {
+                        // The common case, kept short: the key served.
+                        HeadVerdict::Done(Verdict::Success) => {
+                            attempts.record(shared, res.status().as_u16(), Verdict::Success);
+                            return Poll::Ready(Ok(res.map(KeyFallbackBody::passthrough)));
+                        }
                         HeadVerdict::Done(verdict) => verdict,
                         HeadVerdict::InspectBody => {
                             let (parts, body) = res.into_parts();

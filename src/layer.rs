@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub(crate) classifier: Box<dyn Classify>,
     pub(crate) credential: Credential,
     pub(crate) strip: Box<[HeaderName]>,
+    /// One bit per length of the names in `strip`, to pass over most headers at a glance.
+    pub(crate) strip_lengths: u64,
     pub(crate) max_attempts: u32,
     pub(crate) inspect_limit: usize,
     pub(crate) exhausted_response: bool,
@@ -328,19 +330,24 @@ impl KeyFallbackBuilder {
 
     /// Builds the layer.
     pub fn build(self) -> KeyFallbackLayer {
-        let mut strip: Vec<HeaderName> = Vec::new();
-        if self.credential != Credential::None {
-            strip.extend(
-                CREDENTIAL_HEADERS
-                    .iter()
-                    .map(|h| HeaderName::from_static(h)),
-            );
-            if let Credential::Header(name) = &self.credential {
-                if !strip.contains(name) {
-                    strip.push(name.clone());
-                }
-            }
-        }
+        // The caller's credentials to remove: the known ones but the layer's own header,
+        // which `insert` replaces anyway.
+        let own = match &self.credential {
+            Credential::Bearer => Some(http::header::AUTHORIZATION),
+            Credential::Header(name) => Some(name.clone()),
+            Credential::None => None,
+        };
+        let strip: Vec<HeaderName> = match &own {
+            Some(own) => CREDENTIAL_HEADERS
+                .iter()
+                .map(|h| HeaderName::from_static(h))
+                .filter(|h| h != own)
+                .collect(),
+            None => Vec::new(),
+        };
+        let strip_lengths = strip
+            .iter()
+            .fold(0u64, |mask, h| mask | 1u64 << h.as_str().len().min(63));
         let n = self.keys.len();
         let credential = self.credential.clone();
         let pool = Pool::new(
@@ -359,6 +366,7 @@ impl KeyFallbackBuilder {
                 classifier: self.classifier,
                 credential: self.credential,
                 strip: strip.into(),
+                strip_lengths,
                 max_attempts,
                 inspect_limit: self.inspect_limit,
                 exhausted_response: self.exhausted_response,
