@@ -149,9 +149,11 @@ enum Mark {
     NotKey = 16,
 }
 
-/// Body patterns, all found in one pass over the body by an Aho-Corasick automaton (ASCII
-/// case-insensitive, overlapping matches), so the cost does not grow with the number of
-/// patterns.
+/// Body patterns, found by an Aho-Corasick automaton over the ASCII-lowercased body, so the
+/// cost grows with the body, not with the number of patterns, and its literal prefilter skips
+/// most of the text. The search restarts one byte after each match's start, so patterns that
+/// overlap in the text are all found; of patterns starting at the same byte, the longest
+/// counts.
 #[derive(Debug, Clone)]
 struct Patterns {
     list: Vec<(Mark, Box<[u8]>)>,
@@ -191,8 +193,7 @@ impl Patterns {
             None
         } else {
             aho_corasick::AhoCorasick::builder()
-                .ascii_case_insensitive(true)
-                .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
                 .build(self.list.iter().map(|(_, p)| &p[..]))
                 .ok()
         };
@@ -203,12 +204,27 @@ impl Patterns {
         let Some(automaton) = &self.automaton else {
             return 0;
         };
+        // Lowercase into a buffer on the stack when the body is small (the usual error body).
+        let mut stack = [0u8; 2048];
+        let heap;
+        let lower: &[u8] = if body.len() <= stack.len() {
+            let buf = &mut stack[..body.len()];
+            buf.copy_from_slice(body);
+            buf.make_ascii_lowercase();
+            buf
+        } else {
+            heap = body.to_ascii_lowercase();
+            &heap
+        };
         let mut found = 0u8;
-        for m in automaton.find_overlapping_iter(body) {
+        let mut from = 0;
+        while let Some(m) = automaton.find(aho_corasick::Input::new(lower).span(from..lower.len()))
+        {
             found |= self.list[m.pattern().as_usize()].0 as u8;
             if found == self.all {
                 break;
             }
+            from = m.start() + 1;
         }
         found
     }
@@ -363,14 +379,27 @@ const DIMENSIONS: [(HeaderName, HeaderName, bool); 6] = [
 ];
 
 /// The provider's wait hint from headers only, in the documented order.
-pub(crate) fn header_hint(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+/// The wall clock, read at most once, and only when a date must be compared with it.
+pub(crate) struct Now(std::cell::Cell<Option<SystemTime>>);
+
+impl Now {
+    pub(crate) fn new() -> Now {
+        Now(std::cell::Cell::new(None))
+    }
+
+    pub(crate) fn get(&self) -> SystemTime {
+        *self.0.get().get_or_insert_with(SystemTime::now)
+    }
+}
+
+pub(crate) fn header_hint(headers: &HeaderMap, now: &Now) -> Option<Duration> {
     if let Some(v) = headers.get(&RETRY_AFTER_MS) {
         if let Some(d) = parse::millis(v.as_bytes()) {
             return Some(d);
         }
     }
     if let Some(v) = headers.get(http::header::RETRY_AFTER) {
-        if let Some(d) = parse::retry_after(v.as_bytes(), now) {
+        if let Some(d) = parse::retry_after(v.as_bytes(), || now.get()) {
             return Some(d);
         }
     }
@@ -387,14 +416,16 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> 
 /// The time until the exhausted dimension(s) reset. With `only_exhausted`, dimensions whose
 /// remaining count is not zero are ignored; otherwise, when none is at zero, the soonest
 /// reset is taken.
-fn reset_hint(headers: &HeaderMap, now: SystemTime, only_exhausted: bool) -> Option<Duration> {
+fn reset_hint(headers: &HeaderMap, now: &Now, only_exhausted: bool) -> Option<Duration> {
     let mut exhausted: Option<Duration> = None;
     let mut soonest: Option<Duration> = None;
     let mut any_exhausted = false;
     for (remaining, reset, rfc3339) in &DIMENSIONS {
         let reset = match headers.get(reset) {
             // A reset time already past says nothing about how long to wait.
-            Some(v) if *rfc3339 => parse::rfc3339_until(v.as_bytes(), now).filter(|d| !d.is_zero()),
+            Some(v) if *rfc3339 => {
+                parse::rfc3339_until(v.as_bytes(), now.get()).filter(|d| !d.is_zero())
+            }
             Some(v) => v.to_str().ok().and_then(parse::go_duration),
             None => None,
         };
@@ -431,7 +462,7 @@ impl Classify for DefaultClassifier {
         let verdict = match code {
             100..=399 => {
                 if any_remaining_zero(headers) {
-                    match reset_hint(headers, SystemTime::now(), true) {
+                    match reset_hint(headers, &Now::new(), true) {
                         Some(retry_after) if !retry_after.is_zero() => {
                             Verdict::Drained { retry_after }
                         }
@@ -450,7 +481,7 @@ impl Classify for DefaultClassifier {
     }
 
     fn classify_body(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
-        let hint = || header_hint(headers, SystemTime::now()).or_else(|| parse::body_hint(body));
+        let hint = || header_hint(headers, &Now::new()).or_else(|| parse::body_hint(body));
         let found = self.patterns.scan(body);
         let has = |mark: Mark| found & mark as u8 != 0;
         match status.as_u16() {

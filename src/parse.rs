@@ -133,13 +133,15 @@ fn trim(s: &[u8]) -> &[u8] {
 
 /// Parses a `Retry-After` value per RFC 9110: delay-seconds (fractions accepted, as the
 /// official SDKs do) or an HTTP date, measured against `now`. A date in the past is zero.
-pub(crate) fn retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+pub(crate) fn retry_after(value: &[u8], now: impl FnOnce() -> SystemTime) -> Option<Duration> {
     if let Some(d) = seconds(value) {
         return Some(d);
     }
     let text = std::str::from_utf8(value).ok()?;
     let when = httpdate::parse_http_date(text.trim()).ok()?;
-    Some(saturate(when.duration_since(now).unwrap_or(Duration::ZERO)))
+    Some(saturate(
+        when.duration_since(now()).unwrap_or(Duration::ZERO),
+    ))
 }
 
 /// Parses an RFC 3339 timestamp (`2024-03-26T20:00:00Z`, `2026-09-01T00:00:00.5+02:00`), as
@@ -338,18 +340,18 @@ mod tests {
     #[test]
     fn retry_after_seconds_and_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
-        assert_eq!(retry_after(b"120", now), Some(Duration::from_secs(120)));
-        assert_eq!(retry_after(b" 2 ", now), Some(Duration::from_secs(2)));
-        assert_eq!(retry_after(b"1.5", now), Some(ms(1_500)));
+        assert_eq!(retry_after(b"120", || now), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(b" 2 ", || now), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(b"1.5", || now), Some(ms(1_500)));
         assert_eq!(
-            retry_after(b"Sun, 06 Nov 1994 08:50:07 GMT", now),
+            retry_after(b"Sun, 06 Nov 1994 08:50:07 GMT", || now),
             Some(Duration::from_secs(30))
         );
         assert_eq!(
-            retry_after(b"Sun, 06 Nov 1994 08:00:00 GMT", now),
+            retry_after(b"Sun, 06 Nov 1994 08:00:00 GMT", || now),
             Some(Duration::ZERO)
         );
-        assert_eq!(retry_after(b"soon", now), None);
+        assert_eq!(retry_after(b"soon", || now), None);
         assert_eq!(millis(b"1500"), Some(ms(1_500)));
         assert_eq!(millis(b"0.5"), Some(Duration::from_micros(500)));
     }
@@ -422,7 +424,7 @@ mod tests {
                 go_duration(&text),
                 seconds(&input),
                 millis(&input),
-                retry_after(&input, now),
+                retry_after(&input, || now),
                 rfc3339_until(&input, now),
                 body_hint(&input),
             ]
