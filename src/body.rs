@@ -105,6 +105,70 @@ pub(crate) fn try_clone_request<B: TryCloneBody>(req: &Request<B>) -> Option<Req
     Some(copy)
 }
 
+pin_project! {
+    /// A request body of a type the crate cannot copy, sent once and never replayed.
+    ///
+    /// [`KeyFallback`](crate::KeyFallback) needs [`TryCloneBody`] on the request body. For a
+    /// body type from another crate that does not implement it (axum's `Body`, a
+    /// `StreamBody`), wrap it: the request is sent once with the first usable key, and the
+    /// key's state is still updated from the answer. To get fallback instead, buffer the body
+    /// into [`Full<Bytes>`](http_body_util::Full) first.
+    ///
+    /// ```
+    /// use http_body_util::StreamBody;
+    /// use tower_key_fallback::{SendOnce, TryCloneBody};
+    ///
+    /// let stream = futures_util::stream::empty::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>();
+    /// let req = http::Request::post("https://api.groq.com/openai/v1/chat/completions")
+    ///     .body(SendOnce::new(StreamBody::new(stream)))
+    ///     .unwrap();
+    /// assert!(req.body().try_clone_body().is_none());
+    /// ```
+    #[derive(Debug, Default)]
+    pub struct SendOnce<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> SendOnce<B> {
+    /// Wraps a body.
+    pub fn new(inner: B) -> Self {
+        SendOnce { inner }
+    }
+
+    /// The body inside.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B> TryCloneBody for SendOnce<B> {
+    fn try_clone_body(&self) -> Option<Self> {
+        None
+    }
+}
+
+impl<B: Body> Body for SendOnce<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A boxed body with `Bytes` data and boxed errors.
 pub(crate) type BoxedBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
 

@@ -75,7 +75,7 @@ mod reqwest_middleware;
 #[cfg(feature = "retry")]
 mod retry;
 
-pub use body::{ExhaustedBody, KeyFallbackBody, TryCloneBody};
+pub use body::{ExhaustedBody, KeyFallbackBody, SendOnce, TryCloneBody};
 pub use classify::{Classify, DefaultClassifier, HeadVerdict, Verdict};
 pub use error::{BoxError, ConfigError, Exhausted};
 pub use future::ResponseFuture;

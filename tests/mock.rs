@@ -855,3 +855,37 @@ async fn exhausted_response_option_answers_502_when_the_upstream_is_unreachable(
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
     assert!(res.headers().get("retry-after").is_none());
 }
+
+/// A body type from another crate that cannot be copied (axum's) goes through the layer
+/// wrapped in `SendOnce`: sent once with the first usable key, the key still learning from
+/// the answer.
+#[tokio::test(start_paused = true)]
+async fn a_foreign_body_type_wrapped_in_send_once_is_sent_once() {
+    use tower_key_fallback::SendOnce;
+    type AReq = Request<SendOnce<axum::body::Body>>;
+    let (mock, mut handle) = mock::pair::<AReq, Res>();
+    let layer = KeyFallbackLayer::new(keys(2));
+    let keys = layer.handle();
+    let mut svc = layer.layer(mock);
+    handle.allow(2);
+    svc.ready().await.unwrap();
+    let req = Request::post("https://x/v1")
+        .body(SendOnce::new(axum::body::Body::from("{}")))
+        .unwrap();
+    let call = tokio::spawn(svc.call(req));
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(req.headers()["authorization"], "Bearer gsk_key1");
+    let body = req
+        .into_body()
+        .into_inner()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body, "{}");
+    send.send_response(response(503, &[], "down"));
+    let res = call.await.unwrap().unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(keys.status().keys[0].consecutive_errors, 1);
+    assert_eq!(keys.status().keys[1].requests, 0);
+}
