@@ -210,8 +210,9 @@ pub(crate) fn verdict_name(verdict: Verdict) -> &'static str {
     }
 }
 
-/// The JSON body and `Retry-After` seconds of the 429 a proxy answers when no key can serve.
-pub(crate) fn too_many_requests_body(retry_after: Option<Duration>) -> (Option<u64>, String) {
+/// The 429 a proxy answers when no key can serve: `Retry-After` in whole seconds (rounded
+/// up; absent when every key is disabled) and an OpenAI-style JSON error.
+pub(crate) fn too_many_requests(retry_after: Option<Duration>) -> http::Response<bytes::Bytes> {
     let wait = retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
     let message = match wait {
         Some(secs) => format!(
@@ -219,5 +220,15 @@ pub(crate) fn too_many_requests_body(retry_after: Option<Duration>) -> (Option<u
         ),
         None => "{\"error\":{\"message\":\"All API keys are disabled.\",\"type\":\"rate_limit_error\",\"code\":\"keys_exhausted\"}}".to_owned(),
     };
-    (wait, message)
+    let mut res = http::Response::new(bytes::Bytes::from(message));
+    *res.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+    let headers = res.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Some(secs) = wait {
+        headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+    }
+    res
 }

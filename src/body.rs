@@ -172,6 +172,16 @@ impl<B: Body> Body for SendOnce<B> {
 /// A boxed body with `Bytes` data and boxed errors.
 pub(crate) type BoxedBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
 
+/// A frame with its data as `Bytes` (free when it already is) and its error boxed.
+fn bytes_frame<D: Buf, E: Into<BoxError>>(
+    frame: Option<Result<Frame<D>, E>>,
+) -> Option<Result<Frame<Bytes>, BoxError>> {
+    frame.map(|f| {
+        f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
+            .map_err(Into::into)
+    })
+}
+
 pin_project! {
     /// Maps any body to `Bytes` data and boxed errors.
     struct IntoBytes<B> {
@@ -192,11 +202,7 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = ready!(self.project().inner.poll_frame(cx));
-        Poll::Ready(frame.map(|f| {
-            f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
-                .map_err(Into::into)
-        }))
+        Poll::Ready(bytes_frame(ready!(self.project().inner.poll_frame(cx))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -438,11 +444,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
             KindProj::Passthrough { inner } => {
-                let frame = ready!(inner.poll_frame(cx));
-                Poll::Ready(frame.map(|f| {
-                    f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
-                        .map_err(Into::into)
-                }))
+                Poll::Ready(bytes_frame(ready!(inner.poll_frame(cx))))
             }
             KindProj::Buffered { inner } => inner.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),

@@ -10,7 +10,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::ConfigError;
-use crate::keys::{numbered, KeySet};
+use crate::keys::{env_vars, numbered, KeySet};
 
 /// Keys could not be read from the environment and a `.env` file.
 ///
@@ -169,26 +169,6 @@ impl KeySet {
 pub(crate) struct DotenvFile {
     path: PathBuf,
     vars: HashMap<String, (String, usize)>,
-}
-
-/// The environment's variables that belong to `prefix`.
-fn env_vars(prefix: &str) -> Result<Vec<(String, String)>, ConfigError> {
-    let mut vars = Vec::new();
-    for (name, value) in std::env::vars_os() {
-        let Some(name) = name.to_str() else { continue };
-        if numbered(prefix, name).is_none() {
-            continue;
-        }
-        match value.into_string() {
-            Ok(v) => vars.push((name.to_owned(), v)),
-            Err(_) => {
-                return Err(ConfigError::NotUnicode {
-                    name: name.to_owned(),
-                })
-            }
-        }
-    }
-    Ok(vars)
 }
 
 /// The key set from `env` and the file's variables that `env` does not set.

@@ -15,7 +15,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::attempts::{self, too_many_requests_body, verdict_name, Attempts, NoReplay};
+use crate::attempts::{self, too_many_requests, verdict_name, Attempts, NoReplay};
 use crate::body::{
     boxed, try_clone_request, Buffered, ExhaustedBody, KeyFallbackBody, Peek, TryCloneBody,
 };
@@ -272,7 +272,7 @@ where
             if exhausted.last_error().is_some() {
                 return Ok(bad_gateway());
             }
-            return Ok(too_many_requests(exhausted.retry_after()));
+            return Ok(too_many_requests(exhausted.retry_after()).map(KeyFallbackBody::full));
         }
         Err(Box::new(exhausted))
     }
@@ -287,21 +287,5 @@ fn bad_gateway<B>() -> Response<KeyFallbackBody<B>> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    res
-}
-
-/// The 429 a proxy answers with when no key can serve.
-fn too_many_requests<B>(retry_after: Option<std::time::Duration>) -> Response<KeyFallbackBody<B>> {
-    let (wait, message) = too_many_requests_body(retry_after);
-    let mut res = Response::new(KeyFallbackBody::full(Bytes::from(message)));
-    *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-    let headers = res.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(secs) = wait {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
     res
 }

@@ -143,21 +143,7 @@ impl KeySet {
     /// # Ok::<(), tower_key_fallback::ConfigError>(())
     /// ```
     pub fn from_env(prefix: &str) -> Result<KeySet, ConfigError> {
-        let mut vars = Vec::new();
-        for (name, value) in std::env::vars_os() {
-            let Some(name) = name.to_str() else { continue };
-            if numbered(prefix, name).is_none() {
-                continue;
-            }
-            match value.into_string() {
-                Ok(v) => vars.push((name.to_owned(), v)),
-                Err(_) => {
-                    return Err(ConfigError::NotUnicode {
-                        name: name.to_owned(),
-                    })
-                }
-            }
-        }
+        let vars = env_vars(prefix)?;
         Self::from_vars(prefix, vars)
     }
 
@@ -241,6 +227,26 @@ impl KeySet {
     pub(crate) fn into_keys(self) -> Vec<Key> {
         self.keys
     }
+}
+
+/// The process environment's variables that belong to `prefix`.
+pub(crate) fn env_vars(prefix: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if numbered(prefix, name).is_none() {
+            continue;
+        }
+        match value.into_string() {
+            Ok(v) => vars.push((name.to_owned(), v)),
+            Err(_) => {
+                return Err(ConfigError::NotUnicode {
+                    name: name.to_owned(),
+                })
+            }
+        }
+    }
+    Ok(vars)
 }
 
 /// The sort position of `name` among `prefix`'s variables: `PREFIX` is 0, `PREFIX_N` is N.

@@ -10,10 +10,10 @@ use std::future::poll_fn;
 use std::sync::Arc;
 
 use ::reqwest_middleware::{Error, Middleware, Next, Result};
-use http::{header, Extensions, HeaderValue, StatusCode};
+use http::{Extensions, StatusCode};
 use reqwest::{Request, Response, ResponseBuilderExt, Url};
 
-use crate::attempts::{self, too_many_requests_body, verdict_name, Attempts, NoReplay};
+use crate::attempts::{self, verdict_name, Attempts, NoReplay};
 use crate::body::{boxed, Buffered, ExhaustedBody, Peek};
 use crate::classify::{HeadVerdict, Verdict};
 use crate::error::{BoxError, Exhausted};
@@ -307,18 +307,8 @@ fn give_up(shared: &Shared, count: u32, last: Option<Last>, url: Url) -> Result<
 
 /// The 429 a proxy answers with when no key can serve.
 fn too_many_requests(retry_after: Option<std::time::Duration>, url: Url) -> Response {
-    let (wait, message) = too_many_requests_body(retry_after);
-    let mut res = http::Response::new(reqwest::Body::from(message));
-    *res.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let mut res = attempts::too_many_requests(retry_after).map(reqwest::Body::from);
     res.extensions_mut().extend(url_extension(url));
-    let headers = res.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(secs) = wait {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
     Response::from(res)
 }
 
