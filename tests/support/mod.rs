@@ -1,0 +1,88 @@
+//! What the mock-based tests share: the mock service pair, a realistic request, provider-like
+//! responses, and one exchange of a request for the answers given in order.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use tower::{Layer, Service, ServiceExt};
+use tower_key_fallback::{KeyFallback, KeyFallbackLayer, KeyHandle, KeySet};
+use tower_test::mock;
+
+pub type Req = Request<Full<Bytes>>;
+pub type Res = Response<Full<Bytes>>;
+pub type Mock = mock::Mock<Req, Res>;
+pub type MockHandle = mock::Handle<Req, Res>;
+
+pub fn keys(n: usize) -> KeySet {
+    KeySet::new((1..=n).map(|i| format!("gsk_key{i}"))).unwrap()
+}
+
+pub fn setup(layer: KeyFallbackLayer) -> (KeyFallback<Mock>, MockHandle, KeyHandle) {
+    let (mock, handle) = mock::pair::<Req, Res>();
+    let keys = layer.handle();
+    (layer.layer(mock), handle, keys)
+}
+
+pub fn request() -> Req {
+    Request::post("https://api.groq.com/openai/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer caller-set")
+        .header("x-api-key", "caller-set")
+        .header("x-request-tag", "t1")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"m","messages":[]}"#,
+        )))
+        .unwrap()
+}
+
+pub fn response(status: u16, headers: &[(&str, &str)], body: &str) -> Res {
+    let mut b = Response::builder().status(status);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+}
+
+pub const GROQ_429: &str = r#"{"error":{"message":"Rate limit reached for model `llama` in organization `org_x` service tier `on_demand` on requests per minute (RPM): Limit 30, Used 30, Requested 1. Please try again in 2s.","type":"requests","code":"rate_limit_exceeded"}}"#;
+pub const QUOTA_429: &str = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+pub const INVALID_401: &str = r#"{"error":{"message":"Invalid API Key","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+
+/// The next upstream call; fails (rather than hangs) when none comes, e.g. because the
+/// spawned request panicked. The paused clock jumps to the timeout only when all is idle.
+pub async fn next<B>(
+    handle: &mut mock::Handle<Request<B>, Res>,
+) -> (Request<B>, mock::SendResponse<Res>) {
+    tokio::time::timeout(Duration::from_secs(86_400 * 365), handle.next_request())
+        .await
+        .expect("an upstream call in time")
+        .expect("the mock is alive")
+}
+
+pub fn bearer(req: &Req) -> String {
+    let all: Vec<_> = req.headers().get_all("authorization").iter().collect();
+    assert_eq!(all.len(), 1, "exactly one credential header");
+    assert!(all[0].is_sensitive(), "credential marked sensitive");
+    all[0].to_str().unwrap().to_owned()
+}
+
+/// Sends one request through `svc` and answers upstream calls in order with `answers`,
+/// checking each carries the expected key. Returns the outcome.
+pub async fn exchange(
+    svc: &mut KeyFallback<Mock>,
+    handle: &mut MockHandle,
+    answers: Vec<(&str, Res)>,
+) -> Result<Response<tower_key_fallback::KeyFallbackBody<Full<Bytes>>>, tower_key_fallback::BoxError>
+{
+    handle.allow(answers.len() as u64 + 1);
+    svc.ready().await.unwrap();
+    let call = tokio::spawn(svc.call(request()));
+    for (key, res) in answers {
+        let (req, send) = next(handle).await;
+        assert_eq!(bearer(&req), format!("Bearer {key}"));
+        send.send_response(res);
+    }
+    call.await.unwrap()
+}
