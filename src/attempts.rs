@@ -2,8 +2,6 @@
 //! adapter: which key is next, putting its credential on the request, recording what each
 //! attempt came to, and giving up with [`Exhausted`].
 
-use std::time::Duration;
-
 use http::HeaderMap;
 
 use crate::body::ExhaustedBody;
@@ -210,18 +208,38 @@ pub(crate) fn verdict_name(verdict: Verdict) -> &'static str {
     }
 }
 
-/// The 429 a proxy answers when no key can serve: `Retry-After` in whole seconds (rounded
-/// up; absent when every key is disabled) and an OpenAI-style JSON error.
-pub(crate) fn too_many_requests(retry_after: Option<Duration>) -> http::Response<bytes::Bytes> {
-    let wait = retry_after.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
-    let message = match wait {
-        Some(secs) => format!(
-            "{{\"error\":{{\"message\":\"All API keys are rate limited or unavailable. Retry after {secs} seconds.\",\"type\":\"rate_limit_error\",\"code\":\"keys_exhausted\"}}}}"
-        ),
-        None => "{\"error\":{\"message\":\"All API keys are disabled.\",\"type\":\"rate_limit_error\",\"code\":\"keys_exhausted\"}}".to_owned(),
+/// What a proxy answers when no key can serve (`exhausted_response(true)`): `502 Bad Gateway`
+/// when the last attempt could not reach the upstream at all, else `429 Too Many Requests`
+/// with `Retry-After` in whole seconds (rounded up; absent when every key is disabled). The
+/// body is an OpenAI-style JSON error.
+pub(crate) fn proxy_answer(exhausted: &Exhausted) -> http::Response<bytes::Bytes> {
+    let json = |message: &str, kind: &str, code: &str| {
+        format!(
+            "{{\"error\":{{\"message\":\"{message}\",\"type\":\"{kind}\",\"code\":\"{code}\"}}}}"
+        )
+    };
+    let (status, wait, message) = if exhausted.last_error().is_some() {
+        let body = json(
+            "The upstream API could not be reached.",
+            "api_error",
+            "upstream_unreachable",
+        );
+        (http::StatusCode::BAD_GATEWAY, None, body)
+    } else {
+        let wait = exhausted
+            .retry_after()
+            .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+        let message = match wait {
+            Some(secs) => {
+                format!("All API keys are rate limited or unavailable. Retry after {secs} seconds.")
+            }
+            None => "All API keys are disabled.".to_owned(),
+        };
+        let body = json(&message, "rate_limit_error", "keys_exhausted");
+        (http::StatusCode::TOO_MANY_REQUESTS, wait, body)
     };
     let mut res = http::Response::new(bytes::Bytes::from(message));
-    *res.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+    *res.status_mut() = status;
     let headers = res.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,

@@ -9,13 +9,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::attempts::{self, too_many_requests, verdict_name, Attempts, NoReplay};
+use crate::attempts::{self, proxy_answer, verdict_name, Attempts, NoReplay};
 use crate::body::{
     boxed, try_clone_request, Buffered, ExhaustedBody, KeyFallbackBody, Peek, TryCloneBody,
 };
@@ -268,24 +267,8 @@ where
         let count = this.attempts.as_ref().map_or(0, |a| a.count());
         let exhausted = attempts::exhausted(shared, count, last_response, last_error);
         if shared.exhausted_response {
-            // An upstream that could not be reached is a bad gateway, not a rate limit.
-            if exhausted.last_error().is_some() {
-                return Ok(bad_gateway());
-            }
-            return Ok(too_many_requests(exhausted.retry_after()).map(KeyFallbackBody::full));
+            return Ok(proxy_answer(&exhausted).map(KeyFallbackBody::full));
         }
         Err(Box::new(exhausted))
     }
-}
-
-/// The 502 a proxy answers with when the last attempt could not reach the upstream.
-fn bad_gateway<B>() -> Response<KeyFallbackBody<B>> {
-    let body = "{\"error\":{\"message\":\"The upstream API could not be reached.\",\"type\":\"api_error\",\"code\":\"upstream_unreachable\"}}";
-    let mut res = Response::new(KeyFallbackBody::full(Bytes::from_static(body.as_bytes())));
-    *res.status_mut() = StatusCode::BAD_GATEWAY;
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    res
 }

@@ -300,14 +300,14 @@ fn give_up(shared: &Shared, count: u32, last: Option<Last>, url: Url) -> Result<
     };
     let exhausted = attempts::exhausted(shared, count, last_response, last_error);
     if shared.exhausted_response {
-        return Ok(too_many_requests(exhausted.retry_after(), url));
+        return Ok(proxy_answer(&exhausted, url));
     }
     Err(Error::Middleware(anyhow::Error::new(exhausted)))
 }
 
-/// The 429 a proxy answers with when no key can serve.
-fn too_many_requests(retry_after: Option<std::time::Duration>, url: Url) -> Response {
-    let mut res = attempts::too_many_requests(retry_after).map(reqwest::Body::from);
+/// What a proxy answers when no key can serve: 502 or 429, as the tower service does.
+fn proxy_answer(exhausted: &Exhausted, url: Url) -> Response {
+    let mut res = attempts::proxy_answer(exhausted).map(reqwest::Body::from);
     res.extensions_mut().extend(url_extension(url));
     Response::from(res)
 }

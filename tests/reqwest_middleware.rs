@@ -402,6 +402,23 @@ async fn exhausted_response_answers_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn exhausted_response_answers_502_when_the_upstream_cannot_be_reached() {
+    let (addr, _up) = serve(&[("k_hang", Mode::Hang)]).await;
+    let layer = KeyFallbackLayer::builder(keys(&["k_hang"]))
+        .exhausted_response(true)
+        .build();
+    let client = client_with(
+        &layer,
+        reqwest::Client::builder().timeout(Duration::from_millis(300)),
+    );
+    let res = chat(&client, addr).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert!(res.headers().get("retry-after").is_none());
+    let body = res.text().await.unwrap();
+    assert!(body.contains("\"code\":\"upstream_unreachable\""), "{body}");
+}
+
+#[tokio::test]
 async fn a_transport_error_counts_against_the_key_and_moves_on() {
     let (addr, up) = serve(&[("k_hang", Mode::Hang), ("k_ok", Mode::Ok)]).await;
     let layer = KeyFallbackLayer::new(keys(&["k_hang", "k_ok"]));
