@@ -6,6 +6,7 @@
 //! the rest of the stream, so the caller sees every byte the server sent.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{ready, Context, Poll};
@@ -281,8 +282,8 @@ impl Buffered {
     }
 }
 
-/// Reads a body up to a limit, keeping every byte read. A body that comes in one frame (the
-/// usual error body) is kept as that frame, without a copy.
+/// Reads a body up to a limit or for at most a time, keeping every byte read. A body that
+/// comes in one frame (the usual error body) is kept as that frame, without a copy.
 pub(crate) struct Peek {
     first: Option<Bytes>,
     buf: BytesMut,
@@ -290,10 +291,13 @@ pub(crate) struct Peek {
     trailers: Option<HeaderMap>,
     error: Option<BoxError>,
     limit: usize,
+    timeout: std::time::Duration,
+    /// Started on the first poll: a stalled body ends the peek when it fires.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Peek {
-    pub(crate) fn new(body: BoxedBody, limit: usize) -> Peek {
+    pub(crate) fn new(body: BoxedBody, limit: usize, timeout: std::time::Duration) -> Peek {
         Peek {
             first: None,
             buf: BytesMut::new(),
@@ -301,6 +305,8 @@ impl Peek {
             trailers: None,
             error: None,
             limit,
+            timeout,
+            timer: None,
         }
     }
 
@@ -308,7 +314,8 @@ impl Peek {
         self.first.as_ref().map_or(0, Bytes::len) + self.buf.len()
     }
 
-    /// Reads until the limit, the end, trailers or an error.
+    /// Reads until the limit, the end, trailers, an error, or the timeout. What was not read
+    /// by then stays in the body, for whoever gets the response.
     pub(crate) fn poll_peek(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         while self.len() < self.limit {
             let Some(body) = self.body.as_mut() else {
@@ -318,7 +325,18 @@ impl Peek {
                 self.body = None;
                 break;
             }
-            match ready!(body.as_mut().poll_frame(cx)) {
+            let frame = match body.as_mut().poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    let timeout = self.timeout;
+                    let timer = self
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    ready!(timer.as_mut().poll(cx));
+                    break;
+                }
+            };
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) if self.first.is_none() && self.buf.is_empty() => {
                         self.first = Some(data);
@@ -519,7 +537,30 @@ impl Body for ExhaustedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::StreamExt;
     use http_body_util::{BodyExt, StreamBody};
+
+    const SECOND: std::time::Duration = std::time::Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_ends_the_peek_at_the_timeout_and_keeps_its_bytes() {
+        let frames = futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(
+            Bytes::from_static(b"{\"error\":"),
+        ))])
+        .chain(futures_util::stream::pending());
+        let mut peek = Peek::new(boxed(StreamBody::new(frames)), 100, 5 * SECOND);
+        let start = tokio::time::Instant::now();
+        std::future::poll_fn(|cx| peek.poll_peek(cx)).await;
+        assert_eq!(start.elapsed(), 5 * SECOND);
+        assert_eq!(peek.prefix(), b"{\"error\":");
+        assert!(!peek.complete());
+        let mut body = KeyFallbackBody::<String>::buffered(peek.into_buffered());
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(
+            first.into_data().unwrap(),
+            Bytes::from_static(b"{\"error\":")
+        );
+    }
 
     fn chunks(parts: Vec<&'static [u8]>) -> BoxedBody {
         let frames = parts
@@ -530,7 +571,7 @@ mod tests {
 
     #[tokio::test]
     async fn peek_keeps_every_byte_past_the_limit() {
-        let mut peek = Peek::new(chunks(vec![b"abc", b"def", b"ghi", b"jkl"]), 5);
+        let mut peek = Peek::new(chunks(vec![b"abc", b"def", b"ghi", b"jkl"]), 5, SECOND);
         std::future::poll_fn(|cx| peek.poll_peek(cx)).await;
         assert_eq!(peek.prefix(), b"abcde");
         assert!(!peek.complete());
@@ -551,6 +592,7 @@ mod tests {
         let mut peek = Peek::new(
             boxed(StreamBody::new(futures_util::stream::iter(frames))),
             100,
+            SECOND,
         );
         std::future::poll_fn(|cx| peek.poll_peek(cx)).await;
         assert!(peek.complete());
@@ -572,6 +614,7 @@ mod tests {
         let mut peek = Peek::new(
             boxed(StreamBody::new(futures_util::stream::iter(frames))),
             100,
+            SECOND,
         );
         std::future::poll_fn(|cx| peek.poll_peek(cx)).await;
         let mut body = KeyFallbackBody::<String>::buffered(peek.into_buffered());

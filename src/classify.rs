@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, StatusCode};
 
+use crate::errorbody::ErrorFields;
 use crate::parse;
 
 /// What a response means for the key that was used to get it.
@@ -62,6 +63,67 @@ impl Verdict {
     }
 }
 
+/// What a failed call (an error instead of a response: a refused connection, a timeout)
+/// means for the key that was used.
+///
+/// | Error | Verdict | What happens |
+/// |---|---|---|
+/// | connection refused, DNS failure, TLS handshake failure, unreachable host or network, a connect timeout | [`ErrorVerdict::Unreachable`] | no key is blamed and none is tried next: the caller gets the error at once |
+/// | a connection the server closed or reset (a pooled connection that had gone stale) | [`ErrorVerdict::ConnectionLost`] | no key is blamed; the request is sent once more, with the next usable key |
+/// | a timeout of the attempt (`tower::timeout` inside the layer), anything else | [`ErrorVerdict::KeyFailed`] | one error counts against the key (as a 5xx does) and the request moves on to the next key |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorVerdict {
+    /// The upstream could not be reached at all. That is the same for every key, so no key
+    /// is blamed and no other key is tried.
+    Unreachable,
+    /// The connection was lost in a way that says nothing about the key; worth one more try.
+    ConnectionLost,
+    /// The attempt failed on the key's account: counted against it, and the next key is
+    /// tried.
+    KeyFailed,
+}
+
+/// The default reading of a transport error, walking its chain of sources: hyper-util's
+/// and reqwest's connect errors, and `std::io::Error` kinds.
+pub fn classify_transport_error(error: &(dyn std::error::Error + 'static)) -> ErrorVerdict {
+    use std::io::ErrorKind as K;
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                K::ConnectionRefused
+                | K::AddrNotAvailable
+                | K::HostUnreachable
+                | K::NetworkUnreachable => return ErrorVerdict::Unreachable,
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                    return ErrorVerdict::ConnectionLost
+                }
+                K::TimedOut => return ErrorVerdict::KeyFailed,
+                _ => {}
+            }
+        }
+        // hyper-util's client (and reqwest over it) says "client error (Connect)" for every
+        // failure to connect: DNS, TCP, TLS, the connect timeout. Read from the text, so that
+        // this works whichever version of hyper-util the caller's client was built with.
+        let text = e.to_string();
+        if text == "client error (Connect)"
+            || text.starts_with("dns error")
+            || text.starts_with("tcp connect error")
+        {
+            return ErrorVerdict::Unreachable;
+        }
+        if text.starts_with("connection closed before message completed")
+            || text == "client error (ChannelClosed)"
+            || text == "client error (Canceled)"
+        {
+            return ErrorVerdict::ConnectionLost;
+        }
+        cur = e.source();
+    }
+    ErrorVerdict::KeyFailed
+}
+
 /// The result of looking at a response's status and headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -107,34 +169,55 @@ pub trait Classify: Send + Sync + 'static {
 
     /// Classifies with a prefix of the body (at most the configured inspection limit).
     fn classify_body(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict;
+
+    /// Classifies a failed call. Default: [`classify_transport_error`].
+    fn classify_error(&self, error: &(dyn std::error::Error + 'static)) -> ErrorVerdict {
+        classify_transport_error(error)
+    }
 }
 
 /// The signals of the common LLM providers, with configurable body patterns.
+///
+/// An error body is read for what the provider itself asserts: the structured fields of its
+/// JSON error (`error.code`, `error.type`, `error.status`, google.rpc `details`, Anthropic's
+/// `details.error_code`), and a message only where the provider's own message is the signal,
+/// matched at its start (Anthropic's "Your credit balance is too low"). Text the provider
+/// quotes from the request (OpenAI's `Invalid value: 'invalid_api_key'`, a model name) never
+/// counts, so nothing a client sends can blame a key.
 ///
 /// | Response | Verdict |
 /// |---|---|
 /// | 2xx with `x-ratelimit-remaining-requests` or `-tokens` (or Anthropic's `anthropic-ratelimit-*-remaining`) at `0` | [`Verdict::Drained`] until the matching reset |
 /// | other 1xx/2xx/3xx | [`Verdict::Success`] |
-/// | 429 "Request too large … reduce" | [`Verdict::RequestFault`] |
-/// | 429 "capacity exceeded", "high demand" | [`Verdict::ServerError`] |
-/// | 429 with a quota pattern (`insufficient_quota`, `(TPD)`, `PerDay`, `limit: 0`, …) | [`Verdict::QuotaExhausted`] |
-/// | other 429 | [`Verdict::RateLimited`] |
+/// | 429 `request_too_large`, or a message "Request too large for …" | [`Verdict::RequestFault`] |
+/// | 429 `overloaded_error`, or a message "Service tier capacity exceeded", "The system is currently experiencing high demand", … | [`Verdict::ServerError`] |
+/// | 429 with a quota code (`insufficient_quota`, `*_spend_limit_exceeded`, `enforced_spend_limit_reached`), a `…PerDay…` quota id, a daily window (`(TPD): Limit`, `(RPD): Limit`), Gemini's `limit: 0`, OpenRouter's `free-models-per-day` | [`Verdict::QuotaExhausted`] |
+/// | other 429 (JSON or not) | [`Verdict::RateLimited`] |
 /// | 401 | [`Verdict::InvalidKey`] |
 /// | 402 | [`Verdict::QuotaExhausted`] |
-/// | 403 with an HTML body (an edge block) or a region refusal | [`Verdict::RequestFault`] |
+/// | 403 that is not JSON (an edge's HTML or `error code: 1020`), a region refusal, `invalid_request_error`, a moderation flag | [`Verdict::RequestFault`] |
 /// | other 403 | [`Verdict::InvalidKey`] |
-/// | 400 with an invalid-key pattern (Gemini's `API_KEY_INVALID`, `organization_restricted`) | [`Verdict::InvalidKey`] |
-/// | 400 with a quota pattern (Anthropic's "credit balance is too low") | [`Verdict::QuotaExhausted`] |
+/// | 400 with an invalid-key code (`invalid_api_key`, `organization_restricted`, Gemini's `API_KEY_INVALID`) | [`Verdict::InvalidKey`] |
+/// | 400 with a quota signal (Anthropic's "Your credit balance is too low") | [`Verdict::QuotaExhausted`] |
 /// | 408, 498, 500, 502, 503, 504, 529 and other 5xx but 501 and 505 | [`Verdict::ServerError`] |
 /// | any other status (400, 404, 413, 422, …) | [`Verdict::RequestFault`] |
 ///
-/// Reset times are read, in this order, from `retry-after-ms`, `retry-after` (seconds or an
-/// HTTP date), `x-ratelimit-reset-requests` / `x-ratelimit-reset-tokens` (Go durations such as
-/// `2m59.56s`), and hints in the body ("try again in 9.54s", `"retryDelay": "15s"`,
-/// "retry after 6 seconds"). A rate limit whose reset is an hour or more away is reported as
-/// an exhausted quota (Azure's "retry after 86400 seconds").
+/// Reset times are read, in this order, from `retry-after-ms`, `retry-after` (seconds, or an
+/// HTTP date; a date already past is no hint), `x-ratelimit-reset-requests` /
+/// `x-ratelimit-reset-tokens` (Go durations such as `2m59.56s`), and the body: google.rpc's
+/// `retryDelay`, else the last "try again in 9.54s" / "retry after 6 seconds" of the
+/// provider's message. A rate limit whose reset is an hour or more away is reported as an
+/// exhausted quota (Azure's "retry after 86400 seconds"). How long a key is then set aside is
+/// capped by [`max_cooldown`](crate::KeyFallbackBuilder::max_cooldown).
+///
+/// Added patterns ([`quota_pattern`](DefaultClassifier::quota_pattern), …) are matched
+/// anywhere in the body, quoted request text included: prefer a provider's code where it
+/// has one.
 #[derive(Debug, Clone)]
 pub struct DefaultClassifier {
+    /// Whether the providers' signals in error bodies are read (off after `without_patterns`).
+    builtin: bool,
+    /// The patterns added by the user.
     patterns: Patterns,
     long_wait_is_quota: Duration,
 }
@@ -230,51 +313,129 @@ impl Patterns {
     }
 }
 
-const QUOTA: &[&str] = &[
+/// `error.code` / `error.type` values that mark an exhausted quota or billing cap (OpenAI's
+/// and Anthropic's).
+const QUOTA_CODES: &[&str] = &[
     "insufficient_quota",
     "credit_balance_exhausted",
     "organization_spend_limit_exceeded",
     "project_spend_limit_exceeded",
     "organization_usage_limit_exceeded",
-    "enforced_spend_limit_reached",
     "billing_error",
-    "credit balance is too low",
-    "specified API usage limits",
-    "reached your API usage limits",
-    "(TPD)",
-    "(RPD)",
-    "per day",
-    "PerDay",
-    "free-models-per-day",
-    "limit: 0",
-    "requires more credits",
 ];
 
-const INVALID_KEY: &[&str] = &[
-    "API_KEY_INVALID",
-    "API key not valid",
-    "API Key not found",
+/// Provider messages that are themselves the quota signal (Anthropic's, OpenRouter's), matched
+/// at the start of the message only.
+const QUOTA_MESSAGES: &[&str] = &[
+    "Your credit balance is too low",
+    "You have reached your API usage limits",
+    "You have reached your specified API usage limits",
+    "Rate limit exceeded: free-models-per-day",
+];
+
+/// `error.code` / `error.type` values that mark a key the provider will not accept.
+const INVALID_KEY_CODES: &[&str] = &[
     "invalid_api_key",
     "organization_restricted",
-    "Organization has been restricted",
     "account_deactivated",
+    "authentication_error",
 ];
 
-const TOO_LARGE: &[&str] = &[
-    "Request too large",
-    "must be reduced",
-    "reduce your message size",
-    "request_too_large",
+/// Gemini's messages for a bad key (with `status: INVALID_ARGUMENT`), at the start only.
+const INVALID_KEY_MESSAGES: &[&str] = &["API key not valid", "API Key not found"];
+
+/// A 429 that is about the request's size, not the key's allowance.
+const TOO_LARGE_CODES: &[&str] = &["request_too_large"];
+const TOO_LARGE_MESSAGES: &[&str] = &["Request too large for"];
+
+/// A 429 that is the provider's overload (Mistral's, Azure's), not the key's limit.
+const OVERLOADED_CODES: &[&str] = &["overloaded_error", "server_is_overloaded"];
+const OVERLOADED_MESSAGES: &[&str] = &[
+    "Service tier capacity exceeded",
+    "The system is currently experiencing high demand",
+    "The model is overloaded",
+    "This model is currently experiencing high demand",
+    "Overloaded",
 ];
 
-const OVERLOADED: &[&str] = &["capacity exceeded", "high demand", "overloaded"];
-
-const NOT_KEY: &[&str] = &[
+/// A 403 that is about the request or where it comes from, not the key.
+const NOT_KEY_CODES: &[&str] = &[
     "unsupported_country_region_territory",
-    "Country, region, or territory not supported",
-    "<html",
-    "<!DOCTYPE html",
+    "invalid_request_error",
 ];
+const NOT_KEY_MESSAGES: &[&str] = &["Country, region, or territory not supported"];
+
+/// What the provider's own error envelope says, read with [`ErrorFields`].
+impl ErrorFields<'_> {
+    fn quota(&self) -> bool {
+        self.code_or_kind_in(QUOTA_CODES)
+            || self.error_code == Some(b"enforced_spend_limit_reached")
+            || self.per_day_quota
+            || self.message_starts_with(QUOTA_MESSAGES)
+            || (self.message_starts_with(&["Rate limit reached"])
+                && self.message.is_some_and(daily_window))
+            || (self.status == Some(b"RESOURCE_EXHAUSTED")
+                && self.message.is_some_and(gemini_no_allowance))
+    }
+
+    fn invalid_key(&self) -> bool {
+        self.code_or_kind_in(INVALID_KEY_CODES)
+            || self.api_key_invalid
+            || (self.status == Some(b"INVALID_ARGUMENT")
+                && self.message_starts_with(INVALID_KEY_MESSAGES))
+    }
+
+    fn too_large(&self) -> bool {
+        self.code_or_kind_in(TOO_LARGE_CODES) || self.message_starts_with(TOO_LARGE_MESSAGES)
+    }
+
+    fn overloaded(&self) -> bool {
+        self.code_or_kind_in(OVERLOADED_CODES) || self.message_starts_with(OVERLOADED_MESSAGES)
+    }
+
+    /// A 403 that is not the key's fault: an edge's page (not JSON), a region refusal, a
+    /// request the provider judged invalid, a moderation flag.
+    fn not_key(&self) -> bool {
+        !self.json
+            || self.code_or_kind_in(NOT_KEY_CODES)
+            || self.message_starts_with(NOT_KEY_MESSAGES)
+            || self.flagged
+    }
+}
+
+/// Groq's and OpenAI's rate-limit message names its window last, after the model and the
+/// organization it quotes: `… on tokens per day (TPD): Limit 100000, …`. The window is the
+/// abbreviation before the last `): Limit `; one ending in `D` (TPD, RPD, ASD) is daily.
+fn daily_window(message: &[u8]) -> bool {
+    const MARK: &[u8] = b"): Limit ";
+    let Some(at) = parse::rfind(message, MARK) else {
+        return false;
+    };
+    let before = &message[..at];
+    let Some(open) = before.iter().rposition(|&b| b == b'(') else {
+        return false;
+    };
+    let abbr = &before[open + 1..];
+    (2..=4).contains(&abbr.len()) && abbr.iter().all(u8::is_ascii_uppercase) && abbr.ends_with(b"D")
+}
+
+/// Gemini's "Quota exceeded for metric: <metric>, limit: 0": the model has no allowance on
+/// this tier at all. The figure is read right after the provider's metric name.
+fn gemini_no_allowance(message: &[u8]) -> bool {
+    const MARK: &[u8] = b"Quota exceeded for metric: ";
+    let mut rest = message;
+    while let Some(at) = parse::find_ci(rest, MARK) {
+        rest = &rest[at + MARK.len()..];
+        let metric = rest
+            .iter()
+            .position(|&b| b == b',' || b.is_ascii_whitespace())
+            .unwrap_or(rest.len());
+        if rest[metric..].starts_with(b", limit: 0,") {
+            return true;
+        }
+    }
+    false
+}
 
 impl Default for DefaultClassifier {
     fn default() -> Self {
@@ -286,19 +447,14 @@ impl DefaultClassifier {
     /// The default signals, as the table above lists them.
     pub fn new() -> Self {
         Self {
-            patterns: Patterns::new(&[
-                (Mark::Quota, QUOTA),
-                (Mark::InvalidKey, INVALID_KEY),
-                (Mark::TooLarge, TOO_LARGE),
-                (Mark::Overloaded, OVERLOADED),
-                (Mark::NotKey, NOT_KEY),
-            ]),
+            builtin: true,
+            patterns: Patterns::new(&[]),
             long_wait_is_quota: Duration::from_secs(3600),
         }
     }
 
-    /// Adds a body pattern (matched ASCII case-insensitively) that marks an exhausted quota
-    /// on a 400, 429 or 402.
+    /// Adds a body pattern (matched ASCII case-insensitively, anywhere in the body) that marks
+    /// an exhausted quota on a 400, 429 or 402.
     pub fn quota_pattern(mut self, pattern: impl Into<String>) -> Self {
         self.patterns.add(Mark::Quota, pattern.into());
         self
@@ -328,8 +484,10 @@ impl DefaultClassifier {
         self
     }
 
-    /// Drops every body pattern, keeping only the status and header rules.
+    /// Drops every body signal, the providers' and the added patterns, keeping only the
+    /// status and header rules.
     pub fn without_patterns(mut self) -> Self {
+        self.builtin = false;
         self.patterns = Patterns::new(&[]);
         self
     }
@@ -481,20 +639,28 @@ impl Classify for DefaultClassifier {
     }
 
     fn classify_body(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
-        let hint = || header_hint(headers, &Now::new()).or_else(|| parse::body_hint(body));
-        let found = self.patterns.scan(body);
-        let has = |mark: Mark| found & mark as u8 != 0;
+        let fields = if self.builtin {
+            ErrorFields::scan(body)
+        } else {
+            ErrorFields {
+                json: matches!(body.trim_ascii_start().first(), Some(b'{' | b'[')),
+                ..ErrorFields::default()
+            }
+        };
+        let added = self.patterns.scan(body);
+        let has = |mark: Mark| added & mark as u8 != 0;
+        let hint = || header_hint(headers, &Now::new()).or_else(|| body_hint(&fields, body));
         match status.as_u16() {
             429 => {
-                if has(Mark::TooLarge) {
+                if fields.too_large() || has(Mark::TooLarge) {
                     Verdict::RequestFault
-                } else if has(Mark::InvalidKey) {
+                } else if fields.invalid_key() || has(Mark::InvalidKey) {
                     Verdict::InvalidKey
-                } else if has(Mark::Quota) {
+                } else if fields.quota() || has(Mark::Quota) {
                     Verdict::QuotaExhausted {
                         retry_after: hint(),
                     }
-                } else if has(Mark::Overloaded) {
+                } else if fields.overloaded() || has(Mark::Overloaded) {
                     Verdict::ServerError
                 } else {
                     match hint() {
@@ -509,16 +675,16 @@ impl Classify for DefaultClassifier {
                 retry_after: hint(),
             },
             403 => {
-                if has(Mark::NotKey) {
+                if fields.not_key() || has(Mark::NotKey) {
                     Verdict::RequestFault
                 } else {
                     Verdict::InvalidKey
                 }
             }
             400 => {
-                if has(Mark::InvalidKey) {
+                if fields.invalid_key() || has(Mark::InvalidKey) {
                     Verdict::InvalidKey
-                } else if has(Mark::Quota) {
+                } else if fields.quota() || has(Mark::Quota) {
                     Verdict::QuotaExhausted {
                         retry_after: hint(),
                     }
@@ -534,6 +700,22 @@ impl Classify for DefaultClassifier {
     }
 }
 
+/// A wait hint from the body: google.rpc's `retryDelay`, else the provider's message ("Please
+/// try again in 5.289s", "Please retry after 6 seconds"; the last such phrase, which comes
+/// after any text the message quotes), else, for a body that is not JSON, its text.
+fn body_hint(fields: &ErrorFields<'_>, body: &[u8]) -> Option<Duration> {
+    if let Some(delay) = fields.retry_delay {
+        if let Some(d) = std::str::from_utf8(delay).ok().and_then(parse::go_duration) {
+            return Some(d);
+        }
+    }
+    match fields.message {
+        Some(message) => parse::body_hint(message),
+        None if !fields.json => parse::body_hint(body),
+        None => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,13 +723,31 @@ mod tests {
     /// The one-pass scan finds exactly what a search per pattern finds.
     #[test]
     fn scan_agrees_with_a_search_per_pattern() {
-        let c = DefaultClassifier::new();
+        const QUOTA: &[&str] = &[
+            "insufficient_quota",
+            "(TPD)",
+            "per day",
+            "PerDay",
+            "limit: 0",
+        ];
+        const INVALID_KEY: &[&str] = &["API_KEY_INVALID", "invalid_api_key", "API key not valid"];
+        const OTHER: &[&str] = &[
+            "Request too large",
+            "capacity exceeded",
+            "<html",
+            "overloaded",
+        ];
+        let patterns = Patterns::new(&[
+            (Mark::Quota, QUOTA),
+            (Mark::InvalidKey, INVALID_KEY),
+            (Mark::TooLarge, &OTHER[..1]),
+            (Mark::Overloaded, &OTHER[1..2]),
+            (Mark::NotKey, &OTHER[2..]),
+        ]);
         let words: Vec<&[u8]> = QUOTA
             .iter()
             .chain(INVALID_KEY)
-            .chain(TOO_LARGE)
-            .chain(OVERLOADED)
-            .chain(NOT_KEY)
+            .chain(OTHER)
             .map(|s| s.as_bytes())
             .chain([
                 &b"Rate limit reached"[..],
@@ -573,13 +773,13 @@ mod tests {
                 }
             }
             let mut want = 0u8;
-            for (mark, pat) in &c.patterns.list {
+            for (mark, pat) in &patterns.list {
                 if parse::find_ci(&body, pat).is_some() {
                     want |= *mark as u8;
                 }
             }
             assert_eq!(
-                c.patterns.scan(&body),
+                patterns.scan(&body),
                 want,
                 "{}",
                 String::from_utf8_lossy(&body)

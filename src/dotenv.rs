@@ -192,6 +192,7 @@ pub(crate) fn merge(
         let origin = match &error {
             ConfigError::Empty { name }
             | ConfigError::InvalidValue { name }
+            | ConfigError::Quoted { name }
             | ConfigError::Duplicate { name, .. } => origins.get(name).cloned(),
             _ => None,
         };

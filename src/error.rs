@@ -30,6 +30,12 @@ pub enum ConfigError {
         /// The variable or position.
         name: String,
     },
+    /// A key is wrapped in quotes that were kept as part of its value (`docker --env-file`
+    /// and systemd `Environment=` lines keep them): the provider would reject it.
+    Quoted {
+        /// The variable or position.
+        name: String,
+    },
     /// An environment variable's value is not valid Unicode.
     NotUnicode {
         /// The variable.
@@ -65,6 +71,10 @@ impl fmt::Display for ConfigError {
             ConfigError::InvalidValue { name } => write!(
                 f,
                 "{name} holds characters that cannot be sent in an HTTP header (spaces, quotes, control or non-ASCII characters): check it was copied whole and unquoted"
+            ),
+            ConfigError::Quoted { name } => write!(
+                f,
+                "{name} is wrapped in quotes that are part of its value (docker --env-file and systemd Environment= keep them): set it without the quotes"
             ),
             ConfigError::NotUnicode { name } => {
                 write!(f, "{name} is not valid Unicode: set it to the key as issued")

@@ -14,9 +14,12 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::attempts::{self, proxy_answer, verdict_name, Attempts, NoReplay};
+use crate::attempts::{
+    self, proxy_answer, unreachable_answer, verdict_name, AfterError, Attempts, Inspection,
+    NoReplay,
+};
 use crate::body::{
-    boxed, try_clone_request, Buffered, ExhaustedBody, KeyFallbackBody, Peek, TryCloneBody,
+    boxed, try_clone_request, Buffered, ExhaustedBody, KeyFallbackBody, TryCloneBody,
 };
 use crate::classify::{HeadVerdict, Verdict};
 use crate::error::BoxError;
@@ -47,9 +50,9 @@ pin_project! {
     enum State<F> {
         // An upstream call is in flight.
         Calling { #[pin] fut: F },
-        // Reading a bounded prefix of an error body to classify it.
+        // Reading a bounded prefix of an error body to classify it, for a bounded time.
         // Boxed: the error path pays for it, and the future stays small for the happy path.
-        Inspecting { inspect: Option<Box<(http::response::Parts, Peek)>> },
+        Inspecting { inspect: Option<Box<Inspection>> },
         // Driving the service clone to readiness before replaying with the next key.
         Readying,
         // No key can serve: answer on the next poll.
@@ -93,7 +96,9 @@ where
         // Keep a copy only when another key could serve if this one fails.
         let backup = attempts.keep_copy(shared, || try_clone_request(&req));
         let svc = backup.as_ref().map(|_| inner.clone());
-        attempts.prepare(shared, req.headers_mut());
+        if let Some(key) = attempts.prepare(shared, req.headers_mut()) {
+            req.extensions_mut().insert(key);
+        }
         ResponseFuture {
             state: State::Calling {
                 fut: inner.call(req),
@@ -133,15 +138,17 @@ where
                             if !shared.transport_errors {
                                 return Poll::Ready(Err(err));
                             }
-                            attempts.record_error(shared, &err);
-                            match attempts.advance(shared, this.backup.is_some(), "transport_error")
-                            {
-                                Ok(()) => {
+                            match attempts.after_error(shared, &err, this.backup.is_some()) {
+                                AfterError::Replay => {
                                     this.state.set(State::Readying);
                                     continue;
                                 }
-                                Err(NoReplay::BodyNotReplayable) => return Poll::Ready(Err(err)),
-                                Err(NoReplay::NoKeyLeft) => {
+                                AfterError::GiveBack if shared.exhausted_response => {
+                                    let res = unreachable_answer(&*err);
+                                    return Poll::Ready(Ok(res.map(KeyFallbackBody::full)));
+                                }
+                                AfterError::GiveBack => return Poll::Ready(Err(err)),
+                                AfterError::Exhausted => {
                                     *this.last = Some(Last::Error(err));
                                     return Poll::Ready(self.exhausted());
                                 }
@@ -158,9 +165,10 @@ where
                         HeadVerdict::Done(verdict) => verdict,
                         HeadVerdict::InspectBody => {
                             let (parts, body) = res.into_parts();
-                            let peek = Peek::new(boxed(body), shared.inspect_limit);
+                            let inspect =
+                                Inspection::new(this.shared, attempts, parts, boxed(body));
                             this.state.set(State::Inspecting {
-                                inspect: Some(Box::new((parts, peek))),
+                                inspect: Some(Box::new(inspect)),
                             });
                             continue;
                         }
@@ -170,17 +178,10 @@ where
                     }
                 }
                 StateProj::Inspecting { inspect } => {
-                    let (_, peek) = &mut **inspect.as_mut().expect("inspecting");
-                    ready!(peek.poll_peek(cx));
-                    let (parts, peek) = *inspect.take().expect("inspecting");
-                    let verdict = shared.classifier.classify_body(
-                        parts.status,
-                        &parts.headers,
-                        peek.prefix(),
-                    );
+                    ready!(inspect.as_mut().expect("inspecting").poll_read(cx));
+                    let (verdict, res) = inspect.take().expect("inspecting").finish();
                     this.state.set(State::Done);
-                    let res = Response::from_parts(parts, Raw::Read(peek.into_buffered()));
-                    if let Some(done) = self.as_mut().settle(verdict, res) {
+                    if let Some(done) = self.as_mut().settle(verdict, res.map(Raw::Read)) {
                         return Poll::Ready(done);
                     }
                 }
@@ -197,7 +198,9 @@ where
                         Some(copy) => copy,
                         None => this.backup.take().expect("backup kept for replay"),
                     };
-                    attempts.prepare(shared, req.headers_mut());
+                    if let Some(key) = attempts.prepare(shared, req.headers_mut()) {
+                        req.extensions_mut().insert(key);
+                    }
                     let fut = svc.call(req);
                     this.state.set(State::Calling { fut });
                 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::error::ConfigError;
 use crate::keys::{check_secret, fingerprint};
 use crate::layer::Shared;
+use crate::pool::Generation;
 
 /// Why a key is cooling down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,10 +114,14 @@ pub enum KeyState {
 pub struct KeyStatus {
     /// The key's label (`GROQ_API_KEY_2`, `key-2`).
     pub label: String,
-    /// A short fingerprint of the key (`fp:1a2b3c4d`), never the key.
+    /// The key's fingerprint, never the key: `fp:` and the first 8 bytes of the key's
+    /// SHA-256 in hex (`fp:dac15746d9bd6510`), the same in every process and release.
     pub fingerprint: String,
     /// Where it stands.
     pub state: KeyState,
+    /// Whether the current cooldown is shorter than the provider asked for: its wait was
+    /// more than [`max_cooldown`](crate::KeyFallbackBuilder::max_cooldown) and was capped.
+    pub cooldown_capped: bool,
     /// Upstream calls made with it.
     pub requests: u64,
     /// Calls it served.
@@ -220,19 +225,29 @@ impl KeyHandle {
     /// Disables one key until it is reset or rotated.
     pub fn disable(&self, label: &str) -> Result<(), ConfigError> {
         let i = self.index(label)?;
-        self.shared.pool.disable(i, crate::DisableReason::Manual);
+        self.shared
+            .pool
+            .disable(i, Generation::Current, DisableReason::Manual);
         Ok(())
     }
 
     /// Sets one key aside for `duration`; it comes back by itself.
     pub fn cool_down(&self, label: &str, duration: Duration) -> Result<(), ConfigError> {
         let i = self.index(label)?;
-        self.shared.pool.cool(i, CooldownReason::Manual, duration);
+        let pool = &self.shared.pool;
+        pool.cool(
+            i,
+            Generation::Current,
+            CooldownReason::Manual,
+            duration,
+            false,
+        );
         Ok(())
     }
 
     /// Replaces the key behind `label` with a new one, at run time, and makes it active.
-    /// Requests already in flight finish with the old key.
+    /// Requests already in flight finish with the old key, and what they come to (the
+    /// revoked key's 401, its quota) is not held against the new one.
     pub fn rotate(&self, label: &str, new_key: &str) -> Result<(), ConfigError> {
         let i = self.index(label)?;
         let secret = check_secret(label, new_key)?;

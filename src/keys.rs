@@ -1,8 +1,19 @@
-//! The key set: keys in priority order, from code or from the environment.
+//! The key set: keys in priority order, from code or from the environment; their
+//! fingerprints; and the header values made from them.
+//!
+//! Key material is held in buffers that are zeroed when the last copy is dropped: the key
+//! set's own, and the header values put on requests (which share one buffer per key through
+//! a reference count). A key rotated out is gone from memory once the last request that
+//! carries it has finished; what the HTTP client copied into its own write buffers is the
+//! client's.
 
-use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::fmt;
-use std::hash::{Hash, Hasher};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::error::ConfigError;
 
@@ -10,7 +21,7 @@ use crate::error::ConfigError;
 #[derive(Clone)]
 pub(crate) struct Key {
     label: String,
-    secret: String,
+    secret: Zeroizing<String>,
     fingerprint: String,
 }
 
@@ -26,51 +37,131 @@ impl Key {
     }
 }
 
-/// Keeps one copy of each credential value for the life of the process and returns it.
-///
-/// Header values made from a `&'static str` are copied without a reference count, which
-/// keeps the request path free of writes to shared memory. The cost is that every distinct
-/// value ever used (a few dozen bytes per key, per credential style) stays in memory until
-/// the process ends, as the keys in its environment do anyway; making layers again with the
-/// same keys adds nothing.
-pub(crate) fn intern(value: String) -> &'static str {
-    static INTERNED: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashSet<&'static str>>,
-    > = std::sync::OnceLock::new();
-    let mut set = INTERNED
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(existing) = set.get(value.as_str()) {
-        return existing;
+/// The bytes of a header value that holds a key, zeroed when the last `Bytes` over them is
+/// dropped.
+struct SecretBuf(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for SecretBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
-    let leaked: &'static str = Box::leak(value.into_boxed_str());
-    set.insert(leaked);
-    leaked
 }
 
-/// A short, stable, non-reversible tag for a key, for logs and status output.
+/// The header value that carries `secret`: `Bearer <secret>` when `bearer`, else the key
+/// alone. It is marked sensitive, so `Debug` and HTTP/2 HPACK never expose it. Cloning it
+/// shares the one zeroing buffer (a reference count), so no copy of the key is made per
+/// request.
+pub(crate) fn header_value(bearer: bool, secret: &str) -> HeaderValue {
+    let mut text = Zeroizing::new(Vec::with_capacity(secret.len() + 7));
+    if bearer {
+        text.extend_from_slice(b"Bearer ");
+    }
+    text.extend_from_slice(secret.as_bytes());
+    // Keys were checked to be visible ASCII when they were given, which is what a header
+    // value accepts; anything else would be a bug, answered with an empty value.
+    let mut value = HeaderValue::from_maybe_shared(Bytes::from_owner(SecretBuf(text)))
+        .unwrap_or_else(|_| HeaderValue::from_static(""));
+    value.set_sensitive(true);
+    value
+}
+
+/// The key an attempt is sent with, handed to the inner service as a request extension when
+/// the layer is built with [`Credential::None`](crate::Credential::None), so that a service
+/// which signs requests itself uses the key the pool chose (and whose state the answer
+/// updates).
+///
+/// Its `Debug` shows the label and fingerprint; the key itself only through
+/// [`KeyInUse::secret`].
+///
+/// ```
+/// use tower_key_fallback::KeyInUse;
+///
+/// fn sign(req: &mut http::Request<String>) {
+///     let key = req.extensions().get::<KeyInUse>().expect("set by KeyFallback").clone();
+///     let value = http::HeaderValue::from_str(&format!("Key {}", key.secret())).unwrap();
+///     req.headers_mut().insert("x-custom-auth", value);
+/// }
+/// ```
+#[derive(Clone)]
+pub struct KeyInUse {
+    pub(crate) label: std::sync::Arc<str>,
+    pub(crate) fingerprint: std::sync::Arc<str>,
+    pub(crate) value: HeaderValue,
+}
+
+impl KeyInUse {
+    /// The key's label (`GROQ_API_KEY_2`, `key-2`).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The key's fingerprint (`fp:` and 16 hex digits of its SHA-256).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The key itself. Keep it out of logs.
+    pub fn secret(&self) -> &str {
+        self.value.to_str().unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for KeyInUse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyInUse")
+            .field("label", &self.label)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A key's SHA-256 digest.
+fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// A key's fingerprint: `fp:` and the first 8 bytes of the SHA-256 of the key, in lowercase
+/// hex. It is the same in every process, on every machine and in every release, so it can be
+/// published (status pages, logs) and matched across processes; it cannot be turned back
+/// into the key. `printf %s "$GROQ_API_KEY" | sha256sum | cut -c1-16` gives the same hex.
 pub(crate) fn fingerprint(secret: &str) -> String {
-    let mut h = DefaultHasher::new();
-    secret.hash(&mut h);
-    format!("fp:{:08x}", h.finish() as u32)
+    fingerprint_of(&digest(secret))
+}
+
+fn fingerprint_of(digest: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(19);
+    out.push_str("fp:");
+    for b in &digest[..8] {
+        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    out
 }
 
 /// Checks one key value; `name` is how errors refer to it ("GROQ_API_KEY_2", "key #2").
-pub(crate) fn check_secret(name: &str, value: &str) -> Result<String, ConfigError> {
+pub(crate) fn check_secret(name: &str, value: &str) -> Result<Zeroizing<String>, ConfigError> {
     let value = value.trim();
     if value.is_empty() {
         return Err(ConfigError::Empty {
             name: name.to_owned(),
         });
     }
+    // Quotes kept around the value (`KEY="gsk_…"` in a docker --env-file or a systemd
+    // Environment= line): no provider issues keys that start or end with one.
+    let quote = |b: u8| matches!(b, b'"' | b'\'' | b'`');
+    let bytes = value.as_bytes();
+    if quote(bytes[0]) || quote(bytes[bytes.len() - 1]) {
+        return Err(ConfigError::Quoted {
+            name: name.to_owned(),
+        });
+    }
     // Visible ASCII only: what an HTTP header value can carry without surprises.
-    if !value.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+    if !bytes.iter().all(|b| (0x21..0x7f).contains(b)) {
         return Err(ConfigError::InvalidValue {
             name: name.to_owned(),
         });
     }
-    Ok(value.to_owned())
+    Ok(Zeroizing::new(value.to_owned()))
 }
 
 /// The API keys to use, in priority order, each with a label for logs and status.
@@ -118,9 +209,10 @@ impl KeySet {
         K: AsRef<str>,
     {
         let mut set = KeySet { keys: Vec::new() };
+        let mut seen = HashMap::new();
         for (i, k) in keys.into_iter().enumerate() {
             let name = format!("key #{}", i + 1);
-            set.push(format!("key-{}", i + 1), &name, k.as_ref())?;
+            set.push(&mut seen, format!("key-{}", i + 1), &name, k.as_ref())?;
         }
         if set.keys.is_empty() {
             return Err(ConfigError::NoKeys { var: None });
@@ -167,17 +259,18 @@ impl KeySet {
         N: AsRef<str>,
         V: AsRef<str>,
     {
-        let mut found: Vec<(u64, String, String)> = vars
+        let mut found: Vec<(u64, String, V)> = vars
             .into_iter()
             .filter_map(|(n, v)| {
                 let order = numbered(prefix, n.as_ref())?;
-                Some((order, n.as_ref().to_owned(), v.as_ref().to_owned()))
+                Some((order, n.as_ref().to_owned(), v))
             })
             .collect();
         found.sort_by_key(|(order, _, _)| *order);
         let mut set = KeySet { keys: Vec::new() };
+        let mut seen = HashMap::new();
         for (_, name, value) in found {
-            set.push(name.clone(), &name, &value)?;
+            set.push(&mut seen, name.clone(), &name, value.as_ref())?;
         }
         if set.keys.is_empty() {
             return Err(ConfigError::NoKeys {
@@ -187,9 +280,18 @@ impl KeySet {
         Ok(set)
     }
 
-    fn push(&mut self, label: String, name: &str, value: &str) -> Result<(), ConfigError> {
+    /// Adds a key after checking it. `seen` maps the digests of the keys so far to their
+    /// positions, so that a duplicate is found in one lookup.
+    fn push(
+        &mut self,
+        seen: &mut HashMap<[u8; 32], usize>,
+        label: String,
+        name: &str,
+        value: &str,
+    ) -> Result<(), ConfigError> {
         let secret = check_secret(name, value)?;
-        if let Some(first) = self.keys.iter().position(|k| k.secret == secret) {
+        let digest = digest(&secret);
+        if let Some(&first) = seen.get(&digest) {
             let first = if self.keys[first].label.starts_with("key-") {
                 format!("key #{}", first + 1)
             } else {
@@ -200,11 +302,11 @@ impl KeySet {
                 first,
             });
         }
-        let fingerprint = fingerprint(&secret);
+        seen.insert(digest, self.keys.len());
         self.keys.push(Key {
             label,
             secret,
-            fingerprint,
+            fingerprint: fingerprint_of(&digest),
         });
         Ok(())
     }
@@ -282,7 +384,7 @@ mod tests {
             labels,
             ["GROQ_API_KEY", "GROQ_API_KEY_2", "GROQ_API_KEY_10"]
         );
-        let secrets: Vec<_> = set.keys.iter().map(|k| k.secret.as_str()).collect();
+        let secrets: Vec<_> = set.keys.iter().map(|k| k.secret()).collect();
         assert_eq!(secrets, ["k0", "k2", "k10"]);
     }
 
@@ -319,7 +421,7 @@ mod tests {
     #[test]
     fn new_labels_and_checks() {
         let set = KeySet::new([" a ", "b"]).unwrap();
-        assert_eq!(set.keys[0].secret, "a");
+        assert_eq!(set.keys[0].secret(), "a");
         assert_eq!(set.labels().collect::<Vec<_>>(), ["key-1", "key-2"]);
         let empty: [&str; 0] = [];
         assert!(KeySet::new(empty)
@@ -336,10 +438,67 @@ mod tests {
             .starts_with("key #1 holds characters"));
     }
 
+    /// The fingerprint is defined (SHA-256, first 8 bytes), not whatever std's hasher does
+    /// in this release: the values here are `printf %s KEY | sha256sum | cut -c1-16`.
     #[test]
-    fn fingerprints_are_stable_and_short() {
-        assert_eq!(fingerprint("x"), fingerprint("x"));
+    fn fingerprints_are_truncated_sha256() {
+        assert_eq!(fingerprint("gsk_abc"), "fp:dac15746d9bd6510");
+        assert_eq!(fingerprint(""), "fp:e3b0c44298fc1c14");
         assert_ne!(fingerprint("x"), fingerprint("y"));
-        assert_eq!(fingerprint("gsk_abc").len(), 11);
+        assert_eq!(fingerprint("gsk_abc").len(), 19);
+        let set = KeySet::new(["gsk_abc"]).unwrap();
+        assert_eq!(set.keys[0].fingerprint(), "fp:dac15746d9bd6510");
+    }
+
+    #[test]
+    fn quoted_values_are_refused_naming_the_variable() {
+        for value in [
+            "\"gsk_secret\"",
+            "'gsk_secret'",
+            "\"gsk_secret",
+            "gsk_secret'",
+            "`gsk_secret`",
+            " \"gsk_secret\" ",
+        ] {
+            let err = KeySet::from_vars("GROQ_API_KEY", [("GROQ_API_KEY_2", value)]).unwrap_err();
+            assert_eq!(
+                err,
+                ConfigError::Quoted {
+                    name: "GROQ_API_KEY_2".into()
+                },
+                "{value}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with("GROQ_API_KEY_2 is wrapped in quotes"),
+                "{msg}"
+            );
+            assert!(!msg.contains("gsk_secret"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn duplicates_among_many_keys_name_both() {
+        let mut keys: Vec<String> = (0..20_000).map(|i| format!("gsk_{i:08}")).collect();
+        keys.push("gsk_00012345".into());
+        let err = KeySet::new(&keys).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "key #20001 is the same key as key #12346: remove the duplicate"
+        );
+        keys.pop();
+        assert_eq!(KeySet::new(&keys).unwrap().len(), 20_000);
+    }
+
+    #[test]
+    fn header_values_are_sensitive_and_shared() {
+        let v = header_value(true, "gsk_abc");
+        assert_eq!(v.as_bytes(), b"Bearer gsk_abc");
+        assert!(v.is_sensitive());
+        assert!(!format!("{v:?}").contains("gsk_abc"));
+        assert_eq!(header_value(false, "gsk_abc").as_bytes(), b"gsk_abc");
+        // A clone points at the same buffer: no copy of the key per request.
+        let c = v.clone();
+        assert_eq!(c.as_bytes().as_ptr(), v.as_bytes().as_ptr());
     }
 }

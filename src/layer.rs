@@ -48,13 +48,15 @@ pub(crate) struct Shared {
     pub(crate) rate_limit_cooldown: Duration,
     pub(crate) quota_cooldown: Duration,
     pub(crate) quota_min_cooldown: Duration,
+    pub(crate) max_cooldown: Duration,
+    pub(crate) inspect_timeout: Duration,
 }
 
 impl Shared {
     /// The header value for `secret`, marked sensitive so that `Debug` and HTTP/2 HPACK
     /// never expose it.
     pub(crate) fn credential_value(&self, secret: &str) -> HeaderValue {
-        credential_value(&self.credential, secret)
+        crate::keys::header_value(self.credential == Credential::Bearer, secret)
     }
 
     pub(crate) fn credential_header(&self) -> Option<&HeaderName> {
@@ -64,25 +66,6 @@ impl Shared {
             Credential::None => None,
         }
     }
-}
-
-/// The header value for a key. It is built over an interned `&'static str`, so that putting
-/// it on a request copies two words instead of touching a shared reference count: on the
-/// request path no write is made to memory other threads read (see `keys::intern`).
-fn credential_value(credential: &Credential, secret: &str) -> HeaderValue {
-    let text = match credential {
-        Credential::Bearer => format!("Bearer {secret}"),
-        _ => secret.to_owned(),
-    };
-    // Keys were checked to be visible ASCII when the key set was made, which is what
-    // `from_static` accepts; anything else would be a bug, answered with an empty value.
-    let mut value = if text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        HeaderValue::from_static(crate::keys::intern(text))
-    } else {
-        HeaderValue::from_static("")
-    };
-    value.set_sensitive(true);
-    value
 }
 
 impl fmt::Debug for Shared {
@@ -203,6 +186,8 @@ pub struct KeyFallbackBuilder {
     rate_limit_cooldown: Duration,
     quota_cooldown: Duration,
     quota_min_cooldown: Duration,
+    max_cooldown: Duration,
+    inspect_timeout: Duration,
 }
 
 impl fmt::Debug for KeyFallbackBuilder {
@@ -234,6 +219,8 @@ impl KeyFallbackBuilder {
             rate_limit_cooldown: Duration::from_secs(60),
             quota_cooldown: Duration::from_secs(3600),
             quota_min_cooldown: Duration::from_secs(60),
+            max_cooldown: Duration::from_secs(24 * 3600),
+            inspect_timeout: Duration::from_secs(5),
         }
     }
 
@@ -263,6 +250,24 @@ impl KeyFallbackBuilder {
     /// handed back still carries every byte.
     pub fn body_inspect_limit(mut self, bytes: usize) -> Self {
         self.inspect_limit = bytes;
+        self
+    }
+
+    /// How long reading an error body for classification may take. Default: 5 s. When it
+    /// runs out (an upstream that sends a `429` head and then stalls), the key gets the
+    /// verdict the head and the bytes read so far support, and the request moves on to the
+    /// next key; a response handed back still carries every byte, read or not.
+    pub fn body_inspect_timeout(mut self, timeout: Duration) -> Self {
+        self.inspect_timeout = timeout;
+        self
+    }
+
+    /// The longest a provider can set a key aside for: every wait it gives (`Retry-After`,
+    /// reset headers, hints in the body, drained successes) is capped at this, and
+    /// [`KeyStatus::cooldown_capped`](crate::KeyStatus::cooldown_capped) says when it was.
+    /// Default: 24 h. The configured cooldowns (`quota_cooldown`, …) are not capped.
+    pub fn max_cooldown(mut self, max: Duration) -> Self {
+        self.max_cooldown = max;
         self
     }
 
@@ -331,28 +336,26 @@ impl KeyFallbackBuilder {
     /// Builds the layer.
     pub fn build(self) -> KeyFallbackLayer {
         // The caller's credentials to remove: the known ones but the layer's own header,
-        // which `insert` replaces anyway.
+        // which `insert` replaces anyway. With `Credential::None` the inner service adds the
+        // key's, so every credential the caller set goes.
         let own = match &self.credential {
             Credential::Bearer => Some(http::header::AUTHORIZATION),
             Credential::Header(name) => Some(name.clone()),
             Credential::None => None,
         };
-        let strip: Vec<HeaderName> = match &own {
-            Some(own) => CREDENTIAL_HEADERS
-                .iter()
-                .map(|h| HeaderName::from_static(h))
-                .filter(|h| h != own)
-                .collect(),
-            None => Vec::new(),
-        };
+        let strip: Vec<HeaderName> = CREDENTIAL_HEADERS
+            .iter()
+            .map(|h| HeaderName::from_static(h))
+            .filter(|h| own.as_ref() != Some(h))
+            .collect();
         let strip_lengths = strip
             .iter()
             .fold(0u64, |mask, h| mask | 1u64 << h.as_str().len().min(63));
         let n = self.keys.len();
-        let credential = self.credential.clone();
+        let bearer = self.credential == Credential::Bearer;
         let pool = Pool::new(
             self.keys.into_keys(),
-            |secret| credential_value(&credential, secret),
+            |secret| crate::keys::header_value(bearer, secret),
             self.round_robin,
             self.policy,
         );
@@ -374,6 +377,8 @@ impl KeyFallbackBuilder {
                 rate_limit_cooldown: self.rate_limit_cooldown,
                 quota_cooldown: self.quota_cooldown,
                 quota_min_cooldown: self.quota_min_cooldown,
+                max_cooldown: self.max_cooldown,
+                inspect_timeout: self.inspect_timeout,
             }),
         }
     }

@@ -55,6 +55,7 @@ mod attempts;
 mod body;
 mod classify;
 mod error;
+mod errorbody;
 mod future;
 mod handle;
 mod keys;
@@ -76,11 +77,13 @@ mod reqwest_middleware;
 mod retry;
 
 pub use body::{ExhaustedBody, KeyFallbackBody, SendOnce, TryCloneBody};
-pub use classify::{Classify, DefaultClassifier, HeadVerdict, Verdict};
+pub use classify::{
+    classify_transport_error, Classify, DefaultClassifier, ErrorVerdict, HeadVerdict, Verdict,
+};
 pub use error::{BoxError, ConfigError, Exhausted};
 pub use future::ResponseFuture;
 pub use handle::{CooldownReason, DisableReason, KeyHandle, KeyState, KeyStatus, PoolStatus};
-pub use keys::KeySet;
+pub use keys::{KeyInUse, KeySet};
 pub use layer::{Credential, KeyFallbackBuilder, KeyFallbackLayer};
 pub use service::KeyFallback;
 

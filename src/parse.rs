@@ -132,16 +132,18 @@ fn trim(s: &[u8]) -> &[u8] {
 }
 
 /// Parses a `Retry-After` value per RFC 9110: delay-seconds (fractions accepted, as the
-/// official SDKs do) or an HTTP date, measured against `now`. A date in the past is zero.
+/// official SDKs do) or an HTTP date, measured against `now`. A date that is not in the
+/// future is no hint (`None`): a second of clock skew must not make a key look free now.
 pub(crate) fn retry_after(value: &[u8], now: impl FnOnce() -> SystemTime) -> Option<Duration> {
     if let Some(d) = seconds(value) {
         return Some(d);
     }
     let text = std::str::from_utf8(value).ok()?;
     let when = httpdate::parse_http_date(text.trim()).ok()?;
-    Some(saturate(
-        when.duration_since(now()).unwrap_or(Duration::ZERO),
-    ))
+    when.duration_since(now())
+        .ok()
+        .filter(|d| !d.is_zero())
+        .map(saturate)
 }
 
 /// Parses an RFC 3339 timestamp (`2024-03-26T20:00:00Z`, `2026-09-01T00:00:00.5+02:00`), as
@@ -248,11 +250,29 @@ pub(crate) fn find_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
     })
 }
 
-/// Finds a wait hint in an error body: "try again in 5.289s", "Please retry in 58.93s",
-/// "retry after 6 seconds", or a google.rpc `"retryDelay": "15s"`.
+/// The position of the last occurrence of `needle` in `hay` (case-sensitive).
+pub(crate) fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || needle.len() > hay.len() {
+        return None;
+    }
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// ASCII case-insensitive search of the last `needle` in `hay`.
+fn rfind_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || needle.len() > hay.len() {
+        return None;
+    }
+    hay.windows(needle.len())
+        .rposition(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// Finds a wait hint in an error message or body: "try again in 5.289s", "Please retry in
+/// 58.93s", "retry after 6 seconds", or a google.rpc `"retryDelay": "15s"`. Of each phrase the
+/// last one counts: a provider's own hint ends its message, after any text it quotes.
 pub(crate) fn body_hint(body: &[u8]) -> Option<Duration> {
     for marker in [&b"try again in "[..], b"retry in "] {
-        if let Some(at) = find_ci(body, marker) {
+        if let Some(at) = rfind_ci(body, marker) {
             let rest = &body[at + marker.len()..];
             let token = token(rest, |b| b.is_ascii_alphanumeric() || b == b'.');
             let token = token.strip_suffix(b".").unwrap_or(token);
@@ -261,7 +281,7 @@ pub(crate) fn body_hint(body: &[u8]) -> Option<Duration> {
             }
         }
     }
-    if let Some(at) = find_ci(body, b"retry after ") {
+    if let Some(at) = rfind_ci(body, b"retry after ") {
         let rest = &body[at + b"retry after ".len()..];
         let number = token(rest, |b| b.is_ascii_digit() || b == b'.');
         let after = trim(&rest[number.len()..]);
@@ -347,10 +367,9 @@ mod tests {
             retry_after(b"Sun, 06 Nov 1994 08:50:07 GMT", || now),
             Some(Duration::from_secs(30))
         );
-        assert_eq!(
-            retry_after(b"Sun, 06 Nov 1994 08:00:00 GMT", || now),
-            Some(Duration::ZERO)
-        );
+        // A date in the past, or now, is no hint: the configured cooldown applies.
+        assert_eq!(retry_after(b"Sun, 06 Nov 1994 08:00:00 GMT", || now), None);
+        assert_eq!(retry_after(b"Sun, 06 Nov 1994 08:49:37 GMT", || now), None);
         assert_eq!(retry_after(b"soon", || now), None);
         assert_eq!(millis(b"1500"), Some(ms(1_500)));
         assert_eq!(millis(b"0.5"), Some(Duration::from_micros(500)));
@@ -396,6 +415,10 @@ mod tests {
         assert_eq!(body_hint(b"Please try again in 644ms."), Some(ms(644)));
         assert_eq!(body_hint(b"nothing to see"), None);
         assert_eq!(body_hint(b"try again in"), None);
+        // Quoted text first, the provider's own hint last.
+        let quoted =
+            b"Rate limit reached for model `try again in 99999h` ... Please try again in 2s.";
+        assert_eq!(body_hint(quoted), Some(ms(2_000)));
     }
 
     /// Arbitrary bytes never make a parser panic, and what parses stays within bounds.

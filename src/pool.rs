@@ -1,8 +1,10 @@
 //! The key pool: per-key state in atomics and key selection over a bitmap.
 //!
-//! Each key's state is one `AtomicU64` (tag, reason and the deadline in milliseconds since
-//! the pool's epoch), so a state change is a single compare-and-swap and a snapshot is never
-//! torn. A bitmap holds one bit per key "believed usable"; choosing a key is "the first set
+//! Each key's state is one `AtomicU64` (tag, reason, the credential's generation and the
+//! deadline in milliseconds since the pool's epoch), so a state change is a single
+//! compare-and-swap and a snapshot is never torn. An attempt records its outcome against the
+//! generation of the credential it was sent with: once a key is rotated, what its old
+//! credential earns (the revoked key's 401, its quota 429) no longer matches and is dropped. A bitmap holds one bit per key "believed usable"; choosing a key is "the first set
 //! bit at or after a position", so 1,000 keys are 16 words to look at, not 1,000 slots. The
 //! bitmap is a hint: the chosen key's state word is checked, and a stale bit is mended. The
 //! earliest cooldown deadline is kept in one more atomic; the first request that finds it
@@ -11,10 +13,11 @@
 //! No lock is taken on the request path. Time is `tokio::time::Instant`, so a paused tokio
 //! clock drives cooldowns in tests.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::time::Instant;
 
@@ -24,30 +27,49 @@ use crate::keys::Key;
 const TAG_ACTIVE: u64 = 0;
 const TAG_COOLING: u64 = 1;
 const TAG_DISABLED: u64 = 2;
-const DEADLINE_MAX: u64 = (1 << 56) - 1;
+const CAPPED: u64 = 1 << 7;
+const GEN_BITS: u32 = 12;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+const DEADLINE_SHIFT: u32 = 20;
+/// Deadlines are milliseconds since the pool's epoch in 44 bits: more than 500 years.
+const DEADLINE_MAX: u64 = (1 << (64 - DEADLINE_SHIFT)) - 1;
 const NO_DEADLINE: u64 = u64::MAX;
 
-/// One key's state, packed: bits 0-1 tag, bits 2-7 reason, bits 8-63 deadline (ms).
+/// One key's state, packed: bits 0-1 tag, 2-6 reason, 7 "the provider's wait was capped",
+/// 8-19 the credential's generation (mod 4096), 20-63 deadline (ms).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Word(u64);
 
 impl Word {
-    const ACTIVE: Word = Word(TAG_ACTIVE);
-
-    fn cooling(reason: CooldownReason, until_ms: u64) -> Word {
-        Word(TAG_COOLING | (reason.code() << 2) | (until_ms.min(DEADLINE_MAX) << 8))
+    fn active(generation: u64) -> Word {
+        Word(TAG_ACTIVE | (generation & GEN_MASK) << 8)
     }
-    fn disabled(reason: DisableReason) -> Word {
-        Word(TAG_DISABLED | (reason.code() << 2))
+    fn cooling(reason: CooldownReason, until_ms: u64, capped: bool, generation: u64) -> Word {
+        Word(
+            TAG_COOLING
+                | (reason.code() << 2)
+                | if capped { CAPPED } else { 0 }
+                | (generation & GEN_MASK) << 8
+                | (until_ms.min(DEADLINE_MAX) << DEADLINE_SHIFT),
+        )
+    }
+    fn disabled(reason: DisableReason, generation: u64) -> Word {
+        Word(TAG_DISABLED | (reason.code() << 2) | (generation & GEN_MASK) << 8)
     }
     fn tag(self) -> u64 {
         self.0 & 0b11
     }
     fn reason(self) -> u64 {
-        (self.0 >> 2) & 0b11_1111
+        (self.0 >> 2) & 0b1_1111
+    }
+    fn capped(self) -> bool {
+        self.0 & CAPPED != 0
+    }
+    fn generation(self) -> u64 {
+        (self.0 >> 8) & GEN_MASK
     }
     fn until(self) -> u64 {
-        self.0 >> 8
+        self.0 >> DEADLINE_SHIFT
     }
     /// Usable now: active, or cooling with a deadline already passed.
     fn usable(self, now_ms: u64) -> bool {
@@ -55,6 +77,23 @@ impl Word {
             TAG_ACTIVE => true,
             TAG_COOLING => self.until() <= now_ms,
             _ => false,
+        }
+    }
+}
+
+/// Which credential of a key an outcome belongs to: the one an attempt was sent with, or
+/// whichever is current (for changes made through the handle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Generation {
+    Of(u64),
+    Current,
+}
+
+impl Generation {
+    fn matches(self, word: Word) -> bool {
+        match self {
+            Generation::Of(g) => g & GEN_MASK == word.generation(),
+            Generation::Current => true,
         }
     }
 }
@@ -71,13 +110,15 @@ pub(crate) struct PoolPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Success,
-    Cool(CooldownReason, Duration),
+    /// Cool down for this long; `true` when the provider asked for longer and the wait was
+    /// capped at `max_cooldown`.
+    Cool(CooldownReason, Duration, bool),
     Disable(DisableReason),
     Error,
 }
 
-/// Keeps what it holds on cache lines of its own, so that writes to it (counters, the read
-/// lock's count) do not slow down readers of the fields around it.
+/// Keeps what it holds on cache lines of its own, so that writes to it (counters) do not
+/// slow down readers of the fields around it.
 #[repr(align(128))]
 struct Padded<T>(T);
 
@@ -90,13 +131,10 @@ impl<T> std::ops::Deref for Padded<T> {
 
 /// One key: read-mostly fields first, then what every request writes, each on its own lines.
 pub(crate) struct Slot {
-    pub(crate) label: Box<str>,
+    pub(crate) label: Arc<str>,
     state: AtomicU64,
-    /// The credential the key set gave; used until the key is rotated.
-    initial: HeaderValue,
-    /// Set once the key is rotated: from then on the credential is read from `cred`.
-    rotated: AtomicBool,
-    cred: Padded<RwLock<Cred>>,
+    /// The credential: replaced whole by a rotation, read without a lock.
+    cred: ArcSwap<Cred>,
     counters: Padded<Counters>,
 }
 
@@ -109,17 +147,24 @@ struct Counters {
     window_start_ms: AtomicU64,
 }
 
-struct Cred {
-    value: HeaderValue,
-    fingerprint: Box<str>,
+/// One credential of a key. The header value's bytes are zeroed once the last request that
+/// carries them is dropped.
+pub(crate) struct Cred {
+    pub(crate) value: HeaderValue,
+    pub(crate) fingerprint: Arc<str>,
+    generation: u64,
+}
+
+impl Cred {
+    /// The generation an attempt sent with this credential records its outcome against.
+    pub(crate) fn generation(&self) -> Generation {
+        Generation::Of(self.generation)
+    }
 }
 
 impl Slot {
-    fn cred(&self) -> std::sync::RwLockReadGuard<'_, Cred> {
-        self.cred.read().unwrap_or_else(|e| e.into_inner())
-    }
-    pub(crate) fn fingerprint(&self) -> String {
-        self.cred().fingerprint.to_string()
+    pub(crate) fn fingerprint(&self) -> Arc<str> {
+        self.cred.load().fingerprint.clone()
     }
     fn word(&self) -> Word {
         Word(self.state.load(SeqCst))
@@ -135,6 +180,8 @@ pub(crate) struct Cursor {
 
 pub(crate) struct Pool {
     slots: Box<[Slot]>,
+    /// Rotations of one pool are made one at a time, so generations never race.
+    rotating: Mutex<()>,
     usable: Box<[AtomicU64]>,
     next_deadline: AtomicU64,
     round_robin: Option<AtomicUsize>,
@@ -166,14 +213,13 @@ impl Pool {
         let slots: Box<[Slot]> = keys
             .into_iter()
             .map(|k| Slot {
-                initial: make_value(k.secret()),
-                rotated: AtomicBool::new(false),
-                cred: Padded(RwLock::new(Cred {
+                cred: ArcSwap::from_pointee(Cred {
                     value: make_value(k.secret()),
                     fingerprint: k.fingerprint().into(),
-                })),
+                    generation: 0,
+                }),
                 label: k.label().into(),
-                state: AtomicU64::new(Word::ACTIVE.0),
+                state: AtomicU64::new(Word::active(0).0),
                 counters: Padded(Counters {
                     requests: AtomicU64::new(0),
                     successes: AtomicU64::new(0),
@@ -197,6 +243,7 @@ impl Pool {
             .collect();
         Pool {
             slots,
+            rotating: Mutex::new(()),
             usable,
             next_deadline: AtomicU64::new(NO_DEADLINE),
             round_robin: round_robin.then(|| AtomicUsize::new(0)),
@@ -211,6 +258,10 @@ impl Pool {
 
     pub(crate) fn label(&self, i: usize) -> &str {
         &self.slots[i].label
+    }
+
+    pub(crate) fn label_arc(&self, i: usize) -> Arc<str> {
+        self.slots[i].label.clone()
     }
 
     pub(crate) fn position(&self, label: &str) -> Option<usize> {
@@ -281,7 +332,7 @@ impl Pool {
         let slot = &self.slots[i];
         if slot
             .state
-            .compare_exchange(seen.0, Word::ACTIVE.0, SeqCst, SeqCst)
+            .compare_exchange(seen.0, Word::active(seen.generation()).0, SeqCst, SeqCst)
             .is_ok()
         {
             slot.counters.consecutive.store(0, SeqCst);
@@ -383,20 +434,22 @@ impl Pool {
         }
     }
 
-    /// The credential header value for key `i`, and counts the attempt.
-    pub(crate) fn begin(&self, i: usize) -> HeaderValue {
+    /// The credential for an attempt with key `i`, and counts the attempt. The guard is
+    /// cheap to take (no reference count is written) and meant to be dropped at once.
+    pub(crate) fn begin(&self, i: usize) -> arc_swap::Guard<Arc<Cred>> {
         let slot = &self.slots[i];
         slot.counters.requests.fetch_add(1, SeqCst);
-        if slot.rotated.load(SeqCst) {
-            slot.cred().value.clone()
-        } else {
-            slot.initial.clone()
-        }
+        slot.cred.load()
     }
 
-    /// Records what an attempt with key `i` came to.
-    pub(crate) fn record(&self, i: usize, outcome: Outcome) {
+    /// Records what an attempt with key `i`, sent with credential `generation`, came to.
+    /// Outcomes of a credential that has since been rotated out are dropped.
+    pub(crate) fn record(&self, i: usize, generation: Generation, outcome: Outcome) {
         let slot = &self.slots[i];
+        if !generation.matches(slot.word()) {
+            tracing::debug!(key = %slot.label, "outcome of a rotated-out credential dropped");
+            return;
+        }
         match outcome {
             Outcome::Success => {
                 slot.counters.successes.fetch_add(1, SeqCst);
@@ -404,7 +457,7 @@ impl Pool {
                     slot.counters.consecutive.store(0, SeqCst);
                 }
             }
-            Outcome::Cool(reason, d) => {
+            Outcome::Cool(reason, d, capped) => {
                 if reason == CooldownReason::RateLimited || reason == CooldownReason::QuotaExhausted
                 {
                     slot.counters.rate_limited.fetch_add(1, SeqCst);
@@ -414,11 +467,11 @@ impl Pool {
                 } else {
                     slot.counters.successes.fetch_add(1, SeqCst);
                 }
-                self.cool(i, reason, d);
+                self.cool(i, generation, reason, d, capped);
             }
             Outcome::Disable(reason) => {
                 slot.counters.errors.fetch_add(1, SeqCst);
-                self.disable(i, reason);
+                self.disable(i, generation, reason);
             }
             Outcome::Error => {
                 slot.counters.errors.fetch_add(1, SeqCst);
@@ -434,29 +487,38 @@ impl Pool {
                 let count = slot.counters.consecutive.fetch_add(1, SeqCst) + 1;
                 if count >= self.policy.error_threshold {
                     slot.counters.consecutive.store(0, SeqCst);
-                    self.cool(i, CooldownReason::Errors, self.policy.error_cooldown);
+                    let d = self.policy.error_cooldown;
+                    self.cool(i, generation, CooldownReason::Errors, d, false);
                 }
             }
         }
     }
 
-    /// Cools key `i` until `d` from now. A later deadline already set is kept, and a
-    /// disabled key stays disabled.
-    pub(crate) fn cool(&self, i: usize, reason: CooldownReason, d: Duration) {
+    /// Cools key `i` until `d` from now. A later deadline already set is kept, a disabled key
+    /// stays disabled, and a credential rotated out since (`generation`) changes nothing.
+    pub(crate) fn cool(
+        &self,
+        i: usize,
+        generation: Generation,
+        reason: CooldownReason,
+        d: Duration,
+        capped: bool,
+    ) {
         let slot = &self.slots[i];
         let now = self.now_ms();
         let until = self.deadline(now, d);
-        let new = Word::cooling(reason, until);
         let mut cur = slot.word();
         loop {
-            let keep = match cur.tag() {
-                TAG_DISABLED => true,
-                TAG_COOLING => cur.until() >= until,
-                _ => false,
-            };
+            let keep = !generation.matches(cur)
+                || match cur.tag() {
+                    TAG_DISABLED => true,
+                    TAG_COOLING => cur.until() >= until,
+                    _ => false,
+                };
             if keep {
                 break;
             }
+            let new = Word::cooling(reason, until, capped, cur.generation());
             match slot.state.compare_exchange(cur.0, new.0, SeqCst, SeqCst) {
                 Ok(_) => {
                     tracing::warn!(
@@ -464,6 +526,7 @@ impl Pool {
                         fingerprint = %slot.fingerprint(),
                         reason = reason.as_str(),
                         cooldown_ms = until - now,
+                        capped,
                         "API key cooling down"
                     );
                     break;
@@ -476,11 +539,22 @@ impl Pool {
             .fetch_min(slot.word().until().max(until), SeqCst);
     }
 
-    /// Disables key `i` until it is reset or rotated.
-    pub(crate) fn disable(&self, i: usize, reason: DisableReason) {
+    /// Disables key `i` until it is reset or rotated, unless its credential `generation`
+    /// was rotated out since.
+    pub(crate) fn disable(&self, i: usize, generation: Generation, reason: DisableReason) {
         let slot = &self.slots[i];
-        let prev = Word(slot.state.swap(Word::disabled(reason).0, SeqCst));
-        if prev.tag() != TAG_DISABLED {
+        let mut cur = slot.word();
+        loop {
+            if !generation.matches(cur) {
+                return;
+            }
+            let new = Word::disabled(reason, cur.generation());
+            match slot.state.compare_exchange(cur.0, new.0, SeqCst, SeqCst) {
+                Ok(_) => break,
+                Err(actual) => cur = Word(actual),
+            }
+        }
+        if cur.tag() != TAG_DISABLED {
             tracing::warn!(
                 key = %slot.label,
                 fingerprint = %slot.fingerprint(),
@@ -494,24 +568,36 @@ impl Pool {
     /// Makes key `i` active again and clears its error count.
     pub(crate) fn reset(&self, i: usize) {
         let slot = &self.slots[i];
-        let prev = Word(slot.state.swap(Word::ACTIVE.0, SeqCst));
+        let mut cur = slot.word();
+        while let Err(actual) =
+            slot.state
+                .compare_exchange(cur.0, Word::active(cur.generation()).0, SeqCst, SeqCst)
+        {
+            cur = Word(actual);
+        }
         slot.counters.consecutive.store(0, SeqCst);
-        if prev.tag() != TAG_ACTIVE {
+        if cur.tag() != TAG_ACTIVE {
             tracing::info!(key = %slot.label, fingerprint = %slot.fingerprint(), "API key reset");
         }
         self.sync_bit(i);
     }
 
-    /// Replaces key `i`'s credential and makes it active.
+    /// Replaces key `i`'s credential and makes it active under a new generation. Requests in
+    /// flight finish with the old credential; what they come to is dropped.
     pub(crate) fn rotate(&self, i: usize, value: HeaderValue, fingerprint: &str) {
         let slot = &self.slots[i];
-        *slot.cred.write().unwrap_or_else(|e| e.into_inner()) = Cred {
+        let _one_at_a_time = self.rotating.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = (slot.cred.load().generation + 1) & GEN_MASK;
+        slot.cred.store(Arc::new(Cred {
             value,
             fingerprint: fingerprint.into(),
-        };
-        slot.rotated.store(true, SeqCst);
+            generation,
+        }));
+        // The old credential's outcomes match no more from here on.
+        slot.state.store(Word::active(generation).0, SeqCst);
+        slot.counters.consecutive.store(0, SeqCst);
         tracing::info!(key = %slot.label, fingerprint = %fingerprint, "API key rotated");
-        self.reset(i);
+        self.sync_bit(i);
     }
 
     /// Time until the earliest cooling key is usable again; `None` when no key is cooling
@@ -552,9 +638,11 @@ impl Pool {
             } else {
                 slot.counters.consecutive.load(SeqCst)
             };
+        let capped = matches!(state, KeyState::CoolingDown { .. }) && w.capped();
         KeyStatus {
             label: slot.label.to_string(),
-            fingerprint: slot.fingerprint(),
+            fingerprint: slot.fingerprint().to_string(),
+            cooldown_capped: capped,
             state,
             requests: slot.counters.requests.load(SeqCst),
             successes: slot.counters.successes.load(SeqCst),
@@ -611,8 +699,10 @@ mod tests {
         for i in 0..199 {
             p.cool(
                 i,
+                Generation::Current,
                 CooldownReason::RateLimited,
                 Duration::from_secs(10 + i as u64),
+                false,
             );
         }
         assert_eq!(all(&p), vec![199]);
@@ -627,8 +717,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cooldown_is_never_shortened() {
         let p = pool(1, false);
-        p.cool(0, CooldownReason::QuotaExhausted, Duration::from_secs(3600));
-        p.cool(0, CooldownReason::RateLimited, Duration::from_secs(2));
+        let cool = |reason, secs| {
+            p.cool(
+                0,
+                Generation::Current,
+                reason,
+                Duration::from_secs(secs),
+                false,
+            )
+        };
+        cool(CooldownReason::QuotaExhausted, 3600);
+        cool(CooldownReason::RateLimited, 2);
         match p.status(0).state {
             KeyState::CoolingDown { remaining, reason } => {
                 assert_eq!(remaining, Duration::from_secs(3600));
@@ -636,7 +735,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        p.cool(0, CooldownReason::RateLimited, Duration::from_secs(7200));
+        cool(CooldownReason::RateLimited, 7200);
         assert!(matches!(
             p.status(0).state,
             KeyState::CoolingDown { remaining, .. } if remaining == Duration::from_secs(7200)
@@ -646,12 +745,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn disabled_keys_stay_out_until_reset() {
         let p = pool(2, false);
-        p.disable(0, DisableReason::InvalidKey);
-        p.cool(0, CooldownReason::RateLimited, Duration::from_secs(1));
+        p.disable(0, Generation::Current, DisableReason::InvalidKey);
+        p.cool(
+            0,
+            Generation::Current,
+            CooldownReason::RateLimited,
+            Duration::from_secs(1),
+            false,
+        );
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(all(&p), vec![1]);
         assert_eq!(p.earliest(), Some(Duration::ZERO));
-        p.disable(1, DisableReason::InvalidKey);
+        p.disable(1, Generation::Current, DisableReason::InvalidKey);
         assert_eq!(p.earliest(), None);
         p.reset(0);
         assert_eq!(all(&p), vec![0]);
@@ -662,10 +767,52 @@ mod tests {
         let p = pool(2, false);
         // A bit set for a key that is really cooling is found, checked and cleared.
         p.slots[0].state.store(
-            Word::cooling(CooldownReason::RateLimited, 1_000_000).0,
+            Word::cooling(CooldownReason::RateLimited, 1_000_000, false, 0).0,
             SeqCst,
         );
         assert_eq!(all(&p), vec![1]);
         assert_eq!(p.usable[0].load(SeqCst) & 1, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outcomes_of_a_rotated_out_credential_are_dropped() {
+        let p = pool(1, false);
+        let old = p.begin(0).generation();
+        p.rotate(0, HeaderValue::from_static("new"), "fp:new");
+        let new = p.begin(0);
+        assert_eq!(new.value, "new");
+        let new = new.generation();
+        // The revoked old key's 401 and its quota 429 land after the rotation.
+        p.record(0, old, Outcome::Disable(DisableReason::InvalidKey));
+        let hour = Duration::from_secs(3600);
+        p.record(
+            0,
+            old,
+            Outcome::Cool(CooldownReason::QuotaExhausted, hour, false),
+        );
+        for _ in 0..5 {
+            p.record(0, old, Outcome::Error);
+        }
+        assert_eq!(p.status(0).state, KeyState::Active);
+        assert_eq!(p.status(0).consecutive_errors, 0);
+        // The new credential's own outcomes count.
+        p.record(0, new, Outcome::Disable(DisableReason::InvalidKey));
+        assert!(matches!(p.status(0).state, KeyState::Disabled { .. }));
+    }
+
+    #[test]
+    fn words_keep_their_fields_apart() {
+        let w = Word::cooling(CooldownReason::Manual, DEADLINE_MAX, true, GEN_MASK);
+        assert_eq!(w.tag(), TAG_COOLING);
+        assert_eq!(w.reason(), CooldownReason::Manual.code());
+        assert!(w.capped());
+        assert_eq!(w.generation(), GEN_MASK);
+        assert_eq!(w.until(), DEADLINE_MAX);
+        let w = Word::cooling(CooldownReason::RateLimited, u64::MAX, false, GEN_MASK + 2);
+        assert_eq!(
+            (w.until(), w.generation(), w.capped()),
+            (DEADLINE_MAX, 1, false)
+        );
+        assert_eq!(Word::disabled(DisableReason::Manual, 7).generation(), 7);
     }
 }

@@ -13,8 +13,8 @@ use ::reqwest_middleware::{Error, Middleware, Next, Result};
 use http::{Extensions, StatusCode};
 use reqwest::{Request, Response, ResponseBuilderExt, Url};
 
-use crate::attempts::{self, verdict_name, Attempts, NoReplay};
-use crate::body::{boxed, Buffered, ExhaustedBody, Peek};
+use crate::attempts::{self, verdict_name, AfterError, Attempts, Inspection, NoReplay};
+use crate::body::{boxed, Buffered, ExhaustedBody};
 use crate::classify::{HeadVerdict, Verdict};
 use crate::error::{BoxError, Exhausted};
 use crate::handle::KeyHandle;
@@ -223,22 +223,26 @@ impl Middleware for KeyFallbackMiddleware {
         let mut backup = attempts.keep_copy(shared, || req.try_clone());
         let mut req = req;
         loop {
-            attempts.prepare(shared, req.headers_mut());
+            if let Some(key) = attempts.prepare(shared, req.headers_mut()) {
+                extensions.insert(key);
+            }
             let (verdict, raw) = match next.clone().run(req, extensions).await {
-                Ok(res) => classify(shared, res).await,
+                Ok(res) => classify(&self.shared, &attempts, res).await,
                 Err(err) => {
                     if !shared.transport_errors {
                         return Err(err);
                     }
                     let err: BoxError = Box::new(err);
-                    attempts.record_error(shared, &err);
-                    match attempts.advance(shared, backup.is_some(), "transport_error") {
-                        Ok(()) => {
+                    match attempts.after_error(shared, &err, backup.is_some()) {
+                        AfterError::Replay => {
                             req = next_request(shared, &mut attempts, &mut backup);
                             continue;
                         }
-                        Err(NoReplay::BodyNotReplayable) => return Err(unbox(err)),
-                        Err(NoReplay::NoKeyLeft) => {
+                        AfterError::GiveBack if shared.exhausted_response => {
+                            return Ok(with_url(attempts::unreachable_answer(&*err), url));
+                        }
+                        AfterError::GiveBack => return Err(unbox(err)),
+                        AfterError::Exhausted => {
                             return give_up(shared, attempts.count(), Some(Last::Error(err)), url)
                         }
                     }
@@ -271,21 +275,19 @@ fn next_request(shared: &Shared, attempts: &mut Attempts, backup: &mut Option<Re
     }
 }
 
-/// Classifies a response, reading a bounded prefix of its body when the head is not enough.
-async fn classify(shared: &Shared, res: Response) -> (Verdict, Raw) {
+/// Classifies a response, reading a bounded prefix of its body (for a bounded time) when
+/// the head is not enough.
+async fn classify(shared: &Arc<Shared>, attempts: &Attempts, res: Response) -> (Verdict, Raw) {
     match shared.classifier.classify_head(res.status(), res.headers()) {
         HeadVerdict::Done(verdict) => (verdict, Raw::Untouched(res)),
         HeadVerdict::InspectBody => {
             let url = res.url().clone();
             let res: http::Response<reqwest::Body> = res.into();
             let (parts, body) = res.into_parts();
-            let mut peek = Peek::new(boxed(body), shared.inspect_limit);
-            poll_fn(|cx| peek.poll_peek(cx)).await;
-            let verdict =
-                shared
-                    .classifier
-                    .classify_body(parts.status, &parts.headers, peek.prefix());
-            let body = peek.into_buffered();
+            let mut inspection = Inspection::new(shared, attempts, parts, boxed(body));
+            poll_fn(|cx| inspection.poll_read(cx)).await;
+            let (verdict, res) = inspection.finish();
+            let (parts, body) = res.into_parts();
             (verdict, Raw::Read(Box::new(Read { parts, url, body })))
         }
     }
@@ -307,12 +309,17 @@ fn give_up(shared: &Shared, count: u32, last: Option<Last>, url: Url) -> Result<
 
 /// What a proxy answers when no key can serve: 502 or 429, as the tower service does.
 fn proxy_answer(exhausted: &Exhausted, url: Url) -> Response {
-    let mut res = attempts::proxy_answer(exhausted).map(reqwest::Body::from);
+    with_url(attempts::proxy_answer(exhausted), url)
+}
+
+/// A response the layer made, as a `reqwest::Response` for `url`.
+fn with_url(res: http::Response<bytes::Bytes>, url: Url) -> Response {
+    let mut res = res.map(reqwest::Body::from);
     res.extensions_mut().extend(url_extension(url));
     Response::from(res)
 }
 
-/// The client error boxed for [`Attempts::record_error`], given back.
+/// The client error boxed for [`Attempts::after_error`], given back.
 fn unbox(err: BoxError) -> Error {
     match err.downcast::<Error>() {
         Ok(err) => *err,

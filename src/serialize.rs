@@ -4,8 +4,8 @@
 //! three fields of the key, not a nested enum), and the crate gains no proc-macro to build.
 //!
 //! ```json
-//! {"keys":[{"label":"GROQ_API_KEY","fingerprint":"fp:1a2b3c4d","state":"cooling_down",
-//!   "reason":"rate_limited","remaining_ms":5321,"requests":12,"successes":10,"errors":2,
+//! {"keys":[{"label":"GROQ_API_KEY","fingerprint":"fp:dac15746d9bd6510","state":"cooling_down",
+//!   "reason":"rate_limited","remaining_ms":5321,"cooldown_capped":false,"requests":12,"successes":10,"errors":2,
 //!   "rate_limited":2,"consecutive_errors":0,"available":false}],"available":2}
 //! ```
 //!
@@ -64,16 +64,18 @@ impl Serialize for KeyState {
     }
 }
 
-/// The label, the fingerprint, the state's three fields, the counters and `available`.
+/// The label, the fingerprint, the state's three fields, whether the cooldown was capped,
+/// the counters and `available`.
 impl Serialize for KeyStatus {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let (state, reason, remaining_ms) = state_fields(&self.state);
-        let mut s = serializer.serialize_struct("KeyStatus", 11)?;
+        let mut s = serializer.serialize_struct("KeyStatus", 12)?;
         s.serialize_field("label", &self.label)?;
         s.serialize_field("fingerprint", &self.fingerprint)?;
         s.serialize_field("state", state)?;
         s.serialize_field("reason", &reason)?;
         s.serialize_field("remaining_ms", &remaining_ms)?;
+        s.serialize_field("cooldown_capped", &self.cooldown_capped)?;
         s.serialize_field("requests", &self.requests)?;
         s.serialize_field("successes", &self.successes)?;
         s.serialize_field("errors", &self.errors)?;
@@ -102,7 +104,8 @@ mod tests {
     fn key(label: &str, state: KeyState) -> KeyStatus {
         KeyStatus {
             label: label.to_owned(),
-            fingerprint: "fp:1a2b3c4d".to_owned(),
+            fingerprint: "fp:dac15746d9bd6510".to_owned(),
+            cooldown_capped: matches!(state, KeyState::CoolingDown { .. }),
             state,
             requests: 12,
             successes: 10,
@@ -140,9 +143,9 @@ mod tests {
             json(&status),
             concat!(
                 r#"{"keys":["#,
-                r#"{"label":"GROQ_API_KEY","fingerprint":"fp:1a2b3c4d","state":"cooling_down","reason":"rate_limited","remaining_ms":5321,"requests":12,"successes":10,"errors":2,"rate_limited":2,"consecutive_errors":0,"available":false},"#,
-                r#"{"label":"GROQ_API_KEY_2","fingerprint":"fp:1a2b3c4d","state":"active","reason":null,"remaining_ms":null,"requests":12,"successes":10,"errors":2,"rate_limited":2,"consecutive_errors":0,"available":true},"#,
-                r#"{"label":"GROQ_API_KEY_3","fingerprint":"fp:1a2b3c4d","state":"disabled","reason":"invalid_key","remaining_ms":null,"requests":12,"successes":10,"errors":2,"rate_limited":2,"consecutive_errors":0,"available":false}"#,
+                r#"{"label":"GROQ_API_KEY","fingerprint":"fp:dac15746d9bd6510","state":"cooling_down","reason":"rate_limited","remaining_ms":5321,"cooldown_capped":true,"requests":12,"successes":10,"errors":2,"rate_limited":2,"consecutive_errors":0,"available":false},"#,
+                r#"{"label":"GROQ_API_KEY_2","fingerprint":"fp:dac15746d9bd6510","state":"active","reason":null,"remaining_ms":null,"cooldown_capped":false,"requests":12,"successes":10,"errors":2,"rate_limited":2,"consecutive_errors":0,"available":true},"#,
+                r#"{"label":"GROQ_API_KEY_3","fingerprint":"fp:dac15746d9bd6510","state":"disabled","reason":"invalid_key","remaining_ms":null,"cooldown_capped":false,"requests":12,"successes":10,"errors":2,"rate_limited":2,"consecutive_errors":0,"available":false}"#,
                 r#"],"available":1}"#,
             )
         );

@@ -688,7 +688,14 @@ async fn other_credential_headers() {
     svc.ready().await.unwrap();
     let call = tokio::spawn(svc.call(request()));
     let (req, send) = next(&mut handle).await;
-    assert_eq!(req.headers()["authorization"], "Bearer caller-set");
+    // The inner service signs with the key the pool chose (tests/hardening.rs), never with
+    // what the caller set.
+    assert!(req.headers().get("authorization").is_none());
+    let key = req
+        .extensions()
+        .get::<tower_key_fallback::KeyInUse>()
+        .unwrap();
+    assert_eq!((key.label(), key.secret()), ("key-1", "gsk_key1"));
     send.send_response(response(200, &[], ""));
     call.await.unwrap().unwrap();
 }
