@@ -194,3 +194,40 @@ fn body_patterns_are_configurable() {
         Verdict::RateLimited { .. }
     ));
 }
+
+/// Hostile and broken answers (tests/fixtures/hostile-cases.json): text a client wrote that a
+/// provider quotes back, edge pages, cut bodies. None may blame a key beyond what the
+/// provider itself asserted.
+#[test]
+fn hostile_cases_blame_no_key_beyond_what_the_provider_said() {
+    let cases: Vec<Value> =
+        serde_json::from_str(include_str!("fixtures/hostile-cases.json")).unwrap();
+    let c = DefaultClassifier::new();
+    let mut wrong = Vec::new();
+    for case in &cases {
+        let mut headers = HeaderMap::new();
+        for (name, value) in case["headers"].as_object().unwrap() {
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value.as_str().unwrap()).unwrap(),
+            );
+        }
+        let status = case["status"].as_u64().unwrap() as u16;
+        let verdict = classify(
+            &c,
+            status,
+            &headers,
+            case["body"].as_str().unwrap().as_bytes(),
+        );
+        if kind(verdict) != case["expect"].as_str().unwrap() {
+            wrong.push(format!("{}: got {verdict:?}", case["name"]));
+        }
+        if let Some(ms) = case["wait_ms"].as_u64() {
+            let want = Some(std::time::Duration::from_millis(ms));
+            if verdict != (Verdict::RateLimited { retry_after: want }) {
+                wrong.push(format!("{}: got {verdict:?}, want {want:?}", case["name"]));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
