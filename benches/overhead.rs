@@ -10,7 +10,9 @@
 //!   never retrying;
 //! - `key_fallback/happy`, `key_fallback/one_429`, `key_fallback/keys_1000`: our layer;
 //! - `contention/{bare,limit,key_fallback}/{1,2}`: 64 tasks on a tokio runtime with 1 and 2
-//!   worker threads sending requests through clones of one service, as throughput.
+//!   worker threads sending requests through clones of one service, as throughput;
+//! - `keyset/{2000,20000}`: building a key set of that many keys (duplicate detection is
+//!   linear: the ratio is about 10, a pairwise check would make it about 100).
 //!
 //! The single-threaded benchmarks drive each request synchronously (the services are always
 //! ready and answer at once): every iteration is `poll_ready`, `call`, polling the future to
@@ -105,5 +107,19 @@ fn contention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, single, contention);
+/// Building a key set: duplicates are found by digest in one lookup per key, so ten times the
+/// keys cost about ten times as much (a pairwise check would cost a hundred times).
+fn key_sets(c: &mut Criterion) {
+    let mut g = c.benchmark_group("keyset");
+    g.sample_size(10);
+    for n in [2_000usize, 20_000] {
+        let keys: Vec<String> = (0..n).map(|i| format!("gsk_{i:052}")).collect();
+        g.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| black_box(tower_key_fallback::KeySet::new(&keys).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, single, contention, key_sets);
 criterion_main!(benches);

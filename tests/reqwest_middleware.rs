@@ -593,3 +593,26 @@ async fn a_redirect_to_another_origin_never_carries_the_bearer_key() {
     assert_eq!(res.headers()["location"], target.as_str());
     assert_eq!(other_up.total.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn an_unreachable_upstream_blames_no_key_and_comes_back_as_the_connect_error() {
+    // Nothing listens at this loopback address.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let layer = KeyFallbackLayer::new(keys(&["k1", "k2"]));
+    let handle = layer.handle();
+    let client = client(&layer);
+    for _ in 0..4 {
+        let err = chat(&client, addr).await.unwrap_err();
+        assert!(KeyFallbackMiddleware::exhausted(&err).is_none(), "{err}");
+        match &err {
+            reqwest_middleware::Error::Reqwest(e) => assert!(e.is_connect(), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let s = handle.status();
+    assert_eq!((s.keys[0].requests, s.keys[0].errors), (4, 0));
+    assert_eq!(s.keys[1].requests, 0);
+    assert_eq!(s.available(), 2);
+}
