@@ -256,7 +256,9 @@ impl KeyFallbackBuilder {
     /// How long reading an error body for classification may take. Default: 5 s. When it
     /// runs out (an upstream that sends a `429` head and then stalls), the key gets the
     /// verdict the head and the bytes read so far support, and the request moves on to the
-    /// next key; a response handed back still carries every byte, read or not.
+    /// next key; a response handed back still carries every byte, read or not. The bound is
+    /// a tokio timer: the runtime must have time enabled (`#[tokio::main]` and
+    /// `Builder::enable_all` do).
     pub fn body_inspect_timeout(mut self, timeout: Duration) -> Self {
         self.inspect_timeout = timeout;
         self
