@@ -25,7 +25,7 @@ use tower_key_fallback::{
 use tower_test::mock;
 
 mod support;
-use support::{bearer, keys, request, response, Req, INVALID_401, QUOTA_429};
+use support::{bearer, cooling, keys, request, response, state, Req, INVALID_401, QUOTA_429};
 
 type Streamed = BoxBody<Bytes, BoxError>;
 type SRes = Response<Streamed>;
@@ -70,17 +70,6 @@ async fn next<B>(
         .await
         .expect("an upstream call in time")
         .expect("the mock is alive")
-}
-
-fn state(h: &KeyHandle, label: &str) -> KeyState {
-    h.status().get(label).unwrap().state.clone()
-}
-
-fn cooling(h: &KeyHandle, label: &str) -> (Duration, CooldownReason) {
-    match state(h, label) {
-        KeyState::CoolingDown { remaining, reason } => (remaining, reason),
-        other => panic!("{label} is {other:?}, not cooling"),
-    }
 }
 
 // ---- 1. A stalled error body ----------------------------------------------------------
@@ -156,9 +145,10 @@ async fn a_stalled_body_handed_back_keeps_the_bytes_read() {
     assert_eq!(&first[..], b"<html>blocked");
 }
 
-/// A server that answers the first key with a 429 head and a few bytes, then holds the
-/// connection; every other key with a 200.
-async fn stalling_server() -> SocketAddr {
+/// A raw HTTP/1.1 server on loopback: for each request, `answer` gets the request head and
+/// gives the bytes to write (or nothing); the connection is then held for `hold` (a stall)
+/// or closed.
+async fn raw_server(answer: fn(&str) -> &'static [u8], hold: Duration) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -168,22 +158,29 @@ async fn stalling_server() -> SocketAddr {
             };
             tokio::spawn(async move {
                 let head = read_head(&mut sock).await;
-                if head.contains("gsk_stall") {
-                    let _ = sock
-                        .write_all(
-                            b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-type: application/json\r\ncontent-length: 300\r\n\r\n{\"error\":{",
-                        )
-                        .await;
-                    tokio::time::sleep(WAIT * 2).await;
-                } else {
-                    let _ = sock
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                        .await;
-                }
+                let _ = sock.write_all(answer(&head)).await;
+                tokio::time::sleep(hold).await;
             });
         }
     });
     addr
+}
+
+const OK_200: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+
+/// The first key gets a 429 head and a few bytes, then nothing; every other key a 200.
+async fn stalling_server() -> SocketAddr {
+    raw_server(
+        |head| {
+            if head.contains("gsk_stall") {
+                b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-type: application/json\r\ncontent-length: 300\r\n\r\n{\"error\":{"
+            } else {
+                OK_200
+            }
+        },
+        WAIT * 2,
+    )
+    .await
 }
 
 async fn read_head(sock: &mut tokio::net::TcpStream) -> String {
@@ -491,28 +488,20 @@ async fn an_unreachable_upstream_blames_no_key_and_is_not_replayed() {
     assert!(!message.contains("gsk_"), "{message}");
 }
 
-/// A server that closes the connection without an answer for the first key, and answers
-/// 200 for every other.
+/// A server that closes the connection without an answer for keys named `gsk_drop…`, and
+/// answers 200 for every other.
 async fn closing_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        for _ in 0..16 {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let head = read_head(&mut sock).await;
-                if !head.contains("gsk_drop") {
-                    let _ = sock
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
-                        .await;
-                }
-                // Dropping the socket closes it.
-            });
-        }
-    });
-    addr
+    raw_server(
+        |head| {
+            if head.contains("gsk_drop") {
+                b""
+            } else {
+                OK_200
+            }
+        },
+        Duration::ZERO,
+    )
+    .await
 }
 
 #[tokio::test]

@@ -9,24 +9,12 @@ use http_body_util::{BodyExt, Full};
 use tokio::time::advance;
 use tower::{Layer, Service, ServiceExt};
 use tower_key_fallback::{
-    CooldownReason, Credential, DisableReason, Exhausted, KeyFallbackLayer, KeyHandle, KeySet,
-    KeyState,
+    CooldownReason, Credential, DisableReason, Exhausted, KeyFallbackLayer, KeySet, KeyState,
 };
 use tower_test::mock;
 
 mod support;
 use support::*;
-
-fn state(h: &KeyHandle, label: &str) -> KeyState {
-    h.status().get(label).unwrap().state.clone()
-}
-
-fn cooling(h: &KeyHandle, label: &str) -> (Duration, CooldownReason) {
-    match state(h, label) {
-        KeyState::CoolingDown { remaining, reason } => (remaining, reason),
-        other => panic!("{label} is {other:?}, not cooling"),
-    }
-}
 
 #[tokio::test(start_paused = true)]
 async fn first_key_serves_and_caller_credentials_are_replaced() {

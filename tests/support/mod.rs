@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
-use tower_key_fallback::{KeyFallback, KeyFallbackLayer, KeyHandle, KeySet};
+use tower_key_fallback::{
+    CooldownReason, KeyFallback, KeyFallbackLayer, KeyHandle, KeySet, KeyState,
+};
 use tower_test::mock;
 
 pub type Req = Request<Full<Bytes>>;
@@ -85,4 +87,15 @@ pub async fn exchange(
         send.send_response(res);
     }
     call.await.unwrap()
+}
+
+pub fn state(h: &KeyHandle, label: &str) -> KeyState {
+    h.status().get(label).unwrap().state.clone()
+}
+
+pub fn cooling(h: &KeyHandle, label: &str) -> (Duration, CooldownReason) {
+    match state(h, label) {
+        KeyState::CoolingDown { remaining, reason } => (remaining, reason),
+        other => panic!("{label} is {other:?}, not cooling"),
+    }
 }
