@@ -2,8 +2,12 @@
 //! talks to the gateway, which forwards through the layer to the fake Groq API.
 //!
 //! The example's own code is compiled into this test with `#[path]`, so `gateway::app` is
-//! tested in process, servers and client on 127.0.0.1 with ports the system picks; one more
-//! test runs the built example binary as the README says to, against a fake provider.
+//! tested in process, servers and client on 127.0.0.1 with ports the system picks; two more
+//! tests run the built example binary as the README says to, against a fake provider.
+//!
+//! The protections (allowed hosts, cross-site refusal, the admin token, path safety, head and
+//! body timeouts) are tested with requests written by hand on a raw TCP socket where a
+//! client library would tidy them up: what an attacker can send.
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -12,6 +16,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -47,9 +52,22 @@ struct Setup {
     client: Client<HttpConnector, ClientBody>,
 }
 
+/// The gateway's settings in these tests: the defaults with the test's body cap.
+fn settings() -> gateway::Settings {
+    gateway::Settings {
+        max_body: CAP,
+        ..gateway::Settings::default()
+    }
+}
+
 /// The fake provider with `keys` (variable, key, behaviour) on 127.0.0.1:0, the gateway in
 /// front of it on 127.0.0.1:0 with keys from those variables.
 async fn start(keys: &[(&str, &str, Behavior)]) -> Setup {
+    start_with(keys, &settings()).await
+}
+
+/// [`start`] with other settings.
+async fn start_with(keys: &[(&str, &str, Behavior)], settings: &gateway::Settings) -> Setup {
     let mut builder = FakeProvider::builder().stream_interval(Duration::from_millis(60));
     for (_, key, behavior) in keys {
         builder = builder.key(*key, behavior.clone());
@@ -59,7 +77,7 @@ async fn start(keys: &[(&str, &str, Behavior)]) -> Setup {
     let vars = keys.iter().map(|(var, key, _)| (*var, *key));
     let layer = KeyFallbackLayer::new(KeySet::from_vars("GROQ_API_KEY", vars).unwrap());
     let base = gateway::parse_upstream(&upstream.url("")).unwrap();
-    let gateway = serve(gateway::app(base, layer, CAP)).await;
+    let gateway = serve_with(gateway::app(base, layer, settings), settings).await;
     Setup {
         provider,
         _upstream: upstream,
@@ -68,12 +86,20 @@ async fn start(keys: &[(&str, &str, Behavior)]) -> Setup {
     }
 }
 
-/// Serves the router on 127.0.0.1:0 for the rest of the test.
-async fn serve(app: axum::Router) -> SocketAddr {
+/// Serves the router with `gateway::serve` on 127.0.0.1:0 for the rest of the test.
+async fn serve_with(app: axum::Router, settings: &gateway::Settings) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let settings = settings.clone();
+    tokio::spawn(
+        async move { gateway::serve(listener, app, &settings, std::future::pending()).await },
+    );
     addr
+}
+
+/// [`serve_with`] the test settings.
+async fn serve(app: axum::Router) -> SocketAddr {
+    serve_with(app, &settings()).await
 }
 
 fn full(body: impl Into<Bytes>) -> ClientBody {
@@ -375,7 +401,7 @@ async fn an_unreachable_upstream_is_a_502() {
     let layer = KeyFallbackLayer::new(keys);
     let handle = layer.handle();
     let base = gateway::parse_upstream(&format!("http://{closed}")).unwrap();
-    let addr = serve(gateway::app(base, layer, CAP)).await;
+    let addr = serve(gateway::app(base, layer, &settings())).await;
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let req = Request::post(format!("http://{addr}{CHAT}"))
@@ -399,25 +425,36 @@ async fn an_unreachable_upstream_is_a_502() {
     }
 }
 
-/// An upstream that answers with what it received: the request line, then each header.
-async fn echo_upstream() -> SocketAddr {
+/// The request lines an upstream received, in order.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// An upstream that answers with what it received: the request line, then each header; it
+/// keeps each request line in the log it returns.
+async fn echo_upstream() -> (SocketAddr, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let log = seen.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let mut text = format!("{} {}\n", req.method(), req.uri());
-                    for (name, value) in req.headers() {
-                        text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let line = format!("{} {}", req.method(), req.uri());
+                    log.lock().unwrap().push(line.clone());
+                    async move {
+                        let mut text = format!("{line}\n");
+                        for (name, value) in req.headers() {
+                            text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+                        }
+                        let res = Response::builder()
+                            .header("content-type", "text/plain")
+                            .header("keep-alive", "timeout=5")
+                            .header("x-upstream", "yes")
+                            .body(Full::new(Bytes::from(text)))
+                            .unwrap();
+                        Ok::<_, Infallible>(res)
                     }
-                    let res = Response::builder()
-                        .header("content-type", "text/plain")
-                        .header("keep-alive", "timeout=5")
-                        .header("x-upstream", "yes")
-                        .body(Full::new(Bytes::from(text)))
-                        .unwrap();
-                    Ok::<_, Infallible>(res)
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -426,15 +463,15 @@ async fn echo_upstream() -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_goes_upstream_and_what_comes_back() {
-    let upstream = echo_upstream().await;
+    let (upstream, _) = echo_upstream().await;
     let layer = KeyFallbackLayer::new(KeySet::new(["gsk_echo_key"]).unwrap());
     let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
-    let addr = serve(gateway::app(base, layer, CAP)).await;
+    let addr = serve(gateway::app(base, layer, &settings())).await;
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let req = Request::post(format!("http://{addr}/openai/v1/embeddings?x=1&y=two"))
