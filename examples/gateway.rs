@@ -1205,8 +1205,8 @@ impl Config {
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
-    /// Run the gateway.
-    Run(Config),
+    /// Run the gateway (boxed: a configuration is much larger than `Help`).
+    Run(Box<Config>),
     /// Print the usage.
     Help,
 }
@@ -1379,7 +1379,7 @@ impl Command {
                     .to_owned())
             }
         };
-        Ok(Command::Run(Config {
+        Ok(Command::Run(Box::new(Config {
             listen,
             upstream,
             keys_env: keys_env.unwrap_or_else(|| DEFAULT_KEYS_ENV.to_owned()),
@@ -1391,14 +1391,14 @@ impl Command {
             admin,
             header_timeout,
             body_timeout,
-        }))
+        })))
     }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match Command::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
-        Ok(Command::Run(config)) => config,
+        Ok(Command::Run(config)) => *config,
         // Written without `println!`, which panics when the reader has gone (`| head`).
         Ok(Command::Help) => {
             let _ = writeln!(std::io::stdout(), "{USAGE}");
