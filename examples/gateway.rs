@@ -357,8 +357,8 @@ impl AdminToken {
         }
         if !value.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(
-                "the admin token must be visible ASCII with no spaces (it is sent in \
-                        an Authorization header)"
+                "the admin token must be visible ASCII with no spaces: it is sent \
+                        in an Authorization header"
                     .to_owned(),
             );
         }
@@ -509,7 +509,7 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("answers still under way after {SHUTDOWN_GRACE:?}: dropped");
+        tracing::warn!("answers still under way after {SHUTDOWN_GRACE:?}; not waiting longer");
     }
     Ok(())
 }

@@ -1377,6 +1377,17 @@ async fn a_request_head_that_does_not_arrive_is_cut_off() {
     )
     .await;
     assert_eq!(res.status, 200, "{res:?}");
+
+    // The bound is on the head only: a streamed answer that takes longer than it (9 events
+    // 60 ms apart) comes through whole.
+    let ok = "gsk_gateway_head_stream";
+    let setup = start_with(&[("GROQ_API_KEY", ok, Behavior::Ok)], &settings).await;
+    let started = Instant::now();
+    let (status, _, body) = setup.call("POST", CHAT, full(chat_body(true))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(started.elapsed() > SHORT, "{:?}", started.elapsed());
+    assert_eq!(setup.provider.stats().key(ok).streamed, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1683,4 +1694,31 @@ async fn the_binary_guards_itself_as_configured() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(provider.stats().total().requests, 1);
     assert!(!running.stderr.lock().unwrap().contains(TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stops_when_told() {
+    let layer = KeyFallbackLayer::new(KeySet::new(["gsk_gateway_stop_key"]).unwrap());
+    let (upstream, _) = echo_upstream().await;
+    let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
+    let app = gateway::app(base, layer, &settings());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        gateway::serve(listener, app, &settings(), shutdown).await
+    });
+    let (status, _, body) = request(addr, "GET", "/keys", &[]).await;
+    assert_eq!(status, 200, "{body}");
+
+    stop.send(()).unwrap();
+    timeout(WAIT, server)
+        .await
+        .expect("serve returns once told to stop")
+        .unwrap()
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
 }
