@@ -608,22 +608,15 @@ impl Guard {
              and loopback addresses; start it with --allowed-host NAME (or \
              GATEWAY_ALLOWED_HOSTS) to serve another name.",
         );
+        const MISSING: &str = "The request has no Host header; the gateway needs one to know \
+                               it is meant for it.";
+        const SEVERAL: &str = "The request has more than one Host header.";
         let mut hosts = req.headers().get_all(header::HOST).iter();
-        let host =
-            match (hosts.next(), hosts.next()) {
-                (None, _) => return Err(bad(
-                    "missing_host",
-                    "The request has no Host header; the gateway needs one to know it is meant \
-                     for it.",
-                )),
-                (Some(_), Some(_)) => {
-                    return Err(bad(
-                        "invalid_host",
-                        "The request has more than one Host header.",
-                    ))
-                }
-                (Some(host), None) => host,
-            };
+        let host = match (hosts.next(), hosts.next()) {
+            (Some(host), None) => host,
+            (None, _) => return Err(bad("missing_host", MISSING)),
+            (Some(_), Some(_)) => return Err(bad("invalid_host", SEVERAL)),
+        };
         let malformed = || bad("invalid_host", "The Host header is not a host[:port].");
         let host = host.to_str().map_err(|_| malformed())?;
         let (name, port) = parse_host(host).ok_or_else(malformed)?;
