@@ -19,28 +19,72 @@
 //! Options (or the environment variable in brackets):
 //!
 //! ```text
-//! --upstream URL     where to forward (UPSTREAM_URL), e.g. http://127.0.0.1:9000
-//! --listen ADDR      where to listen (GATEWAY_LISTEN, default 127.0.0.1:8080)
-//! --keys-env PREFIX  the keys' variables: PREFIX, PREFIX_2, … (default GROQ_API_KEY)
-//! --max-body BYTES   the largest request body accepted (default 8 MiB)
-//! --fake             forward to the crate's fake Groq API on loopback, with its own keys:
-//!                    no key and no network needed
+//! --upstream URL           where to forward (UPSTREAM_URL), e.g. http://127.0.0.1:9000
+//! --listen ADDR            where to listen (GATEWAY_LISTEN, default 127.0.0.1:8080)
+//! --keys-env PREFIX        the keys' variables: PREFIX, PREFIX_2, … (default GROQ_API_KEY)
+//! --max-body BYTES         the largest request body accepted (default 8 MiB)
+//! --allowed-host NAME      also serve this Host, `name` or `name:port`; repeatable, replaces
+//!                          GATEWAY_ALLOWED_HOSTS (comma-separated). localhost, loopback
+//!                          addresses and the listen address are always served
+//! --allow-same-site        serve browser requests marked Sec-Fetch-Site: same-site
+//!                          (GATEWAY_ALLOW_SAME_SITE=1)
+//! --admin-token-env NAME   the variable holding the /keys admin token
+//!                          (default GATEWAY_ADMIN_TOKEN)
+//! --header-timeout TIME    how long a request head may take to arrive (GATEWAY_HEADER_TIMEOUT,
+//!                          default 10s); also how long an idle connection is kept
+//! --body-timeout TIME      how long a request body may take to arrive, whole
+//!                          (GATEWAY_BODY_TIMEOUT, default 30s)
+//! --fake                   forward to the crate's fake Groq API on loopback, with its own
+//!                          keys: no key and no network needed
 //! ```
+//!
+//! A `TIME` is a whole number with `ms`, `s` or `m` after it (`250ms`, `10s`, `2m`); a bare
+//! number is seconds.
+//!
+//! # Safe to expose
+//!
+//! Anyone who reaches `/openai/v1/*` spends the keys, so the gateway listens on 127.0.0.1 by
+//! default and refuses, before anything is read past the request head or forwarded:
+//!
+//! - a `Host` it does not serve (`421`, code `host_not_allowed`; `400` for a missing or
+//!   malformed one): a DNS-rebinding page (`evil.example` resolving to 127.0.0.1) cannot
+//!   read `GET /keys` or call the upstream;
+//! - cross-site browser requests (`403`, code `cross_site_request`): `Sec-Fetch-Site:
+//!   cross-site` (and `same-site` unless `--allow-same-site`), or an `Origin` whose host is
+//!   not served, whatever the method and content type, so a form or `text/plain` `POST`
+//!   from another site is refused too. Requests with neither header (curl, the SDKs) pass;
+//! - the `/keys` endpoints without the admin token (`401` with `WWW-Authenticate: Bearer`)
+//!   when `GATEWAY_ADMIN_TOKEN` is set, or from a client whose TCP peer address is not
+//!   loopback (`403`) when it is not; headers such as `X-Forwarded-For` are not looked at;
+//! - a path with a dot segment (`.`, `..`), raw or percent-encoded (`%2e%2e`, `.%2e`,
+//!   `%252e`), an encoded slash (`%2f`), a backslash (`\`, `%5c`) or an encoded control
+//!   character (`400`, code `invalid_path`): nothing like `/openai/v1/../../admin` reaches the
+//!   upstream, whatever it would make of it;
+//! - a request head that does not arrive within `--header-timeout` (the connection is
+//!   closed), and a body that does not arrive within `--body-timeout` (`408`, code
+//!   `request_timeout`, and the connection is closed).
+//!
+//! Behind a reverse proxy on the same machine every client's peer address is loopback: set
+//! `GATEWAY_ADMIN_TOKEN` there, and pass the name the proxy forwards in `Host` with
+//! `--allowed-host`. Nothing authenticates `/openai/v1/*` itself: keep the gateway where only
+//! its clients reach it.
 //!
 //! The example speaks plain HTTP to the upstream: it uses hyper-util's `HttpConnector` so it
 //! builds with no TLS stack. To reach `https://api.groq.com` build the client in
 //! [`http_client`] with an HTTPS connector (hyper-rustls or hyper-tls), or put a local
 //! TLS-originating proxy in between. An `https://` upstream is refused at startup.
-//!
-//! It listens on 127.0.0.1 by default: anyone who can reach the gateway can spend the keys.
 
+use std::fmt;
+use std::future::Future;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
@@ -51,7 +95,9 @@ use http::{StatusCode, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower_key_fallback::{
     BoxError, Exhausted, KeyFallback, KeyFallbackLayer, KeyHandle, KeySet, PoolStatus,
@@ -64,11 +110,20 @@ pub const DEFAULT_KEYS_ENV: &str = "GROQ_API_KEY";
 /// The largest request body accepted unless told otherwise: chat requests with images or
 /// long contexts fit.
 pub const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
+/// How long a request head may take to arrive unless told otherwise.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request body may take to arrive, whole, unless told otherwise: 8 MiB at about
+/// 300 KB/s.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The variable holding the admin token for the `/keys` endpoints unless told otherwise.
+pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "GATEWAY_ADMIN_TOKEN";
 /// How long connecting to the upstream may take before the attempt counts as a transport
 /// error (and the request moves on to the next key). There is no limit on the answer
 /// itself: a long completion must not be cut and replayed on another key; the client's
 /// own timeout bounds it, and dropping the client's request drops the upstream one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`serve`] waits, once told to stop, for answers under way (streams included).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The client the gateway forwards with: hyper-util's, plain HTTP/1.1.
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -81,6 +136,260 @@ pub fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
+/// The gateway's limits and protections: everything [`app`] and [`serve`] need besides the
+/// upstream and the keys. [`Settings::default`] is the command line's defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The largest request body accepted (413 past it).
+    pub max_body: usize,
+    /// How long a client may take to send a request head, counted from when the gateway
+    /// starts waiting for one; an idle keep-alive connection is waiting for its next head,
+    /// so it is closed after this too. Applied by [`serve`].
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request body, whole (408 past it).
+    pub body_timeout: Duration,
+    /// The `Host` values served (421 for others), and the only hosts accepted in `Origin`.
+    pub allowed_hosts: AllowedHosts,
+    /// Serve browser requests marked `Sec-Fetch-Site: same-site` (refused unless set).
+    pub allow_same_site: bool,
+    /// Who may use the `/keys` endpoints.
+    pub admin: Admin,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_body: DEFAULT_MAX_BODY,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            allowed_hosts: AllowedHosts::loopback(),
+            allow_same_site: false,
+            admin: Admin::LoopbackOnly,
+        }
+    }
+}
+
+/// The hosts the gateway answers for, in `Host` and in `Origin`: `localhost` and every
+/// loopback IP address (`127.0.0.1`, `[::1]`, …) with any port, always, and those added with
+/// [`allow`](AllowedHosts::allow) or [`allow_listen_addr`](AllowedHosts::allow_listen_addr).
+/// Names are compared without regard to case; nothing else (`0.0.0.0`, `localhost.`,
+/// `foo.localhost`) is served unless added.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedHosts {
+    extra: Vec<HostPattern>,
+}
+
+/// One added host, with the port it must come with (`None`: any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HostPattern {
+    host: HostName,
+    port: Option<u16>,
+}
+
+/// A host as written in `Host` or `Origin`: a name (lowercase) or an IP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostName {
+    Name(String),
+    Ip(IpAddr),
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostName::Name(name) => f.write_str(name),
+            HostName::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            HostName::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+impl AllowedHosts {
+    /// `localhost` and the loopback addresses only.
+    pub fn loopback() -> Self {
+        AllowedHosts::default()
+    }
+
+    /// Also serves `entry`: a name (`gateway.example.com`), an IPv4 address, or an IPv6
+    /// address (in brackets or bare), optionally with `:port`. Without a port any port is
+    /// served; with one, only that port (a `Host` without a port is port 80).
+    pub fn allow(&mut self, entry: &str) -> Result<(), String> {
+        let entry = entry.trim();
+        if entry.contains("://") || entry.contains('/') {
+            return Err(format!(
+                "allowed host {entry:?} is a URL: give the host alone, e.g. gateway.example.com \
+                 or gateway.example.com:8443"
+            ));
+        }
+        let (host, port) = match entry.parse::<Ipv6Addr>() {
+            Ok(ip) => (HostName::Ip(IpAddr::V6(ip)), None),
+            Err(_) => parse_host(entry).ok_or_else(|| {
+                format!(
+                    "allowed host {entry:?} is not a host name, an IP address or either with \
+                     :port"
+                )
+            })?,
+        };
+        let pattern = HostPattern {
+            host: canonical(host),
+            port,
+        };
+        if !self.extra.contains(&pattern) {
+            self.extra.push(pattern);
+        }
+        Ok(())
+    }
+
+    /// Also serves the IP address the gateway listens on, with any port. Nothing is added
+    /// for a loopback address (always served) or the unspecified one (`0.0.0.0`, `[::]`),
+    /// which names no host: clients then come with names given to [`allow`](Self::allow).
+    pub fn allow_listen_addr(&mut self, addr: SocketAddr) {
+        let ip = addr.ip().to_canonical();
+        if ip.is_unspecified() || ip.is_loopback() {
+            return;
+        }
+        let pattern = HostPattern {
+            host: canonical(HostName::Ip(addr.ip())),
+            port: None,
+        };
+        if !self.extra.contains(&pattern) {
+            self.extra.push(pattern);
+        }
+    }
+
+    /// Whether a `Host` header value (`name` or `name:port`) is served. A malformed value
+    /// is not.
+    pub fn allows(&self, host: &str) -> bool {
+        parse_host(host).is_some_and(|(host, port)| self.allows_parsed(&host, port, 80))
+    }
+
+    fn allows_parsed(&self, host: &HostName, port: Option<u16>, default_port: u16) -> bool {
+        let host = canonical(host.clone());
+        match &host {
+            HostName::Name(name) if name == "localhost" => return true,
+            HostName::Ip(ip) if ip.is_loopback() => return true,
+            _ => {}
+        }
+        let port = port.unwrap_or(default_port);
+        self.extra
+            .iter()
+            .any(|p| p.host == host && p.port.is_none_or(|p| p == port))
+    }
+
+    /// What is served, for the startup line: `localhost, loopback addresses, …`.
+    pub fn describe(&self) -> String {
+        let mut out = String::from("localhost, loopback addresses");
+        for p in &self.extra {
+            out.push_str(", ");
+            out.push_str(&p.host.to_string());
+            if let Some(port) = p.port {
+                out.push_str(&format!(":{port}"));
+            }
+        }
+        out
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, so `[::ffff:127.0.0.1]` is `127.0.0.1`.
+fn canonical(host: HostName) -> HostName {
+    match host {
+        HostName::Ip(ip) => HostName::Ip(ip.to_canonical()),
+        name => name,
+    }
+}
+
+/// `name`, `name:port`, `1.2.3.4[:port]` or `[v6][:port]`, as in a `Host` header; `None` when
+/// it is none of these (a user part, a path, characters no host name has).
+fn parse_host(s: &str) -> Option<(HostName, Option<u16>)> {
+    let port = |p: &str| -> Option<u16> {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        p.parse().ok()
+    };
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']')?;
+        let ip: Ipv6Addr = ip.parse().ok()?;
+        let port = match after {
+            "" => None,
+            p => Some(port(p.strip_prefix(':')?)?),
+        };
+        return Some((HostName::Ip(IpAddr::V6(ip)), port));
+    }
+    let (host, port) = match s.split_once(':') {
+        Some((host, p)) => (host, Some(port(p)?)),
+        None => (s, None),
+    };
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Some((HostName::Ip(IpAddr::V4(ip)), port));
+    }
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with(['.', '-'])
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    name_ok.then(|| (HostName::Name(host.to_ascii_lowercase()), port))
+}
+
+/// Who may use `GET /keys`, `POST /keys/reset` and `POST /keys/{label}/reset`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Admin {
+    /// No token is set: only clients whose TCP peer address is loopback (as [`serve`] records
+    /// it; without a recorded address, nobody).
+    #[default]
+    LoopbackOnly,
+    /// Every client, loopback ones too, must send `Authorization: Bearer <token>`.
+    Token(AdminToken),
+}
+
+/// The admin token. It is never shown (`Debug` prints `AdminToken(..)`) and is compared in
+/// time that does not depend on where a guess goes wrong.
+#[derive(Clone)]
+pub struct AdminToken(Box<[u8]>);
+
+impl AdminToken {
+    /// The token in `value`, surrounding whitespace trimmed. It must be non-empty and visible
+    /// ASCII (it comes back in a header). The error never holds the value.
+    pub fn new(value: &str) -> Result<AdminToken, String> {
+        let value = value.trim();
+        if value.is_empty() {
+            return Err("the admin token is empty: set a token or unset the variable".to_owned());
+        }
+        if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "the admin token must be visible ASCII with no spaces: it is sent \
+                        in an Authorization header"
+                    .to_owned(),
+            );
+        }
+        Ok(AdminToken(value.as_bytes().into()))
+    }
+
+    /// Whether `candidate` is the token. Every byte of the token is looked at whatever the
+    /// candidate, so the time taken tells nothing of how much of a guess was right.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        let mut diff = self.0.len() ^ candidate.len();
+        for (i, byte) in self.0.iter().enumerate() {
+            diff |= usize::from(byte ^ candidate.get(i).copied().unwrap_or(0));
+        }
+        std::hint::black_box(diff) == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl PartialEq for AdminToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(&other.0)
+    }
+}
+
+impl Eq for AdminToken {}
+
 /// What every request handler shares.
 #[derive(Clone)]
 struct Gateway {
@@ -88,19 +397,26 @@ struct Gateway {
     handle: KeyHandle,
     upstream: Uri,
     body_cap: usize,
+    body_timeout: Duration,
 }
 
 /// The gateway's routes, forwarding to `upstream` (`http://host:port`, optionally with a path
-/// prefix) through `layer`, with request bodies of at most `body_cap` bytes.
+/// prefix) through `layer`, behind the checks of `settings` (see the module docs: hosts,
+/// cross-site requests, the admin token, paths, body size and time).
 ///
 /// Build the layer without `exhausted_response`: the gateway answers
 /// [`Exhausted`] itself, as a 429 with `Retry-After`, or as a 502 when the upstream could not
 /// be reached at all.
 ///
+/// Serve it with [`serve`], which also bounds the time a request head may take and records
+/// each client's address for the loopback check of [`Admin::LoopbackOnly`]. Served another
+/// way, record it with `into_make_service_with_connect_info::<SocketAddr>()`, or the `/keys`
+/// endpoints answer nobody without a token.
+///
 /// # Panics
 ///
 /// If `upstream` is not an `http://` URL with a host ([`parse_upstream`] checks one).
-pub fn app(upstream: Uri, layer: KeyFallbackLayer, body_cap: usize) -> Router {
+pub fn app(upstream: Uri, layer: KeyFallbackLayer, settings: &Settings) -> Router {
     assert!(
         upstream.scheme() == Some(&Scheme::HTTP) && upstream.authority().is_some(),
         "the upstream must be an http:// URL with a host, not {upstream}"
@@ -110,15 +426,422 @@ pub fn app(upstream: Uri, layer: KeyFallbackLayer, body_cap: usize) -> Router {
         service: tower::Layer::layer(&layer, http_client()),
         handle,
         upstream,
-        body_cap,
+        body_cap: settings.max_body,
+        body_timeout: settings.body_timeout,
     };
+    let guard = Arc::new(Guard {
+        hosts: settings.allowed_hosts.clone(),
+        allow_same_site: settings.allow_same_site,
+        admin: settings.admin.clone(),
+    });
     Router::new()
         .route("/openai/v1/{*rest}", any(forward))
         .route("/keys", get(keys))
         .route("/keys/reset", post(reset_all))
         .route("/keys/{label}/reset", post(reset_one))
         .fallback(not_found)
+        // After the routes and the fallback: every request goes through it first.
+        .layer(axum::middleware::from_fn_with_state(guard, check_request))
         .with_state(gateway)
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 until `shutdown` completes: each request head must
+/// arrive within `settings.header_timeout` (the connection is closed otherwise), and each
+/// request carries its client's address as [`ConnectInfo<SocketAddr>`](ConnectInfo). Once
+/// `shutdown` completes, no connection is accepted, idle ones are closed, and answers under
+/// way get up to 30 seconds to finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    settings: &Settings,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout);
+    let header_timeout = settings.header_timeout;
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(connection) => connection,
+            // The client went away between connecting and being accepted.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue
+            }
+            // Out of file descriptors, most likely: wait for some to be freed.
+            Err(err) => {
+                tracing::error!(error = %err, "cannot accept a connection; retrying in 1 s");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: http::Request<_>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req)
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                if err.is_timeout() {
+                    tracing::debug!(%peer, "closed: no request head within {header_timeout:?}");
+                } else {
+                    tracing::debug!(%peer, error = %err, "connection error");
+                }
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("answers still under way after {SHUTDOWN_GRACE:?}; not waiting longer");
+    }
+    Ok(())
+}
+
+/// The checks made on every request head before it is routed: see [`check_request`].
+struct Guard {
+    hosts: AllowedHosts,
+    allow_same_site: bool,
+    admin: Admin,
+}
+
+/// Why a request is refused before anything else is done with it.
+struct Refusal {
+    status: StatusCode,
+    message: &'static str,
+    kind: &'static str,
+    code: &'static str,
+    www_authenticate: Option<&'static str>,
+}
+
+impl Refusal {
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: &'static str,
+    ) -> Self {
+        Refusal {
+            status,
+            message,
+            kind,
+            code,
+            www_authenticate: None,
+        }
+    }
+
+    fn response(&self) -> Response {
+        let mut res = error(self.status, self.message, self.kind, self.code);
+        if let Some(challenge) = self.www_authenticate {
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
+        // The body, if any, was not read: the connection cannot carry another request.
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        res
+    }
+}
+
+/// Every request, before its route: the host, then the browser's cross-site markers, then the
+/// path, then (for `/keys…`) the admin credential. A refusal is answered at once, without
+/// reading the body.
+async fn check_request(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let checked = guard
+        .check_host(&req)
+        .and_then(|()| guard.check_cross_site(req.headers()))
+        .and_then(|()| check_path(req.uri().path()))
+        .and_then(|()| guard.check_admin(&req));
+    match checked {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => {
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(peer)| peer.to_string());
+            tracing::warn!(
+                method = %req.method(),
+                status = refusal.status.as_u16(),
+                code = refusal.code,
+                peer = peer.as_deref().unwrap_or("unknown"),
+                "refused"
+            );
+            refusal.response()
+        }
+    }
+}
+
+impl Guard {
+    /// One `Host`, well formed and served; an absolute-form request target's host too.
+    fn check_host(&self, req: &Request) -> Result<(), Refusal> {
+        let bad = |code, message| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                code,
+                message,
+            )
+        };
+        let not_served = Refusal::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "invalid_request_error",
+            "host_not_allowed",
+            "The Host header names a host this gateway does not serve. It serves localhost \
+             and loopback addresses; start it with --allowed-host NAME (or \
+             GATEWAY_ALLOWED_HOSTS) to serve another name.",
+        );
+        const MISSING: &str = "The request has no Host header; the gateway needs one to know \
+                               it is meant for it.";
+        const SEVERAL: &str = "The request has more than one Host header.";
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host = match (hosts.next(), hosts.next()) {
+            (Some(host), None) => host,
+            (None, _) => return Err(bad("missing_host", MISSING)),
+            (Some(_), Some(_)) => return Err(bad("invalid_host", SEVERAL)),
+        };
+        let malformed = || bad("invalid_host", "The Host header is not a host[:port].");
+        let host = host.to_str().map_err(|_| malformed())?;
+        let (name, port) = parse_host(host).ok_or_else(malformed)?;
+        if !self.hosts.allows_parsed(&name, port, 80) {
+            return Err(not_served);
+        }
+        if let Some(authority) = req.uri().authority() {
+            let (name, port) = parse_host(authority.as_str()).ok_or_else(malformed)?;
+            if !self.hosts.allows_parsed(&name, port, 80) {
+                return Err(not_served);
+            }
+        }
+        Ok(())
+    }
+
+    /// No `Sec-Fetch-Site: cross-site` (nor `same-site` unless allowed), and an `Origin`, when
+    /// there is one, on a served host. Requests without these headers (not from a browser)
+    /// pass.
+    fn check_cross_site(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        let refuse = |message| {
+            Refusal::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "cross_site_request",
+                message,
+            )
+        };
+        let mut sites = headers.get_all("sec-fetch-site").iter();
+        match (sites.next(), sites.next()) {
+            (None, _) => {}
+            (Some(site), None) => match site.as_bytes() {
+                b"same-origin" | b"none" => {}
+                b"same-site" if self.allow_same_site => {}
+                b"same-site" => {
+                    return Err(refuse(
+                        "Requests from another origin of the same site are refused \
+                         (Sec-Fetch-Site: same-site); start the gateway with \
+                         --allow-same-site to serve them.",
+                    ))
+                }
+                b"cross-site" => {
+                    return Err(refuse(
+                        "Cross-site requests are refused (Sec-Fetch-Site: cross-site): a web \
+                         page on another site cannot use the gateway.",
+                    ))
+                }
+                _ => {
+                    return Err(refuse(
+                        "The Sec-Fetch-Site header has a value the gateway does not know.",
+                    ))
+                }
+            },
+            (Some(_), Some(_)) => {
+                return Err(refuse(
+                    "The request has more than one Sec-Fetch-Site header.",
+                ))
+            }
+        }
+        let mut origins = headers.get_all(header::ORIGIN).iter();
+        match (origins.next(), origins.next()) {
+            (None, _) => Ok(()),
+            (Some(origin), None) if self.origin_served(origin) => Ok(()),
+            (Some(_), None) => Err(refuse(
+                "Cross-origin requests are refused: the Origin header names a host this \
+                 gateway does not serve (--allowed-host adds one).",
+            )),
+            (Some(_), Some(_)) => Err(refuse("The request has more than one Origin header.")),
+        }
+    }
+
+    /// `scheme://host[:port]` with a served host; `null` and anything else is not.
+    fn origin_served(&self, origin: &HeaderValue) -> bool {
+        let Ok(uri) = origin.to_str().unwrap_or("").parse::<Uri>() else {
+            return false;
+        };
+        let default_port = match uri.scheme_str() {
+            Some("http") => 80,
+            Some("https") => 443,
+            _ => return false,
+        };
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        parse_host(authority.as_str())
+            .is_some_and(|(host, port)| self.hosts.allows_parsed(&host, port, default_port))
+    }
+
+    /// For `/keys` and below: the bearer token when one is set, a loopback peer otherwise.
+    fn check_admin(&self, req: &Request) -> Result<(), Refusal> {
+        let path = req.uri().path();
+        if path != "/keys" && !path.starts_with("/keys/") {
+            return Ok(());
+        }
+        match &self.admin {
+            Admin::Token(token) => {
+                let unauthorized = |challenge, message| Refusal {
+                    www_authenticate: Some(challenge),
+                    ..Refusal::new(
+                        StatusCode::UNAUTHORIZED,
+                        "authentication_error",
+                        "admin_token_required",
+                        message,
+                    )
+                };
+                let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+                let credential = match (values.next(), values.next()) {
+                    (Some(value), None) => value.as_bytes(),
+                    _ => {
+                        return Err(unauthorized(
+                            r#"Bearer realm="gateway admin""#,
+                            "The /keys endpoints need the gateway's admin token: send \
+                             Authorization: Bearer <token>.",
+                        ))
+                    }
+                };
+                let (scheme, token_sent) = match credential.iter().position(|b| *b == b' ') {
+                    Some(at) => (&credential[..at], credential[at + 1..].trim_ascii()),
+                    None => (credential, &b""[..]),
+                };
+                if !scheme.eq_ignore_ascii_case(b"bearer") || !token.matches(token_sent) {
+                    return Err(unauthorized(
+                        r#"Bearer realm="gateway admin", error="invalid_token""#,
+                        "The Authorization header does not hold the gateway's admin token \
+                         (Authorization: Bearer <token>).",
+                    ));
+                }
+                Ok(())
+            }
+            Admin::LoopbackOnly => {
+                let peer = req.extensions().get::<ConnectInfo<SocketAddr>>();
+                if peer.is_some_and(|ConnectInfo(peer)| peer.ip().to_canonical().is_loopback()) {
+                    return Ok(());
+                }
+                Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "admin_loopback_only",
+                    "The /keys endpoints answer clients on this machine only while no admin \
+                     token is set: set GATEWAY_ADMIN_TOKEN where the gateway runs and send \
+                     Authorization: Bearer <token>.",
+                ))
+            }
+        }
+    }
+}
+
+/// How many times a path segment is percent-decoded in search of a dot segment or a slash:
+/// `%25252e` (three encodings of `.`) is found, and deeper is refused as such.
+const DECODE_ROUNDS: usize = 3;
+
+/// `Ok` for a path safe to forward; a 400 for one with a dot segment (`.`, `..`, raw or
+/// percent-encoded any number of times up to [`DECODE_ROUNDS`], with or without a `;`
+/// parameter), an encoded slash, a backslash (raw or encoded) or an encoded control
+/// character. Dots inside a segment (`model.v1.json`) are fine.
+fn check_path(path: &str) -> Result<(), Refusal> {
+    match unsafe_path(path) {
+        None => Ok(()),
+        Some(message) => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_path",
+            message,
+        )),
+    }
+}
+
+/// Why `path` must not be forwarded, or `None` when it may: see [`check_path`]. The answer
+/// never repeats the path.
+pub fn unsafe_path(path: &str) -> Option<&'static str> {
+    const DOT_SEGMENT: &str = "The request path has a dot segment (. or .., raw or \
+                               percent-encoded); the gateway does not forward it.";
+    const ENCODED_SLASH: &str = "The request path has an encoded slash (%2F) inside a \
+                                 segment; the gateway does not forward it.";
+    const BACKSLASH: &str = "The request path has a backslash (raw or percent-encoded); the \
+                             gateway does not forward it.";
+    const CONTROL: &str = "The request path has an encoded control character; the gateway \
+                           does not forward it.";
+    const TOO_DEEP: &str = "The request path is percent-encoded too many times over; the \
+                            gateway does not forward it.";
+    for raw in path.split('/') {
+        let mut segment = raw.as_bytes().to_vec();
+        for round in 0..=DECODE_ROUNDS {
+            if segment.contains(&b'\\') {
+                return Some(BACKSLASH);
+            }
+            if segment.iter().any(|b| b.is_ascii_control()) {
+                return Some(CONTROL);
+            }
+            if round > 0 && segment.contains(&b'/') {
+                return Some(ENCODED_SLASH);
+            }
+            let name = segment.split(|b| *b == b';').next().unwrap_or(&[]);
+            if name == b"." || name == b".." {
+                return Some(DOT_SEGMENT);
+            }
+            match percent_decode(&segment) {
+                Some(_) if round == DECODE_ROUNDS => return Some(TOO_DEEP),
+                Some(decoded) => segment = decoded,
+                None => break,
+            }
+        }
+    }
+    None
+}
+
+/// `bytes` with each `%XX` decoded, or `None` when there is none to decode.
+fn percent_decode(bytes: &[u8]) -> Option<Vec<u8>> {
+    let hex = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let digit = |at: usize| bytes.get(at).copied().and_then(hex);
+            if let (Some(hi), Some(lo)) = (digit(i + 1), digit(i + 2)) {
+                out.push(hi << 4 | lo);
+                changed = true;
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    changed.then_some(out)
 }
 
 /// Checks and normalizes an upstream base URL: `http://host[:port][/prefix]`, no query.
@@ -233,12 +956,16 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     if declared.is_some_and(|n| n > gw.body_cap as u64) {
         return too_large(gw.body_cap);
     }
-    let body = match Limited::new(body, gw.body_cap).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+    // The whole body within the time allowed: a client that declares a body and sends it
+    // slowly, or not at all, holds a connection and a task for no longer than that.
+    let read = tokio::time::timeout(gw.body_timeout, Limited::new(body, gw.body_cap).collect());
+    let body = match read.await {
+        Err(_elapsed) => return request_timeout(gw.body_timeout),
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => {
             return too_large(gw.body_cap)
         }
-        Err(_) => {
+        Ok(Err(_)) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "The request body could not be read.",
@@ -340,6 +1067,22 @@ fn bad_gateway(err: &(dyn std::error::Error + 'static)) -> Response {
     )
 }
 
+/// The body did not arrive in time: 408, and the connection is closed (what is left of the
+/// body is never read).
+fn request_timeout(limit: Duration) -> Response {
+    let mut res = error(
+        StatusCode::REQUEST_TIMEOUT,
+        &format!(
+            "The request body did not arrive within {limit:?} (the gateway's --body-timeout)."
+        ),
+        "invalid_request_error",
+        "request_timeout",
+    );
+    res.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    res
+}
+
 fn too_large(cap: usize) -> Response {
     error(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -423,13 +1166,40 @@ pub struct Config {
     pub max_body: usize,
     /// Serve the fake provider on loopback and forward to it.
     pub fake: bool,
+    /// The hosts served besides localhost and loopback addresses (the listen address is
+    /// added when the gateway starts).
+    pub allowed_hosts: AllowedHosts,
+    /// Serve browser requests marked `Sec-Fetch-Site: same-site`.
+    pub allow_same_site: bool,
+    /// The variable the admin token was looked for in.
+    pub admin_token_env: String,
+    /// The token from that variable, or loopback clients only.
+    pub admin: Admin,
+    /// How long a request head may take.
+    pub header_timeout: Duration,
+    /// How long a request body may take.
+    pub body_timeout: Duration,
+}
+
+impl Config {
+    /// What [`app`] and [`serve`] are given.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            max_body: self.max_body,
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            allowed_hosts: self.allowed_hosts.clone(),
+            allow_same_site: self.allow_same_site,
+            admin: self.admin.clone(),
+        }
+    }
 }
 
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
-    /// Run the gateway.
-    Run(Config),
+    /// Run the gateway (boxed: a configuration is much larger than `Help`).
+    Run(Box<Config>),
     /// Print the usage.
     Help,
 }
@@ -441,11 +1211,52 @@ usage: cargo run --example gateway -- [options]
 Forwards /openai/v1/* to the upstream with key fallback; GET /keys shows the keys,
 POST /keys/reset resets them.
 
-  --upstream URL     where to forward, plain http (UPSTREAM_URL), e.g. http://127.0.0.1:9000
-  --listen ADDR      where to listen (GATEWAY_LISTEN, default 127.0.0.1:8080)
-  --keys-env PREFIX  read keys from PREFIX, PREFIX_2, ... (default GROQ_API_KEY)
-  --max-body BYTES   the largest request body accepted (default 8388608)
-  --fake             forward to a fake Groq API on loopback with its own keys (no key needed)";
+  --upstream URL          where to forward, plain http (UPSTREAM_URL), e.g. http://127.0.0.1:9000
+  --listen ADDR           where to listen (GATEWAY_LISTEN, default 127.0.0.1:8080)
+  --keys-env PREFIX       read keys from PREFIX, PREFIX_2, ... (default GROQ_API_KEY)
+  --max-body BYTES        the largest request body accepted (default 8388608)
+  --allowed-host NAME     also serve requests for this Host (name or name:port; repeatable;
+                          replaces GATEWAY_ALLOWED_HOSTS, comma-separated). localhost,
+                          loopback addresses and the listen address are always served
+  --allow-same-site       serve browser requests marked Sec-Fetch-Site: same-site
+                          (GATEWAY_ALLOW_SAME_SITE=1)
+  --admin-token-env NAME  the variable with the token for /keys (default GATEWAY_ADMIN_TOKEN);
+                          without a token, /keys answers loopback clients only
+  --header-timeout TIME   how long a request head may take (GATEWAY_HEADER_TIMEOUT, default 10s)
+  --body-timeout TIME     how long a request body may take (GATEWAY_BODY_TIMEOUT, default 30s)
+  --fake                  forward to a fake Groq API on loopback with its own keys (no key needed)
+
+A TIME is a whole number of ms, s or m, e.g. 250ms, 10s, 2m; a bare number is seconds.";
+
+/// `250ms`, `10s`, `2m`, or `10` (seconds): a positive duration, for `what` in the error.
+fn parse_duration(what: &str, value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let invalid = || format!("{what} {value:?} is not a positive duration such as 10s or 250ms");
+    let (number, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => value.split_at(at),
+        None => (value, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| invalid())?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60).ok_or_else(invalid)?),
+        _ => return Err(invalid()),
+    };
+    if duration.is_zero() {
+        return Err(invalid());
+    }
+    Ok(duration)
+}
+
+/// `1`, `true`, `yes` or `on`; `0`, `false`, `no`, `off` or empty.
+fn parse_flag(what: &str, value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("{what} {value:?} is neither 1 nor 0")),
+    }
+}
 
 impl Command {
     /// Reads the arguments (without the program name), and `env` for what they leave out.
@@ -458,6 +1269,18 @@ impl Command {
         let mut keys_env = None;
         let mut max_body = None;
         let mut fake = false;
+        let mut hosts_flagged: Vec<String> = Vec::new();
+        let mut allow_same_site = match env("GATEWAY_ALLOW_SAME_SITE") {
+            Some(v) => parse_flag("GATEWAY_ALLOW_SAME_SITE", &v)?,
+            None => false,
+        };
+        let mut admin_token_env = None;
+        let mut header_timeout = env("GATEWAY_HEADER_TIMEOUT")
+            .map(|v| ("GATEWAY_HEADER_TIMEOUT", v))
+            .filter(|(_, v)| !v.trim().is_empty());
+        let mut body_timeout = env("GATEWAY_BODY_TIMEOUT")
+            .map(|v| ("GATEWAY_BODY_TIMEOUT", v))
+            .filter(|(_, v)| !v.trim().is_empty());
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             let (name, inline) = match arg.split_once('=') {
@@ -476,6 +1299,19 @@ impl Command {
                 "--upstream" => upstream = Some(value("a URL such as http://127.0.0.1:9000")?),
                 "--keys-env" => keys_env = Some(value("a variable name such as GROQ_API_KEY")?),
                 "--max-body" => max_body = Some(value("a number of bytes")?),
+                "--allowed-host" => {
+                    hosts_flagged.push(value("a host name such as gateway.example.com")?)
+                }
+                "--allow-same-site" => allow_same_site = true,
+                "--admin-token-env" => {
+                    admin_token_env = Some(value("a variable name such as GATEWAY_ADMIN_TOKEN")?)
+                }
+                "--header-timeout" => {
+                    header_timeout = Some(("--header-timeout", value("a time such as 10s")?))
+                }
+                "--body-timeout" => {
+                    body_timeout = Some(("--body-timeout", value("a time such as 30s")?))
+                }
                 "--fake" => fake = true,
                 _ => return Err(format!("unknown argument {arg:?}")),
             }
@@ -492,6 +1328,41 @@ impl Command {
                 .ok_or_else(|| format!("--max-body {n:?} is not a positive number of bytes"))?,
             None => DEFAULT_MAX_BODY,
         };
+        // The flags replace the variable; either way, empty entries are skipped.
+        let hosts: Vec<String> = if hosts_flagged.is_empty() {
+            env("GATEWAY_ALLOWED_HOSTS")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::to_owned)
+                .collect()
+        } else {
+            hosts_flagged
+        };
+        let mut allowed_hosts = AllowedHosts::loopback();
+        for host in hosts.iter().filter(|h| !h.trim().is_empty()) {
+            allowed_hosts.allow(host)?;
+        }
+        let timeout = |given: Option<(&str, String)>, default| match given {
+            Some((what, value)) => parse_duration(what, &value),
+            None => Ok(default),
+        };
+        let header_timeout = timeout(header_timeout, DEFAULT_HEADER_TIMEOUT)?;
+        let body_timeout = timeout(body_timeout, DEFAULT_BODY_TIMEOUT)?;
+        // The token is read here, from the variable named; errors name the variable, never
+        // its value.
+        let named = admin_token_env.is_some();
+        let admin_token_env = admin_token_env.unwrap_or_else(|| DEFAULT_ADMIN_TOKEN_ENV.to_owned());
+        let admin = match env(&admin_token_env) {
+            Some(value) => Admin::Token(
+                AdminToken::new(&value).map_err(|e| format!("{admin_token_env}: {e}"))?,
+            ),
+            None if named => {
+                return Err(format!(
+                    "--admin-token-env {admin_token_env}: {admin_token_env} is not set"
+                ))
+            }
+            None => Admin::LoopbackOnly,
+        };
         let upstream = match (fake, upstream) {
             (true, _) => None,
             (false, Some(url)) => Some(parse_upstream(&url)?),
@@ -501,20 +1372,26 @@ impl Command {
                     .to_owned())
             }
         };
-        Ok(Command::Run(Config {
+        Ok(Command::Run(Box::new(Config {
             listen,
             upstream,
             keys_env: keys_env.unwrap_or_else(|| DEFAULT_KEYS_ENV.to_owned()),
             max_body,
             fake,
-        }))
+            allowed_hosts,
+            allow_same_site,
+            admin_token_env,
+            admin,
+            header_timeout,
+            body_timeout,
+        })))
     }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = match Command::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
-        Ok(Command::Run(config)) => config,
+        Ok(Command::Run(config)) => *config,
         // Written without `println!`, which panics when the reader has gone (`| head`).
         Ok(Command::Help) => {
             let _ = writeln!(std::io::stdout(), "{USAGE}");
@@ -567,12 +1444,15 @@ async fn run(config: Config) -> Result<(), BoxError> {
     };
     let labels: Vec<String> = keys.labels().map(str::to_owned).collect();
     let layer = KeyFallbackLayer::new(keys);
-    let app = app(upstream.clone(), layer, config.max_body);
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
+    let mut settings = config.settings();
+    settings.allowed_hosts.allow_listen_addr(addr);
+    let app = app(upstream.clone(), layer, &settings);
+
     let what = if config.fake {
         " (the fake Groq API)"
     } else {
@@ -593,10 +1473,36 @@ async fn run(config: Config) -> Result<(), BoxError> {
             "gateway: warning: {addr} is not loopback; anyone who reaches it spends your keys"
         );
     }
+    if addr.ip().is_unspecified() {
+        let _ = writeln!(
+            out,
+            "gateway: note: {addr} names no host; clients from elsewhere must use a name or \
+             address given with --allowed-host"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "gateway: serving Host: {} (others get 421; --allowed-host adds one)",
+        settings.allowed_hosts.describe()
+    );
+    // Which admin mode is in force; the token itself is never printed.
+    let admin = match &settings.admin {
+        Admin::Token(_) => format!(
+            "need Authorization: Bearer with the token in {}",
+            config.admin_token_env
+        ),
+        Admin::LoopbackOnly => format!(
+            "loopback clients only ({} is not set)",
+            config.admin_token_env
+        ),
+    };
+    let _ = writeln!(out, "gateway: admin endpoints /keys: {admin}");
     let _ = writeln!(
         out,
         "gateway: listening on http://{addr} (keys: GET /keys, POST /keys/reset)"
     );
-    axum::serve(listener, app).await?;
+    // Ctrl-C ends the process, as `axum::serve` without a shutdown signal did; give `serve`
+    // `tokio::signal::ctrl_c()` (tokio's feature `signal`) to let answers under way finish.
+    serve(listener, app, &settings, std::future::pending()).await?;
     Ok(())
 }

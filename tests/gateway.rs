@@ -2,8 +2,12 @@
 //! talks to the gateway, which forwards through the layer to the fake Groq API.
 //!
 //! The example's own code is compiled into this test with `#[path]`, so `gateway::app` is
-//! tested in process, servers and client on 127.0.0.1 with ports the system picks; one more
-//! test runs the built example binary as the README says to, against a fake provider.
+//! tested in process, servers and client on 127.0.0.1 with ports the system picks; two more
+//! tests run the built example binary as the README says to, against a fake provider.
+//!
+//! The protections (allowed hosts, cross-site refusal, the admin token, path safety, head and
+//! body timeouts) are tested with requests written by hand on a raw TCP socket where a
+//! client library would tidy them up: what an attacker can send.
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -12,6 +16,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -47,9 +54,22 @@ struct Setup {
     client: Client<HttpConnector, ClientBody>,
 }
 
+/// The gateway's settings in these tests: the defaults with the test's body cap.
+fn settings() -> gateway::Settings {
+    gateway::Settings {
+        max_body: CAP,
+        ..gateway::Settings::default()
+    }
+}
+
 /// The fake provider with `keys` (variable, key, behaviour) on 127.0.0.1:0, the gateway in
 /// front of it on 127.0.0.1:0 with keys from those variables.
 async fn start(keys: &[(&str, &str, Behavior)]) -> Setup {
+    start_with(keys, &settings()).await
+}
+
+/// [`start`] with other settings.
+async fn start_with(keys: &[(&str, &str, Behavior)], settings: &gateway::Settings) -> Setup {
     let mut builder = FakeProvider::builder().stream_interval(Duration::from_millis(60));
     for (_, key, behavior) in keys {
         builder = builder.key(*key, behavior.clone());
@@ -59,7 +79,7 @@ async fn start(keys: &[(&str, &str, Behavior)]) -> Setup {
     let vars = keys.iter().map(|(var, key, _)| (*var, *key));
     let layer = KeyFallbackLayer::new(KeySet::from_vars("GROQ_API_KEY", vars).unwrap());
     let base = gateway::parse_upstream(&upstream.url("")).unwrap();
-    let gateway = serve(gateway::app(base, layer, CAP)).await;
+    let gateway = serve_with(gateway::app(base, layer, settings), settings).await;
     Setup {
         provider,
         _upstream: upstream,
@@ -68,12 +88,20 @@ async fn start(keys: &[(&str, &str, Behavior)]) -> Setup {
     }
 }
 
-/// Serves the router on 127.0.0.1:0 for the rest of the test.
-async fn serve(app: axum::Router) -> SocketAddr {
+/// Serves the router with `gateway::serve` on 127.0.0.1:0 for the rest of the test.
+async fn serve_with(app: axum::Router, settings: &gateway::Settings) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let settings = settings.clone();
+    tokio::spawn(
+        async move { gateway::serve(listener, app, &settings, std::future::pending()).await },
+    );
     addr
+}
+
+/// [`serve_with`] the test settings.
+async fn serve(app: axum::Router) -> SocketAddr {
+    serve_with(app, &settings()).await
 }
 
 fn full(body: impl Into<Bytes>) -> ClientBody {
@@ -375,7 +403,7 @@ async fn an_unreachable_upstream_is_a_502() {
     let layer = KeyFallbackLayer::new(keys);
     let handle = layer.handle();
     let base = gateway::parse_upstream(&format!("http://{closed}")).unwrap();
-    let addr = serve(gateway::app(base, layer, CAP)).await;
+    let addr = serve(gateway::app(base, layer, &settings())).await;
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let req = Request::post(format!("http://{addr}{CHAT}"))
@@ -400,25 +428,36 @@ async fn an_unreachable_upstream_is_a_502() {
     assert!(keys.iter().all(|k| k.is_available()));
 }
 
-/// An upstream that answers with what it received: the request line, then each header.
-async fn echo_upstream() -> SocketAddr {
+/// The request lines an upstream received, in order.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// An upstream that answers with what it received: the request line, then each header; it
+/// keeps each request line in the log it returns.
+async fn echo_upstream() -> (SocketAddr, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let log = seen.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let mut text = format!("{} {}\n", req.method(), req.uri());
-                    for (name, value) in req.headers() {
-                        text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let line = format!("{} {}", req.method(), req.uri());
+                    log.lock().unwrap().push(line.clone());
+                    async move {
+                        let mut text = format!("{line}\n");
+                        for (name, value) in req.headers() {
+                            text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+                        }
+                        let res = Response::builder()
+                            .header("content-type", "text/plain")
+                            .header("keep-alive", "timeout=5")
+                            .header("x-upstream", "yes")
+                            .body(Full::new(Bytes::from(text)))
+                            .unwrap();
+                        Ok::<_, Infallible>(res)
                     }
-                    let res = Response::builder()
-                        .header("content-type", "text/plain")
-                        .header("keep-alive", "timeout=5")
-                        .header("x-upstream", "yes")
-                        .body(Full::new(Bytes::from(text)))
-                        .unwrap();
-                    Ok::<_, Infallible>(res)
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -427,15 +466,15 @@ async fn echo_upstream() -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_goes_upstream_and_what_comes_back() {
-    let upstream = echo_upstream().await;
+    let (upstream, _) = echo_upstream().await;
     let layer = KeyFallbackLayer::new(KeySet::new(["gsk_echo_key"]).unwrap());
     let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
-    let addr = serve(gateway::app(base, layer, CAP)).await;
+    let addr = serve(gateway::app(base, layer, &settings())).await;
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let req = Request::post(format!("http://{addr}/openai/v1/embeddings?x=1&y=two"))
@@ -517,7 +556,7 @@ fn upstream_urls_and_the_command_line() {
         })
     };
     let run = |c: Result<gateway::Command, String>| match c {
-        Ok(gateway::Command::Run(config)) => config,
+        Ok(gateway::Command::Run(config)) => *config,
         other => panic!("{other:?}"),
     };
     let config = run(parse(&[], &[("UPSTREAM_URL", "http://127.0.0.1:9000")]));
@@ -576,6 +615,20 @@ fn gateway_binary() -> PathBuf {
     assert!(status.success(), "cargo build --example gateway: {status}");
     assert!(bin.exists(), "{} is missing", bin.display());
     bin
+}
+
+/// Leaves out the gateway's variables that the environment running the tests may have.
+fn clear_gateway_env(command: &mut Command) {
+    for var in [
+        "GATEWAY_LISTEN",
+        "GATEWAY_ALLOWED_HOSTS",
+        "GATEWAY_ALLOW_SAME_SITE",
+        "GATEWAY_ADMIN_TOKEN",
+        "GATEWAY_HEADER_TIMEOUT",
+        "GATEWAY_BODY_TIMEOUT",
+    ] {
+        command.env_remove(var);
+    }
 }
 
 /// A running gateway binary, killed when dropped.
@@ -699,8 +752,8 @@ async fn the_binary_runs_as_the_readme_says() {
         .args(["--listen", "127.0.0.1:0", "--keys-env", "GATEWAY_TEST_KEY"])
         .env("UPSTREAM_URL", upstream.url(""))
         .env("GATEWAY_TEST_KEY", "gsk_binary_test_revoked")
-        .env("GATEWAY_TEST_KEY_2", "gsk_binary_test_good")
-        .env_remove("GATEWAY_LISTEN");
+        .env("GATEWAY_TEST_KEY_2", "gsk_binary_test_good");
+    clear_gateway_env(&mut command);
     let running = launch(command);
     assert!(
         running.banner.contains(&format!(
@@ -712,6 +765,14 @@ async fn the_binary_runs_as_the_readme_says() {
     );
     assert!(
         !running.banner.contains("gsk_binary_test"),
+        "{}",
+        running.banner
+    );
+    // Which admin mode is in force, in one line.
+    assert!(
+        running.banner.contains(
+            "admin endpoints /keys: loopback clients only (GATEWAY_ADMIN_TOKEN is not set)"
+        ),
         "{}",
         running.banner
     );
@@ -729,6 +790,7 @@ async fn the_binary_runs_as_the_readme_says() {
     command
         .args(["--fake", "--listen", "127.0.0.1:0"])
         .env_remove("UPSTREAM_URL");
+    clear_gateway_env(&mut command);
     let running = launch(command);
     assert!(
         running.banner.contains("(the fake Groq API)"),
@@ -768,4 +830,896 @@ async fn the_binary_runs_as_the_readme_says() {
         stderr.contains("UPSTREAM_URL") && stderr.contains("TLS"),
         "{stderr}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The protections, over raw loopback TCP: requests written by hand, as an attacker can.
+// ---------------------------------------------------------------------------------------
+
+/// How long a test waits for the gateway to cut off a client it gave 200 ms: generous, so a
+/// loaded machine does not fail the test, and far below the defaults (10 s, 30 s) and below
+/// what a gateway without the timeout would take (never).
+const CUT_OFF: Duration = Duration::from_secs(5);
+/// The head and body timeouts of the tests that check them.
+const SHORT: Duration = Duration::from_millis(200);
+
+/// What came back on a raw connection: the status (0 when the connection closed without an
+/// answer), the head as text, and the body.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Raw {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {self:?}"))
+    }
+
+    fn code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// Reads until the peer closes the connection (or resets it), at most 1 MiB; `None` when
+/// it is still open after `within`.
+async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let read = async {
+        // At most 64 reads of up to 16 KiB: bounded in count as well as time.
+        for _ in 0..64 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    timeout(within, read).await.ok()?;
+    Some(out)
+}
+
+fn parse_raw(bytes: &[u8]) -> Raw {
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    Raw {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+/// Writes `request` as it is on a new connection to `addr` and reads the answer, up to the
+/// gateway closing the connection (every request here says `Connection: close`, and every
+/// refusal closes it). Panics when it stays open past [`WAIT`].
+async fn raw(addr: SocketAddr, request: &str) -> Raw {
+    let mut stream = timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let bytes = read_until_closed(&mut stream, WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no answer, or the connection stays open: {request:?}"));
+    parse_raw(&bytes)
+}
+
+/// `METHOD target HTTP/1.1`, the headers given (`Host` among them, or not), and
+/// `Connection: close`; no body.
+fn head(method: &str, target: &str, headers: &[(&str, &str)]) -> String {
+    let mut out = format!("{method} {target} HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    out
+}
+
+/// A request made with hyper's client, with `headers` (it adds `Host` from the URL).
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, String) {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let res = timeout(
+        WAIT,
+        client.request(req.body(Full::new(Bytes::new())).unwrap()),
+    )
+    .await
+    .expect("the gateway answers in time")
+    .expect("the gateway answers");
+    let (head, body) = res.into_parts();
+    let body = timeout(WAIT, body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    (
+        head.status,
+        head.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_hosts_it_serves_are_answered() {
+    let key = "gsk_gateway_host_key";
+    let mut settings = settings();
+    settings.allowed_hosts.allow("gateway.test").unwrap();
+    let setup = start_with(&[("GROQ_API_KEY", key, Behavior::Ok)], &settings).await;
+    let port = setup.gateway.port();
+
+    // Loopback names and addresses, any port and any case, and the one name added.
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "LocalHost".to_owned(),
+        format!("[::1]:{port}"),
+        "127.0.0.2".to_owned(),
+        "gateway.test".to_owned(),
+        "Gateway.TEST:9".to_owned(),
+    ] {
+        let res = raw(setup.gateway, &head("GET", "/keys", &[("Host", &host)])).await;
+        assert_eq!(res.status, 200, "Host: {host}: {res:?}");
+    }
+
+    // A DNS-rebinding page's host, with or without the port, look-alikes, and 0.0.0.0 (which
+    // some browsers send to loopback): 421 for the status, the upstream and the fallback.
+    for host in [
+        "evil.example".to_owned(),
+        format!("evil.example:{port}"),
+        format!("0.0.0.0:{port}"),
+        "localhost.evil.example".to_owned(),
+        "gateway.test.evil.example".to_owned(),
+        "127.0.0.1.nip.io".to_owned(),
+    ] {
+        for (method, path) in [
+            ("GET", "/keys"),
+            ("POST", "/keys/reset"),
+            ("GET", "/nowhere"),
+        ] {
+            let res = raw(setup.gateway, &head(method, path, &[("Host", &host)])).await;
+            assert_eq!(res.status, 421, "{method} {path} Host: {host}: {res:?}");
+            assert_eq!(res.code(), "host_not_allowed", "{res:?}");
+            assert!(res.body.contains("--allowed-host"), "{res:?}");
+            assert!(!res.body.contains("GROQ_API_KEY") && !res.body.contains("fp:"));
+        }
+        let chat = format!(
+            "POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+            chat_body(false).len(),
+            chat_body(false)
+        );
+        let res = raw(setup.gateway, &chat).await;
+        assert_eq!(res.status, 421, "chat with Host: {host}: {res:?}");
+    }
+    // An absolute-form target names the host too.
+    let res = raw(
+        setup.gateway,
+        &head(
+            "GET",
+            "http://evil.example/keys",
+            &[("Host", &format!("127.0.0.1:{port}"))],
+        ),
+    )
+    .await;
+    assert_eq!(res.status, 421, "{res:?}");
+
+    // No Host, two, or one that is not a host: 400.
+    let res = raw(setup.gateway, &head("GET", "/keys", &[])).await;
+    assert_eq!(
+        (res.status, res.code().as_str()),
+        (400, "missing_host"),
+        "{res:?}"
+    );
+    let two = [("Host", "127.0.0.1"), ("Host", "evil.example")];
+    let res = raw(setup.gateway, &head("GET", "/keys", &two)).await;
+    assert_eq!(
+        (res.status, res.code().as_str()),
+        (400, "invalid_host"),
+        "{res:?}"
+    );
+    for host in ["user@127.0.0.1", "127.0.0.1:80:80", "local host", "[::1"] {
+        let res = raw(setup.gateway, &head("GET", "/keys", &[("Host", host)])).await;
+        assert_eq!(res.status, 400, "Host: {host}: {res:?}");
+    }
+
+    // None of it reached the provider; a request for a served host does.
+    assert_eq!(setup.provider.stats().total().requests, 0);
+    let (status, _, body) = setup.chat().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(setup.provider.stats().total().requests, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_requests_are_refused_before_the_body_is_read() {
+    let (limited, ok) = ("gsk_gateway_site_limited", "gsk_gateway_site_ok");
+    // A body timeout far beyond the test's waits: an answer to a request whose body never
+    // comes is the check's, not a timeout's.
+    let settings = gateway::Settings {
+        body_timeout: Duration::from_secs(600),
+        ..settings()
+    };
+    let limited_behavior = Behavior::RateLimited {
+        requests: 0,
+        window: Duration::from_secs(30),
+    };
+    let setup = start_with(
+        &[
+            ("GROQ_API_KEY", limited, limited_behavior),
+            ("GROQ_API_KEY_2", ok, Behavior::Ok),
+        ],
+        &settings,
+    )
+    .await;
+    let host = format!("127.0.0.1:{}", setup.gateway.port());
+    // Key 1 is now cooling down; a reset would make it active again.
+    let (status, _, body) = setup.chat().await;
+    assert_eq!(status, 200, "{body}");
+    let before = setup.provider.stats().total().requests;
+
+    // The "simple request" a page on another site can send without a preflight: a text/plain
+    // POST. Its body is declared and never sent, so only an answer that does not wait for the
+    // body arrives.
+    for origin in ["http://evil.example", "https://evil.example:443", "null"] {
+        let post = format!(
+            "POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n\
+             Content-Type: text/plain\r\nContent-Length: 60\r\nConnection: close\r\n\r\n"
+        );
+        let res = raw(setup.gateway, &post).await;
+        assert_eq!(res.status, 403, "Origin: {origin}: {res:?}");
+        assert_eq!(res.code(), "cross_site_request", "{res:?}");
+    }
+    // The browser's own marker, with the reset a page would want.
+    for (site, with_origin) in [
+        ("cross-site", false),
+        ("same-site", false),
+        ("cross-site", true),
+    ] {
+        let mut headers = vec![
+            ("Host", host.as_str()),
+            ("Sec-Fetch-Site", site),
+            ("Content-Type", "text/plain"),
+            ("Content-Length", "0"),
+        ];
+        if with_origin {
+            headers.push(("Origin", "http://evil.example"));
+        }
+        for path in ["/keys/reset", "/keys", CHAT] {
+            let res = raw(setup.gateway, &head("POST", path, &headers)).await;
+            assert_eq!(res.status, 403, "{path} Sec-Fetch-Site: {site}: {res:?}");
+            assert_eq!(res.code(), "cross_site_request", "{res:?}");
+            assert!(!res.body.contains("fp:"), "{res:?}");
+        }
+    }
+    // Nothing was forwarded, nothing reset: key 1 is still cooling down.
+    assert_eq!(setup.provider.stats().total().requests, before);
+    let keys = setup.keys(&[limited, ok]).await;
+    assert_eq!(keys["keys"][0]["state"], "cooling_down", "{keys}");
+
+    // Same origin, a page on a served host, a typed-in URL, and no browser at all pass.
+    let port = setup.gateway.port();
+    let local_page = format!("http://localhost:{port}");
+    for headers in [
+        vec![("Sec-Fetch-Site", "same-origin")],
+        vec![("Sec-Fetch-Site", "none")],
+        vec![
+            ("Origin", local_page.as_str()),
+            ("Sec-Fetch-Site", "same-origin"),
+        ],
+        vec![("Origin", "http://127.0.0.1:3000")],
+        vec![],
+    ] {
+        let (status, _, body) = request(setup.gateway, "GET", "/keys", &headers).await;
+        assert_eq!(status, 200, "{headers:?}: {body}");
+    }
+    let with_origin = Request::post(format!("http://{}{CHAT}", setup.gateway))
+        .header("origin", &local_page)
+        .header("content-type", "application/json")
+        .body(full(chat_body(false)))
+        .unwrap();
+    let res = timeout(WAIT, setup.client.request(with_origin))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(setup.provider.stats().total().requests > before);
+
+    // --allow-same-site lets same-site pages in; cross-site ones are still refused.
+    let upstream = setup.provider.serve_ephemeral().await.unwrap();
+    let layer = KeyFallbackLayer::new(KeySet::new([ok]).unwrap());
+    let base = gateway::parse_upstream(&upstream.url("")).unwrap();
+    let same_site = gateway::Settings {
+        allow_same_site: true,
+        ..settings.clone()
+    };
+    let addr = serve_with(gateway::app(base, layer, &same_site), &same_site).await;
+    let (status, _, body) = request(addr, "GET", "/keys", &[("Sec-Fetch-Site", "same-site")]).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) =
+        request(addr, "GET", "/keys", &[("Sec-Fetch-Site", "cross-site")]).await;
+    assert_eq!(status, 403, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_keys_endpoints_need_the_admin_token_when_one_is_set() {
+    const TOKEN: &str = "gw-test-admin-token-5f2c9a0e";
+    let key = "gsk_gateway_admin_key";
+    let settings = gateway::Settings {
+        admin: gateway::Admin::Token(gateway::AdminToken::new(TOKEN).unwrap()),
+        ..settings()
+    };
+    let setup = start_with(&[("GROQ_API_KEY", key, Behavior::Ok)], &settings).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let lowercase = format!("bearer {TOKEN}");
+    let short = format!("Bearer {}", &TOKEN[..TOKEN.len() - 1]);
+    let long = format!("Bearer {TOKEN}x");
+    let basic = format!("Basic {TOKEN}");
+
+    for (method, path) in [
+        ("GET", "/keys"),
+        ("POST", "/keys/reset"),
+        ("POST", "/keys/GROQ_API_KEY/reset"),
+    ] {
+        // No credential: 401 with the challenge. Loopback is no exception once a token is set.
+        let (status, headers, body) = request(setup.gateway, method, path, &[]).await;
+        assert_eq!(status, 401, "{method} {path}: {body}");
+        let challenge = headers["www-authenticate"].to_str().unwrap();
+        assert!(challenge.starts_with("Bearer"), "{challenge}");
+        assert!(body.contains("admin_token_required"), "{body}");
+        assert!(!body.contains("fp:"), "{body}");
+        // A wrong credential: 401, saying the token is wrong.
+        for wrong in [
+            "Bearer nope",
+            short.as_str(),
+            long.as_str(),
+            basic.as_str(),
+            "Bearer",
+        ] {
+            let (status, headers, body) =
+                request(setup.gateway, method, path, &[("authorization", wrong)]).await;
+            assert_eq!(status, 401, "{method} {path} with {wrong:?}: {body}");
+            let challenge = headers["www-authenticate"].to_str().unwrap();
+            assert!(
+                challenge.contains(r#"error="invalid_token""#),
+                "{challenge}"
+            );
+            assert!(!body.contains(TOKEN), "{body}");
+        }
+        // The token, in either case of the scheme.
+        for good in [&bearer, &lowercase] {
+            let (status, _, body) =
+                request(setup.gateway, method, path, &[("authorization", good)]).await;
+            assert_eq!(status, 200, "{method} {path}: {body}");
+            assert!(!body.contains(TOKEN), "{body}");
+        }
+    }
+    // The API itself does not need it (the client's own token is replaced by a pool key).
+    let (status, _, body) = setup.chat().await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(setup.provider.stats().key(key).served, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_keys_endpoints_answer_loopback_peers_only() {
+    use tower::ServiceExt;
+    let layer = || KeyFallbackLayer::new(KeySet::new(["gsk_gateway_peer_key"]).unwrap());
+    let (upstream, seen) = echo_upstream().await;
+    let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
+
+    // Served by `gateway::serve`, which records the peer: loopback clients get the status.
+    let addr = serve(gateway::app(base.clone(), layer(), &settings())).await;
+    let (status, _, body) = request(addr, "GET", "/keys", &[]).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Served without the peer address recorded: nobody, and the API still works.
+    let app = gateway::app(base.clone(), layer(), &settings());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (status, _, body) = request(plain, "GET", "/keys", &[]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("admin_loopback_only"), "{body}");
+    let (status, _, body) = request(plain, "POST", "/openai/v1/models", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+
+    // A client elsewhere cannot be had on loopback, so the router is called in process with
+    // the peer address `serve` would record. Headers claiming loopback change nothing.
+    let app = gateway::app(base, layer(), &settings());
+    let keys_from = |peer: &str, spoof: bool| {
+        let peer: SocketAddr = peer.parse().unwrap();
+        let mut req = Request::get("/keys").header("host", "127.0.0.1");
+        if spoof {
+            req = req
+                .header("x-forwarded-for", "127.0.0.1")
+                .header("x-real-ip", "127.0.0.1")
+                .header("forwarded", "for=127.0.0.1");
+        }
+        let mut req = req.body(axum::body::Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let app = app.clone();
+        async move { timeout(WAIT, app.oneshot(req)).await.unwrap().unwrap() }
+    };
+    for peer in [
+        "192.0.2.7:40000",
+        "[2001:db8::7]:40000",
+        "[::ffff:192.0.2.7]:1",
+    ] {
+        for spoof in [false, true] {
+            let res = keys_from(peer, spoof).await;
+            assert_eq!(res.status(), 403, "{peer} (spoofed: {spoof})");
+        }
+    }
+    for peer in ["127.0.0.1:40000", "[::1]:40000", "[::ffff:127.0.0.1]:40000"] {
+        assert_eq!(keys_from(peer, false).await.status(), 200, "{peer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_and_their_encodings_never_reach_the_upstream() {
+    let (upstream, seen) = echo_upstream().await;
+    let layer = KeyFallbackLayer::new(KeySet::new(["gsk_gateway_path_key"]).unwrap());
+    let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
+    let addr = serve(gateway::app(base, layer, &settings())).await;
+    let host = format!("127.0.0.1:{}", addr.port());
+    let absolute = format!("http://{host}/openai/v1/../admin/secret");
+
+    let targets = [
+        // The issue's three forms.
+        "/openai/v1/../../admin/secret",
+        "/openai/v1/%2e%2e/%2e%2e/admin/secret",
+        "/openai/v1/..%2f..%2fadmin/secret",
+        // Their cousins: case, half-encoded, single dots, trailing, slashes and backslashes.
+        "/openai/v1/%2E%2E/admin/secret",
+        "/openai/v1/..%2F..%2Fadmin/secret",
+        "/openai/v1/.%2e/admin",
+        "/openai/v1/%2e./admin",
+        "/openai/v1/./models",
+        "/openai/v1/%2e/models",
+        "/openai/v1/chat/completions/..",
+        "/openai/v1/..",
+        "/openai/v1/models/%2f..",
+        "/openai/v1/models%2f..%2f..%2fadmin",
+        "/openai/v1/files/a%2fb",
+        "/openai/v1/..%5c..%5cadmin",
+        "/openai/v1/models\\..\\admin",
+        // Encoded twice or more, and a path parameter after the dots.
+        "/openai/v1/%252e%252e/admin",
+        "/openai/v1/%25252e%25252e/admin",
+        "/openai/v1/..%252fadmin",
+        "/openai/v1/%2525252e%2525252e/admin",
+        "/openai/v1/..;/admin",
+        // A control character.
+        "/openai/v1/models%00.json",
+        absolute.as_str(),
+    ];
+    for target in targets {
+        for method in ["GET", "POST"] {
+            let res = raw(addr, &head(method, target, &[("Host", &host)])).await;
+            // hyper passes each of these on as it came: the gateway refuses them itself.
+            assert_eq!(res.status, 400, "{method} {target}: {res:?}");
+            assert_eq!(res.code(), "invalid_path", "{target}: {res:?}");
+            assert!(!res.body.contains("admin"), "the path is echoed: {res:?}");
+        }
+    }
+    assert_eq!(*seen.lock().unwrap(), Vec::<String>::new());
+
+    // Dots inside a segment, and dots in the query, are nothing special.
+    let target = "/openai/v1/models/llama-3.1.json?after=../x";
+    let res = raw(addr, &head("GET", target, &[("Host", &host)])).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(*seen.lock().unwrap(), vec![format!("GET {target}")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_that_does_not_arrive_is_cut_off() {
+    let settings = gateway::Settings {
+        header_timeout: SHORT,
+        ..settings()
+    };
+    let (upstream, seen) = echo_upstream().await;
+    let layer = KeyFallbackLayer::new(KeySet::new(["gsk_gateway_head_key"]).unwrap());
+    let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
+    let addr = serve_with(gateway::app(base, layer, &settings), &settings).await;
+
+    // Half a head, then nothing; and nothing at all.
+    for sent in [
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+        "",
+    ] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(sent.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let answer = read_until_closed(&mut stream, CUT_OFF).await;
+        let answer = answer.unwrap_or_else(|| {
+            panic!("still open after {CUT_OFF:?} with a 200 ms header timeout: {sent:?}")
+        });
+        // Closed, with nothing forwarded; hyper closes without an answer (at most a 408).
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "{text}"
+        );
+        assert!(started.elapsed() < CUT_OFF);
+    }
+    assert!(seen.lock().unwrap().is_empty());
+
+    // A whole head within the time is served as usual.
+    let res = raw(
+        addr,
+        &head("GET", "/openai/v1/models", &[("Host", "127.0.0.1")]),
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+
+    // The bound is on the head only: a streamed answer that takes longer than it (9 events
+    // 60 ms apart) comes through whole.
+    let ok = "gsk_gateway_head_stream";
+    let setup = start_with(&[("GROQ_API_KEY", ok, Behavior::Ok)], &settings).await;
+    let started = Instant::now();
+    let (status, _, body) = setup.call("POST", CHAT, full(chat_body(true))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(started.elapsed() > SHORT, "{:?}", started.elapsed());
+    assert_eq!(setup.provider.stats().key(ok).streamed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_does_not_arrive_gets_a_408() {
+    let settings = gateway::Settings {
+        body_timeout: SHORT,
+        ..settings()
+    };
+    let (upstream, seen) = echo_upstream().await;
+    let layer = KeyFallbackLayer::new(KeySet::new(["gsk_gateway_body_key"]).unwrap());
+    let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
+    let addr = serve_with(gateway::app(base, layer, &settings), &settings).await;
+
+    // 1000 bytes declared; none sent, or ten. The connection is not closed by the client.
+    for sent in ["", "{\"model\":"] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: 1000\r\n\r\n{sent}"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let answer = read_until_closed(&mut stream, CUT_OFF).await;
+        let answer = answer.unwrap_or_else(|| {
+            panic!("no answer within {CUT_OFF:?} with a 200 ms body timeout: {sent:?}")
+        });
+        assert!(started.elapsed() < CUT_OFF);
+        let res = parse_raw(&answer);
+        assert_eq!(res.status, 408, "{res:?}");
+        assert_eq!(res.code(), "request_timeout", "{res:?}");
+        assert_eq!(res.header("connection"), Some("close"), "{res:?}");
+    }
+    assert!(seen.lock().unwrap().is_empty());
+
+    // A body that comes in time is forwarded.
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(format!("http://{addr}/openai/v1/embeddings"))
+        .body(Full::new(Bytes::from_static(b"{\"input\":\"hi\"}")))
+        .unwrap();
+    let res = timeout(WAIT, client.request(req)).await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+/// `Command::parse` with these arguments and only these variables.
+fn parse_command(args: &[&str], env: &[(&str, &str)]) -> Result<gateway::Command, String> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    gateway::Command::parse(args.iter().map(|a| a.to_string()), move |k| {
+        env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    })
+}
+
+/// [`parse_command`] with an upstream, expecting a configuration.
+fn config(args: &[&str], env: &[(&str, &str)]) -> gateway::Config {
+    let mut env = env.to_vec();
+    env.push(("UPSTREAM_URL", "http://127.0.0.1:9000"));
+    match parse_command(args, &env) {
+        Ok(gateway::Command::Run(config)) => *config,
+        other => panic!("{args:?} {env:?}: {other:?}"),
+    }
+}
+
+/// [`parse_command`] with an upstream, expecting an error.
+fn config_error(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut env = env.to_vec();
+    env.push(("UPSTREAM_URL", "http://127.0.0.1:9000"));
+    match parse_command(args, &env) {
+        Err(message) => message,
+        other => panic!("{args:?} {env:?}: {other:?}"),
+    }
+}
+
+#[test]
+fn the_protections_on_the_command_line() {
+    use gateway::{Admin, AdminToken, AllowedHosts};
+    // The defaults: loopback hosts, no same-site pages, loopback-only admin, 10 s and 30 s.
+    let defaults = config(&[], &[]);
+    assert_eq!(defaults.allowed_hosts, AllowedHosts::loopback());
+    assert!(!defaults.allow_same_site);
+    assert_eq!(defaults.admin, Admin::LoopbackOnly);
+    assert_eq!(defaults.admin_token_env, "GATEWAY_ADMIN_TOKEN");
+    assert_eq!(defaults.header_timeout, Duration::from_secs(10));
+    assert_eq!(defaults.body_timeout, Duration::from_secs(30));
+    assert_eq!(defaults.settings(), gateway::Settings::default());
+
+    // Allowed hosts from the variable, comma-separated; the flags, repeated, replace it.
+    let hosts = config(
+        &[],
+        &[(
+            "GATEWAY_ALLOWED_HOSTS",
+            " a.test, B.test:8443,,[fd00::1],10.0.0.5 ",
+        )],
+    )
+    .allowed_hosts;
+    for served in [
+        "a.test",
+        "a.test:1",
+        "b.test:8443",
+        "[fd00::1]:5",
+        "10.0.0.5:8080",
+    ] {
+        assert!(hosts.allows(served), "{served}");
+    }
+    for refused in ["b.test", "b.test:80", "c.test", "evil.example", "0.0.0.0"] {
+        assert!(!hosts.allows(refused), "{refused}");
+    }
+    assert!(hosts.allows("localhost:8080") && hosts.allows("[::1]"));
+    let flagged = config(
+        &["--allowed-host", "c.test", "--allowed-host=fd00::2"],
+        &[("GATEWAY_ALLOWED_HOSTS", "a.test")],
+    )
+    .allowed_hosts;
+    assert!(flagged.allows("c.test") && flagged.allows("[fd00::2]:8080"));
+    assert!(!flagged.allows("a.test"));
+    assert!(config_error(&["--allowed-host", "http://x.test"], &[]).contains("URL"));
+    assert!(config_error(&["--allowed-host", "a b"], &[]).contains("not a host name"));
+    assert!(config_error(&["--allowed-host"], &[]).contains("needs"));
+
+    assert!(config(&["--allow-same-site"], &[]).allow_same_site);
+    assert!(config(&[], &[("GATEWAY_ALLOW_SAME_SITE", "1")]).allow_same_site);
+    assert!(config_error(&[], &[("GATEWAY_ALLOW_SAME_SITE", "maybe")]).contains("maybe"));
+
+    // Timeouts: ms, s, m or bare seconds; flags over variables; zero and nonsense refused.
+    let timed = config(&["--header-timeout", "250ms", "--body-timeout=2m"], &[]);
+    assert_eq!(timed.header_timeout, Duration::from_millis(250));
+    assert_eq!(timed.body_timeout, Duration::from_secs(120));
+    let timed = config(
+        &["--body-timeout", "5s"],
+        &[
+            ("GATEWAY_HEADER_TIMEOUT", "3"),
+            ("GATEWAY_BODY_TIMEOUT", "9s"),
+        ],
+    );
+    assert_eq!(timed.header_timeout, Duration::from_secs(3));
+    assert_eq!(timed.body_timeout, Duration::from_secs(5));
+    assert_eq!(timed.settings().body_timeout, Duration::from_secs(5));
+    for bad in ["0", "0ms", "10h", "abc", "-1s", "1.5s", ""] {
+        let message = config_error(&["--header-timeout", bad], &[]);
+        assert!(message.contains("--header-timeout"), "{bad}: {message}");
+    }
+
+    // The admin token: from GATEWAY_ADMIN_TOKEN or the variable named, trimmed, never shown.
+    let secret = "gw-cli-admin-token-77d1";
+    let with_token = config(&[], &[("GATEWAY_ADMIN_TOKEN", &format!(" {secret}\n"))]);
+    assert_eq!(
+        with_token.admin,
+        Admin::Token(AdminToken::new(secret).unwrap())
+    );
+    assert_ne!(
+        with_token.admin,
+        Admin::Token(AdminToken::new("gw-cli-admin-token-77d2").unwrap())
+    );
+    assert!(
+        !format!("{with_token:?}").contains(secret),
+        "{with_token:?}"
+    );
+    assert!(!format!("{:?}", with_token.settings()).contains(secret));
+    let named = config(
+        &["--admin-token-env", "MY_GATEWAY_TOKEN"],
+        &[
+            ("MY_GATEWAY_TOKEN", secret),
+            ("GATEWAY_ADMIN_TOKEN", "other"),
+        ],
+    );
+    assert_eq!(named.admin, Admin::Token(AdminToken::new(secret).unwrap()));
+    assert_eq!(named.admin_token_env, "MY_GATEWAY_TOKEN");
+    let missing = config_error(&["--admin-token-env", "MY_GATEWAY_TOKEN"], &[]);
+    assert!(
+        missing.contains("MY_GATEWAY_TOKEN") && missing.contains("not set"),
+        "{missing}"
+    );
+    let empty = config_error(&[], &[("GATEWAY_ADMIN_TOKEN", "  ")]);
+    assert!(
+        empty.contains("GATEWAY_ADMIN_TOKEN") && empty.contains("empty"),
+        "{empty}"
+    );
+    let spaced = config_error(&[], &[("GATEWAY_ADMIN_TOKEN", "secret with spaces")]);
+    assert!(spaced.contains("GATEWAY_ADMIN_TOKEN"), "{spaced}");
+    assert!(
+        !spaced.contains("secret"),
+        "the value is in the error: {spaced}"
+    );
+
+    // The comparison itself.
+    let token = AdminToken::new(secret).unwrap();
+    assert!(token.matches(secret.as_bytes()));
+    for wrong in [
+        "",
+        "gw",
+        "gw-cli-admin-token-77d",
+        "gw-cli-admin-token-77d1x",
+        "GW-CLI-ADMIN-TOKEN-77D1",
+    ] {
+        assert!(!token.matches(wrong.as_bytes()), "{wrong}");
+    }
+    assert_eq!(format!("{token:?}"), "AdminToken(..)");
+
+    // Paths: what is refused, and what is not.
+    assert_eq!(gateway::unsafe_path("/openai/v1/chat/completions"), None);
+    assert_eq!(
+        gateway::unsafe_path("/openai/v1/models/llama-3.1.json"),
+        None
+    );
+    assert_eq!(gateway::unsafe_path("/openai/v1/models/a%20b"), None);
+    assert_eq!(gateway::unsafe_path("/openai/v1/files/100%"), None);
+    for bad in [
+        "/a/../b",
+        "/a/%2e%2E/b",
+        "/a/..%2fb",
+        "/a/%5cb",
+        "/a/%252e%252e",
+        "/a/.;x",
+    ] {
+        let reason = gateway::unsafe_path(bad).unwrap_or_else(|| panic!("{bad} passes"));
+        assert!(!reason.contains(bad), "{reason}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_guards_itself_as_configured() {
+    const TOKEN: &str = "gw-binary-admin-token-93ab";
+    let bin = gateway_binary();
+    let provider = FakeProvider::builder()
+        .key("gsk_binary_guard_key", Behavior::Ok)
+        .build();
+    let upstream = provider.serve_ephemeral().await.unwrap();
+    let mut command = Command::new(&bin);
+    command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--keys-env",
+            "GATEWAY_TEST_KEY",
+            "--allowed-host",
+            "gateway.test",
+            "--admin-token-env",
+            "GATEWAY_TEST_ADMIN_TOKEN",
+            "--header-timeout",
+            "200ms",
+            "--body-timeout",
+            "200ms",
+        ])
+        .env("UPSTREAM_URL", upstream.url(""))
+        .env("GATEWAY_TEST_KEY", "gsk_binary_guard_key")
+        .env("GATEWAY_TEST_ADMIN_TOKEN", TOKEN);
+    clear_gateway_env(&mut command);
+    let running = launch(command);
+    let addr = running.addr;
+    let banner = &running.banner;
+    assert!(
+        banner.contains(
+            "admin endpoints /keys: need Authorization: Bearer with the token in \
+             GATEWAY_TEST_ADMIN_TOKEN"
+        ),
+        "{banner}"
+    );
+    assert!(
+        banner.contains("serving Host: localhost, loopback addresses, gateway.test"),
+        "{banner}"
+    );
+    assert!(!banner.contains(TOKEN), "{banner}");
+
+    // The admin token, the allowed host, and the refusals.
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, _, body) = request(addr, "GET", "/keys", &[]).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _, body) = request(addr, "GET", "/keys", &[("authorization", &bearer)]).await;
+    assert_eq!(status, 200, "{body}");
+    let as_host = |host: &str| {
+        head(
+            "GET",
+            "/keys",
+            &[("Host", host), ("Authorization", &bearer)],
+        )
+    };
+    assert_eq!(raw(addr, &as_host("gateway.test:8080")).await.status, 200);
+    assert_eq!(raw(addr, &as_host("evil.example")).await.status, 421);
+    let cross = head(
+        "POST",
+        CHAT,
+        &[("Host", "127.0.0.1"), ("Origin", "http://evil.example")],
+    );
+    assert_eq!(raw(addr, &cross).await.status, 403);
+    let dots = head("GET", "/openai/v1/%2e%2e/admin", &[("Host", "127.0.0.1")]);
+    assert_eq!(raw(addr, &dots).await.status, 400);
+    assert_eq!(provider.stats().total().requests, 0);
+
+    // The timeouts: half a head is cut off, a missing body gets a 408.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET /keys HTTP/1.1\r\nHo").await.unwrap();
+    assert!(read_until_closed(&mut stream, CUT_OFF).await.is_some());
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let post = format!("POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n");
+    stream.write_all(post.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut stream, CUT_OFF).await.unwrap();
+    assert_eq!(parse_raw(&answer).status, 408);
+
+    // And the API itself.
+    let (status, body) = post_chat(addr).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(provider.stats().total().requests, 1);
+    assert!(!running.stderr.lock().unwrap().contains(TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stops_when_told() {
+    let layer = KeyFallbackLayer::new(KeySet::new(["gsk_gateway_stop_key"]).unwrap());
+    let (upstream, _) = echo_upstream().await;
+    let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
+    let app = gateway::app(base, layer, &settings());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        gateway::serve(listener, app, &settings(), shutdown).await
+    });
+    let (status, _, body) = request(addr, "GET", "/keys", &[]).await;
+    assert_eq!(status, 200, "{body}");
+
+    stop.send(()).unwrap();
+    timeout(WAIT, server)
+        .await
+        .expect("serve returns once told to stop")
+        .unwrap()
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
 }
