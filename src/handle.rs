@@ -9,8 +9,10 @@ use crate::keys::{check_secret, fingerprint};
 use crate::layer::Shared;
 use crate::pool::Generation;
 
-/// Why a key is cooling down.
+/// Why a key is cooling down. In JSON (feature `serde`): `rate_limited`, `quota_exhausted`,
+/// `limit_reached`, `errors` or `manual`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum CooldownReason {
     /// A short-window rate limit (429).
@@ -56,8 +58,9 @@ impl CooldownReason {
     }
 }
 
-/// Why a key is disabled.
+/// Why a key is disabled. In JSON (feature `serde`): `invalid_key` or `manual`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum DisableReason {
     /// The provider rejected the key (401, 403, an invalid-key body).

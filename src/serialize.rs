@@ -1,7 +1,7 @@
 //! `serde::Serialize` for the status types (feature `serde`).
 //!
-//! Written by hand rather than derived: the shape is flat and stable (a key's state is
-//! three fields of the key, not a nested enum), and the crate gains no proc-macro to build.
+//! Derived on flat views: a key's state is three fields of the key, not a nested enum, so the
+//! JSON stays flat and stable.
 //!
 //! ```json
 //! {"keys":[{"label":"GROQ_API_KEY","fingerprint":"fp:dac15746d9bd6510","state":"cooling_down",
@@ -15,91 +15,105 @@
 
 use std::time::Duration;
 
-use serde::ser::{Serialize, SerializeStruct, Serializer};
+use serde::{Serialize, Serializer};
 
-use crate::handle::{CooldownReason, DisableReason, KeyState, KeyStatus, PoolStatus};
-
-/// `rate_limited`, `quota_exhausted`, `limit_reached`, `errors` or `manual`.
-impl Serialize for CooldownReason {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
-
-/// `invalid_key` or `manual`.
-impl Serialize for DisableReason {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
+use crate::handle::{KeyState, KeyStatus, PoolStatus};
 
 /// Milliseconds, rounded up: a key that is still cooling never shows 0.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
-/// The three fields a state is written as: `state`, `reason`, `remaining_ms`.
-fn state_fields(state: &KeyState) -> (&'static str, Option<&'static str>, Option<u64>) {
-    match state {
-        KeyState::Active => ("active", None, None),
-        KeyState::CoolingDown { remaining, reason } => (
-            "cooling_down",
-            Some(reason.as_str()),
-            Some(millis(*remaining)),
-        ),
-        KeyState::Disabled { reason } => ("disabled", Some(reason.as_str()), None),
+/// A state as its three fields: `{"state":"cooling_down","reason":"rate_limited",
+/// "remaining_ms":5321}`; `state` is `active`, `cooling_down` or `disabled`.
+#[derive(Serialize)]
+struct StateView {
+    state: &'static str,
+    reason: Option<&'static str>,
+    remaining_ms: Option<u64>,
+}
+
+impl From<&KeyState> for StateView {
+    fn from(state: &KeyState) -> Self {
+        let (state, reason, remaining_ms) = match state {
+            KeyState::Active => ("active", None, None),
+            KeyState::CoolingDown { remaining, reason } => (
+                "cooling_down",
+                Some(reason.as_str()),
+                Some(millis(*remaining)),
+            ),
+            KeyState::Disabled { reason } => ("disabled", Some(reason.as_str()), None),
+        };
+        StateView {
+            state,
+            reason,
+            remaining_ms,
+        }
     }
 }
 
-/// `{"state":"cooling_down","reason":"rate_limited","remaining_ms":5321}`; `state` is
-/// `active`, `cooling_down` or `disabled`.
-impl Serialize for KeyState {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let (state, reason, remaining_ms) = state_fields(self);
-        let mut s = serializer.serialize_struct("KeyState", 3)?;
-        s.serialize_field("state", state)?;
-        s.serialize_field("reason", &reason)?;
-        s.serialize_field("remaining_ms", &remaining_ms)?;
-        s.end()
-    }
-}
-
-/// The label, the fingerprint, the state's three fields, whether the cooldown was capped,
-/// the counters and `available`.
-impl Serialize for KeyStatus {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let (state, reason, remaining_ms) = state_fields(&self.state);
-        let mut s = serializer.serialize_struct("KeyStatus", 12)?;
-        s.serialize_field("label", &self.label)?;
-        s.serialize_field("fingerprint", &self.fingerprint)?;
-        s.serialize_field("state", state)?;
-        s.serialize_field("reason", &reason)?;
-        s.serialize_field("remaining_ms", &remaining_ms)?;
-        s.serialize_field("cooldown_capped", &self.cooldown_capped)?;
-        s.serialize_field("requests", &self.requests)?;
-        s.serialize_field("successes", &self.successes)?;
-        s.serialize_field("errors", &self.errors)?;
-        s.serialize_field("rate_limited", &self.rate_limited)?;
-        s.serialize_field("consecutive_errors", &self.consecutive_errors)?;
-        s.serialize_field("available", &self.is_available())?;
-        s.end()
-    }
+/// A key: the label, the fingerprint, the state's three fields, whether the cooldown was
+/// capped, the counters and `available`.
+#[derive(Serialize)]
+struct KeyView<'a> {
+    label: &'a str,
+    fingerprint: &'a str,
+    #[serde(flatten)]
+    state: StateView,
+    cooldown_capped: bool,
+    requests: u64,
+    successes: u64,
+    errors: u64,
+    rate_limited: u64,
+    consecutive_errors: u32,
+    available: bool,
 }
 
 /// `{"keys":[…],"available":2}`: every key in priority order, and how many are usable.
+#[derive(Serialize)]
+struct PoolView<'a> {
+    keys: &'a [KeyStatus],
+    available: usize,
+}
+
+impl Serialize for KeyState {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        StateView::from(self).serialize(serializer)
+    }
+}
+
+impl Serialize for KeyStatus {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        KeyView {
+            label: &self.label,
+            fingerprint: &self.fingerprint,
+            state: StateView::from(&self.state),
+            cooldown_capped: self.cooldown_capped,
+            requests: self.requests,
+            successes: self.successes,
+            errors: self.errors,
+            rate_limited: self.rate_limited,
+            consecutive_errors: self.consecutive_errors,
+            available: self.is_available(),
+        }
+        .serialize(serializer)
+    }
+}
+
 impl Serialize for PoolStatus {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut s = serializer.serialize_struct("PoolStatus", 2)?;
-        s.serialize_field("keys", &self.keys)?;
-        s.serialize_field("available", &self.available())?;
-        s.end()
+        PoolView {
+            keys: &self.keys,
+            available: self.available(),
+        }
+        .serialize(serializer)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{KeyFallbackLayer, KeySet};
+    use crate::{CooldownReason, DisableReason, KeyFallbackLayer, KeySet};
 
     fn key(label: &str, state: KeyState) -> KeyStatus {
         KeyStatus {
