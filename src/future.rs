@@ -1,8 +1,9 @@
-//! The per-request path, top to bottom: pick a key, keep a copy if another key could serve,
-//! set the credential, call; classify the answer (reading a bounded prefix of an error body
-//! when the head is not enough); record the verdict on the key; hand back the response, or
-//! ready the service again and replay the copy with the next key, or give up with
-//! [`Exhausted`](crate::Exhausted).
+//! The per-request path of the tower service, top to bottom: pick a key, keep a copy if
+//! another key could serve, set the credential, call; classify the answer (reading a bounded
+//! prefix of an error body when the head is not enough); then do what the [`Driver`]
+//! decides: hand the response back, ready the service again and replay the copy with the
+//! next key, or give up with [`Exhausted`](crate::Exhausted). This file does the I/O; every
+//! decision is the driver's.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,15 +15,12 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::attempts::{
-    self, proxy_answer, unreachable_answer, verdict_name, AfterError, Attempts, Inspection,
-    NoReplay,
-};
-use crate::body::{
-    boxed, try_clone_request, Buffered, ExhaustedBody, KeyFallbackBody, TryCloneBody,
-};
-use crate::classify::{HeadVerdict, Verdict};
-use crate::error::BoxError;
+use crate::answer::{proxy_answer, unreachable_answer};
+use crate::body::{boxed, try_clone_request, Buffered, KeyFallbackBody, TryCloneBody};
+use crate::classify::HeadVerdict;
+use crate::driver::{Driver, Last, Step};
+use crate::error::{BoxError, Exhausted};
+use crate::inspect::Inspection;
 use crate::layer::Shared;
 
 pin_project! {
@@ -35,13 +33,11 @@ pin_project! {
         state: State<S::Future>,
         shared: Arc<Shared>,
         // The keys this request has used; `None` when no key was usable at all.
-        attempts: Option<Attempts>,
+        driver: Option<Driver>,
         // A clone of the inner service for replays; `None` when no replay can happen.
         svc: Option<S>,
         // A copy of the request for the next replay; `None` when no replay can happen.
         backup: Option<Request<B>>,
-        // The last key fault, kept in case no key is left to replay with.
-        last: Option<Last>,
     }
 }
 
@@ -55,23 +51,13 @@ pin_project! {
         Inspecting { inspect: Option<Box<Inspection>> },
         // Driving the service clone to readiness before replaying with the next key.
         Readying,
-        // No key can serve: answer on the next poll.
-        Exhausted,
+        // No key is usable: answer on the first poll.
+        Unsent,
         Done,
     }
 }
 
-/// The last key fault of a request.
-enum Last {
-    Response(Box<Response<Buffered>>),
-    Error(BoxError),
-}
-
-/// A response body before it is handed on: untouched, or partly read for inspection.
-enum Raw<B> {
-    Passthrough(B),
-    Read(Buffered),
-}
+type Output<ResB> = Result<Response<KeyFallbackBody<ResB>>, BoxError>;
 
 impl<S, B> ResponseFuture<S, B>
 where
@@ -83,20 +69,18 @@ where
         S: Clone,
         B: TryCloneBody,
     {
-        let Some(mut attempts) = Attempts::first(shared) else {
+        let Some(mut driver) = Driver::start(shared) else {
             return ResponseFuture {
-                state: State::Exhausted,
+                state: State::Unsent,
                 shared: shared.clone(),
-                attempts: None,
+                driver: None,
                 svc: None,
                 backup: None,
-                last: None,
             };
         };
-        // Keep a copy only when another key could serve if this one fails.
-        let backup = attempts.keep_copy(shared, || try_clone_request(&req));
+        let backup = driver.first_copy(shared, &req, try_clone_request);
         let svc = backup.as_ref().map(|_| inner.clone());
-        if let Some(key) = attempts.prepare(shared, req.headers_mut()) {
+        if let Some(key) = driver.prepare(shared, req.headers_mut()) {
             req.extensions_mut().insert(key);
         }
         ResponseFuture {
@@ -104,10 +88,9 @@ where
                 fut: inner.call(req),
             },
             shared: shared.clone(),
-            attempts: Some(attempts),
+            driver: Some(driver),
             svc,
             backup,
-            last: None,
         }
     }
 }
@@ -120,17 +103,18 @@ where
     ResB: Body + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    type Output = Result<Response<KeyFallbackBody<ResB>>, BoxError>;
+    type Output = Output<ResB>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
         loop {
-            let mut this = self.as_mut().project();
             let shared = &**this.shared;
+            let has_copy = this.backup.is_some();
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
                     let result = ready!(fut.poll(cx));
                     this.state.set(State::Done);
-                    let attempts = this.attempts.as_mut().expect("attempts while calling");
+                    let driver = this.driver.as_mut().expect("a driver while calling");
                     let res = match result {
                         Ok(res) => res,
                         Err(err) => {
@@ -138,51 +122,66 @@ where
                             if !shared.transport_errors {
                                 return Poll::Ready(Err(err));
                             }
-                            match attempts.after_error(shared, &err, this.backup.is_some()) {
-                                AfterError::Replay => {
+                            match driver.on_error(shared, &err, has_copy) {
+                                Step::Replay => {
                                     this.state.set(State::Readying);
                                     continue;
                                 }
-                                AfterError::GiveBack if shared.exhausted_response => {
+                                Step::HandBack if shared.exhausted_response => {
                                     let res = unreachable_answer(&*err);
                                     return Poll::Ready(Ok(res.map(KeyFallbackBody::full)));
                                 }
-                                AfterError::GiveBack => return Poll::Ready(Err(err)),
-                                AfterError::Exhausted => {
-                                    *this.last = Some(Last::Error(err));
-                                    return Poll::Ready(self.exhausted());
+                                Step::HandBack => return Poll::Ready(Err(err)),
+                                Step::GiveUp => {
+                                    let exhausted = driver.give_up(shared, Last::Error(err));
+                                    return Poll::Ready(give_up(shared, exhausted));
                                 }
                             }
                         }
                     };
+                    let status = res.status().as_u16();
                     let verdict = match shared.classifier.classify_head(res.status(), res.headers())
                     {
-                        // The common case, kept short: the key served.
-                        HeadVerdict::Done(Verdict::Success) => {
-                            attempts.record(shared, res.status().as_u16(), Verdict::Success);
-                            return Poll::Ready(Ok(res.map(KeyFallbackBody::passthrough)));
-                        }
                         HeadVerdict::Done(verdict) => verdict,
                         HeadVerdict::InspectBody => {
                             let (parts, body) = res.into_parts();
-                            let inspect =
-                                Inspection::new(this.shared, attempts, parts, boxed(body));
+                            let inspect = Inspection::new(this.shared, driver, parts, boxed(body));
                             this.state.set(State::Inspecting {
                                 inspect: Some(Box::new(inspect)),
                             });
                             continue;
                         }
                     };
-                    if let Some(done) = self.as_mut().settle(verdict, res.map(Raw::Passthrough)) {
-                        return Poll::Ready(done);
+                    // A success (the common case) is handed back untouched.
+                    match driver.on_answer(shared, status, verdict, has_copy) {
+                        Step::HandBack => {
+                            return Poll::Ready(Ok(res.map(KeyFallbackBody::passthrough)));
+                        }
+                        // The response is moot: dropping it frees the connection (or
+                        // closes it, if the body was not read whole).
+                        Step::Replay => this.state.set(State::Readying),
+                        Step::GiveUp => {
+                            let res = res.map(|b| Buffered::rest(boxed(b)));
+                            let exhausted = driver.give_up(shared, Last::Response(Box::new(res)));
+                            return Poll::Ready(give_up(shared, exhausted));
+                        }
                     }
                 }
                 StateProj::Inspecting { inspect } => {
                     ready!(inspect.as_mut().expect("inspecting").poll_read(cx));
                     let (verdict, res) = inspect.take().expect("inspecting").finish();
                     this.state.set(State::Done);
-                    if let Some(done) = self.as_mut().settle(verdict, res.map(Raw::Read)) {
-                        return Poll::Ready(done);
+                    let driver = this.driver.as_mut().expect("a driver while inspecting");
+                    let status = res.status().as_u16();
+                    match driver.on_answer(shared, status, verdict, has_copy) {
+                        Step::HandBack => {
+                            return Poll::Ready(Ok(res.map(KeyFallbackBody::buffered)));
+                        }
+                        Step::Replay => this.state.set(State::Readying),
+                        Step::GiveUp => {
+                            let exhausted = driver.give_up(shared, Last::Response(Box::new(res)));
+                            return Poll::Ready(give_up(shared, exhausted));
+                        }
                     }
                 }
                 StateProj::Readying => {
@@ -191,22 +190,17 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Err(err.into()));
                     }
-                    let attempts = this.attempts.as_mut().expect("attempts while replaying");
-                    let backup = this.backup.as_ref().expect("backup kept for replay");
-                    // Copy again if yet another key could follow; else send the copy itself.
-                    let mut req = match attempts.keep_copy(shared, || try_clone_request(backup)) {
-                        Some(copy) => copy,
-                        None => this.backup.take().expect("backup kept for replay"),
-                    };
-                    if let Some(key) = attempts.prepare(shared, req.headers_mut()) {
+                    let driver = this.driver.as_mut().expect("a driver while replaying");
+                    let mut req = driver.next_request(shared, this.backup, try_clone_request);
+                    if let Some(key) = driver.prepare(shared, req.headers_mut()) {
                         req.extensions_mut().insert(key);
                     }
                     let fut = svc.call(req);
                     this.state.set(State::Calling { fut });
                 }
-                StateProj::Exhausted => {
+                StateProj::Unsent => {
                     this.state.set(State::Done);
-                    return Poll::Ready(self.exhausted());
+                    return Poll::Ready(give_up(shared, Driver::give_up_unsent(shared)));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
@@ -214,64 +208,10 @@ where
     }
 }
 
-impl<S, B, ResB> ResponseFuture<S, B>
-where
-    S: Service<Request<B>, Response = Response<ResB>>,
-    ResB: Body + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    /// Records a verdict and decides: hand this response back (`Some`), or replay (`None`).
-    fn settle(
-        mut self: Pin<&mut Self>,
-        verdict: Verdict,
-        res: Response<Raw<ResB>>,
-    ) -> Option<Result<Response<KeyFallbackBody<ResB>>, BoxError>> {
-        let mut this = self.as_mut().project();
-        let shared = &**this.shared;
-        let attempts = this.attempts.as_mut().expect("attempts while settling");
-        attempts.record(shared, res.status().as_u16(), verdict);
-        let hand_back = |res: Response<Raw<ResB>>| {
-            Some(Ok(res.map(|b| match b {
-                Raw::Passthrough(b) => KeyFallbackBody::passthrough(b),
-                Raw::Read(b) => KeyFallbackBody::buffered(b),
-            })))
-        };
-        if !verdict.is_key_fault() {
-            return hand_back(res);
-        }
-        match attempts.advance(shared, this.backup.is_some(), verdict_name(verdict)) {
-            // The response is moot: dropping it frees the connection (or closes it, if the
-            // body was not read whole).
-            Ok(()) => {
-                this.state.set(State::Readying);
-                None
-            }
-            Err(NoReplay::BodyNotReplayable) => hand_back(res),
-            Err(NoReplay::NoKeyLeft) => {
-                let res = res.map(|b| match b {
-                    Raw::Passthrough(b) => Buffered::rest(boxed(b)),
-                    Raw::Read(b) => b,
-                });
-                *this.last = Some(Last::Response(Box::new(res)));
-                Some(self.exhausted())
-            }
-        }
+/// The answer when no key can serve: the `Exhausted` error, or a proxy's 429 or 502.
+fn give_up<ResB>(shared: &Shared, exhausted: Exhausted) -> Output<ResB> {
+    if shared.exhausted_response {
+        return Ok(proxy_answer(&exhausted).map(KeyFallbackBody::full));
     }
-
-    /// The answer when no key can serve: an `Exhausted` error, or a 429 response.
-    fn exhausted(self: Pin<&mut Self>) -> Result<Response<KeyFallbackBody<ResB>>, BoxError> {
-        let this = self.project();
-        let shared = &**this.shared;
-        let (last_response, last_error) = match this.last.take() {
-            Some(Last::Response(res)) => (Some(res.map(ExhaustedBody::new)), None),
-            Some(Last::Error(err)) => (None, Some(err)),
-            None => (None, None),
-        };
-        let count = this.attempts.as_ref().map_or(0, |a| a.count());
-        let exhausted = attempts::exhausted(shared, count, last_response, last_error);
-        if shared.exhausted_response {
-            return Ok(proxy_answer(&exhausted).map(KeyFallbackBody::full));
-        }
-        Err(Box::new(exhausted))
-    }
+    Err(Box::new(exhausted))
 }

@@ -12,7 +12,11 @@ use crate::pool::Generation;
 /// Why a key is cooling down. In JSON (feature `serde`): `rate_limited`, `quota_exhausted`,
 /// `limit_reached`, `errors` or `manual`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum CooldownReason {
     /// A short-window rate limit (429).
@@ -60,7 +64,11 @@ impl CooldownReason {
 
 /// Why a key is disabled. In JSON (feature `serde`): `invalid_key` or `manual`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize), serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "snake_case")
+)]
 #[non_exhaustive]
 pub enum DisableReason {
     /// The provider rejected the key (401, 403, an invalid-key body).

@@ -51,13 +51,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
-mod attempts;
+mod answer;
 mod body;
 mod classify;
+mod driver;
 mod error;
 mod errorbody;
 mod future;
 mod handle;
+mod inspect;
 mod keys;
 mod layer;
 mod parse;

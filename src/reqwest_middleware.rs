@@ -1,7 +1,6 @@
 //! [`KeyFallbackMiddleware`]: the key pool in a `reqwest_middleware` client stack.
 //!
-//! The walk over the keys is the tower service's own ([`Attempts`]); only the plumbing
-//! differs: a `reqwest::Request` is copied with `try_clone`, the next middleware is run once
+//! Every decision is the tower service's own ([`Driver`]); only the plumbing differs: a `reqwest::Request` is copied with `try_clone`, the next middleware is run once
 //! per attempt, and an inspected error body is handed back as a `reqwest::Response` that
 //! yields the bytes read for inspection and then the rest of the stream.
 
@@ -13,11 +12,13 @@ use ::reqwest_middleware::{Error, Middleware, Next, Result};
 use http::{Extensions, StatusCode};
 use reqwest::{Request, Response, ResponseBuilderExt, Url};
 
-use crate::attempts::{self, verdict_name, AfterError, Attempts, Inspection, NoReplay};
+use crate::answer;
 use crate::body::{boxed, Buffered, ExhaustedBody};
 use crate::classify::{HeadVerdict, Verdict};
+use crate::driver::{Driver, Last, Step};
 use crate::error::{BoxError, Exhausted};
 use crate::handle::KeyHandle;
+use crate::inspect::Inspection;
 use crate::layer::{KeyFallbackLayer, Shared};
 
 /// A [`reqwest_middleware`] [`Middleware`] that runs each request over a pool of API keys,
@@ -141,52 +142,38 @@ impl fmt::Debug for KeyFallbackMiddleware {
 /// A response before it is handed on: untouched, or with a prefix of its body read.
 enum Raw {
     Untouched(Response),
-    Read(Box<Read>),
-}
-
-/// A response whose body was partly read to classify it.
-struct Read {
-    parts: http::response::Parts,
-    url: Url,
-    body: Buffered,
+    Read(http::Response<Buffered>),
 }
 
 impl Raw {
     fn status(&self) -> StatusCode {
         match self {
             Raw::Untouched(res) => res.status(),
-            Raw::Read(read) => read.parts.status,
+            Raw::Read(res) => res.status(),
         }
     }
 
     /// The response as the caller gets it, every byte of the body included.
-    fn into_response(self) -> Response {
+    fn into_response(self, url: Url) -> Response {
         match self {
             Raw::Untouched(res) => res,
-            Raw::Read(read) => {
-                let Read {
-                    mut parts,
-                    url,
-                    body,
-                } = *read;
-                parts.extensions.extend(url_extension(url));
-                let body = reqwest::Body::wrap(ExhaustedBody::new(body));
-                Response::from(http::Response::from_parts(parts, body))
+            Raw::Read(res) => {
+                let mut res = res.map(|b| reqwest::Body::wrap(ExhaustedBody::new(b)));
+                res.extensions_mut().extend(url_extension(url));
+                Response::from(res)
             }
         }
     }
 
     /// The response as [`Exhausted`] carries it.
-    fn into_last(self) -> http::Response<ExhaustedBody> {
-        match self {
+    fn into_last(self) -> Last {
+        Last::Response(Box::new(match self {
             Raw::Untouched(res) => {
                 let res: http::Response<reqwest::Body> = res.into();
-                res.map(|b| ExhaustedBody::new(Buffered::rest(boxed(b))))
+                res.map(|b| Buffered::rest(boxed(b)))
             }
-            Raw::Read(read) => {
-                http::Response::from_parts(read.parts, ExhaustedBody::new(read.body))
-            }
-        }
+            Raw::Read(res) => res,
+        }))
     }
 }
 
@@ -200,12 +187,6 @@ fn url_extension(url: Url) -> Extensions {
         .unwrap_or_default()
 }
 
-/// The last key fault of a request.
-enum Last {
-    Response(Raw),
-    Error(BoxError),
-}
-
 #[async_trait::async_trait]
 impl Middleware for KeyFallbackMiddleware {
     async fn handle(
@@ -216,100 +197,78 @@ impl Middleware for KeyFallbackMiddleware {
     ) -> Result<Response> {
         let shared = &*self.shared;
         let url = req.url().clone();
-        let Some(mut attempts) = Attempts::first(shared) else {
-            return give_up(shared, 0, None, url);
+        let Some(mut driver) = Driver::start(shared) else {
+            return give_up(shared, Driver::give_up_unsent(shared), url);
         };
         // Keep a copy only when another key could serve if this one fails.
-        let mut backup = attempts.keep_copy(shared, || req.try_clone());
+        let mut backup = driver.first_copy(shared, &req, Request::try_clone);
         let mut req = req;
         loop {
-            if let Some(key) = attempts.prepare(shared, req.headers_mut()) {
+            if let Some(key) = driver.prepare(shared, req.headers_mut()) {
                 extensions.insert(key);
             }
-            let (verdict, raw) = match next.clone().run(req, extensions).await {
-                Ok(res) => classify(&self.shared, &attempts, res).await,
+            let has_copy = backup.is_some();
+            let (step, raw) = match next.clone().run(req, extensions).await {
+                Ok(res) => {
+                    let raw = classify(&self.shared, &driver, res).await;
+                    let (status, verdict) = (raw.0.status().as_u16(), raw.1);
+                    (driver.on_answer(shared, status, verdict, has_copy), raw.0)
+                }
                 Err(err) => {
                     if !shared.transport_errors {
                         return Err(err);
                     }
                     let err: BoxError = Box::new(err);
-                    match attempts.after_error(shared, &err, backup.is_some()) {
-                        AfterError::Replay => {
-                            req = next_request(shared, &mut attempts, &mut backup);
+                    match driver.on_error(shared, &err, has_copy) {
+                        Step::Replay => {
+                            req = driver.next_request(shared, &mut backup, Request::try_clone);
                             continue;
                         }
-                        AfterError::GiveBack if shared.exhausted_response => {
-                            return Ok(with_url(attempts::unreachable_answer(&*err), url));
+                        Step::HandBack if shared.exhausted_response => {
+                            return Ok(with_url(answer::unreachable_answer(&*err), url));
                         }
-                        AfterError::GiveBack => return Err(unbox(err)),
-                        AfterError::Exhausted => {
-                            return give_up(shared, attempts.count(), Some(Last::Error(err)), url)
+                        Step::HandBack => return Err(unbox(err)),
+                        Step::GiveUp => {
+                            return give_up(shared, driver.give_up(shared, Last::Error(err)), url)
                         }
                     }
                 }
             };
-            attempts.record(shared, raw.status().as_u16(), verdict);
-            if !verdict.is_key_fault() {
-                return Ok(raw.into_response());
-            }
-            match attempts.advance(shared, backup.is_some(), verdict_name(verdict)) {
+            match step {
+                Step::HandBack => return Ok(raw.into_response(url)),
                 // The response is moot: dropping it frees the connection (or closes it, if
                 // the body was not read whole).
-                Ok(()) => req = next_request(shared, &mut attempts, &mut backup),
-                Err(NoReplay::BodyNotReplayable) => return Ok(raw.into_response()),
-                Err(NoReplay::NoKeyLeft) => {
-                    return give_up(shared, attempts.count(), Some(Last::Response(raw)), url)
+                Step::Replay => req = driver.next_request(shared, &mut backup, Request::try_clone),
+                Step::GiveUp => {
+                    return give_up(shared, driver.give_up(shared, raw.into_last()), url)
                 }
             }
         }
-    }
-}
-
-/// The request for the next attempt: a copy of the backup if yet another key could follow,
-/// else the backup itself.
-fn next_request(shared: &Shared, attempts: &mut Attempts, backup: &mut Option<Request>) -> Request {
-    let kept = backup.as_ref().expect("a copy is kept for a replay");
-    match attempts.keep_copy(shared, || kept.try_clone()) {
-        Some(copy) => copy,
-        None => backup.take().expect("a copy is kept for a replay"),
     }
 }
 
 /// Classifies a response, reading a bounded prefix of its body (for a bounded time) when
 /// the head is not enough.
-async fn classify(shared: &Arc<Shared>, attempts: &Attempts, res: Response) -> (Verdict, Raw) {
+async fn classify(shared: &Arc<Shared>, driver: &Driver, res: Response) -> (Raw, Verdict) {
     match shared.classifier.classify_head(res.status(), res.headers()) {
-        HeadVerdict::Done(verdict) => (verdict, Raw::Untouched(res)),
+        HeadVerdict::Done(verdict) => (Raw::Untouched(res), verdict),
         HeadVerdict::InspectBody => {
-            let url = res.url().clone();
             let res: http::Response<reqwest::Body> = res.into();
             let (parts, body) = res.into_parts();
-            let mut inspection = Inspection::new(shared, attempts, parts, boxed(body));
+            let mut inspection = Inspection::new(shared, driver, parts, boxed(body));
             poll_fn(|cx| inspection.poll_read(cx)).await;
             let (verdict, res) = inspection.finish();
-            let (parts, body) = res.into_parts();
-            (verdict, Raw::Read(Box::new(Read { parts, url, body })))
+            (Raw::Read(res), verdict)
         }
     }
 }
 
-/// The answer when no key can serve: an [`Exhausted`] error, or a 429 response.
-fn give_up(shared: &Shared, count: u32, last: Option<Last>, url: Url) -> Result<Response> {
-    let (last_response, last_error) = match last {
-        Some(Last::Response(raw)) => (Some(raw.into_last()), None),
-        Some(Last::Error(err)) => (None, Some(err)),
-        None => (None, None),
-    };
-    let exhausted = attempts::exhausted(shared, count, last_response, last_error);
+/// The answer when no key can serve: the [`Exhausted`] error, or a proxy's 429 or 502.
+fn give_up(shared: &Shared, exhausted: Exhausted, url: Url) -> Result<Response> {
     if shared.exhausted_response {
-        return Ok(proxy_answer(&exhausted, url));
+        return Ok(with_url(answer::proxy_answer(&exhausted), url));
     }
     Err(Error::Middleware(anyhow::Error::new(exhausted)))
-}
-
-/// What a proxy answers when no key can serve: 502 or 429, as the tower service does.
-fn proxy_answer(exhausted: &Exhausted, url: Url) -> Response {
-    with_url(attempts::proxy_answer(exhausted), url)
 }
 
 /// A response the layer made, as a `reqwest::Response` for `url`.
@@ -319,7 +278,7 @@ fn with_url(res: http::Response<bytes::Bytes>, url: Url) -> Response {
     Response::from(res)
 }
 
-/// The client error boxed for [`Attempts::after_error`], given back.
+/// The client error boxed for [`Driver::on_error`], given back.
 fn unbox(err: BoxError) -> Error {
     match err.downcast::<Error>() {
         Ok(err) => *err,

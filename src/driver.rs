@@ -1,0 +1,310 @@
+//! One request's walk over the keys, as decisions without I/O: the adapters (the tower
+//! future, the reqwest middleware) tell the driver what happened (an answer and its verdict,
+//! a failed call, whether the request could be copied) and it answers what to do: hand the
+//! answer back, replay with the next key, or give up with [`Exhausted`]. Every decision of
+//! the per-request path is made here, once.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+
+use crate::body::{Buffered, ExhaustedBody};
+use crate::classify::{ErrorVerdict, Verdict};
+use crate::error::{BoxError, Exhausted};
+use crate::handle::{CooldownReason, DisableReason};
+use crate::keys::KeyInUse;
+use crate::layer::Shared;
+use crate::pool::{Cursor, Generation, Outcome};
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Hand the answer (or the error) back to the caller as it is.
+    HandBack,
+    /// Send the request again, with the key the driver moved to: ready the service, then
+    /// take the request from [`Driver::next_request`].
+    Replay,
+    /// No key is left: give up with [`Driver::give_up`], carrying the answer or error.
+    GiveUp,
+}
+
+/// The last answer of a request that no key could serve.
+pub(crate) enum Last {
+    Response(Box<http::Response<Buffered>>),
+    Error(BoxError),
+}
+
+/// The keys one request has used and may still use.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Driver {
+    cursor: Cursor,
+    key: usize,
+    /// The generation of the credential the current attempt was sent with.
+    generation: Generation,
+    count: u32,
+    /// The body could not be copied: the request is sent once, and its answer handed back.
+    sent_once: bool,
+    /// A lost connection was already tried once more.
+    lost_once: bool,
+}
+
+impl Driver {
+    /// Picks the first key, or `None` when no key is usable (then [`Driver::give_up_unsent`]).
+    pub(crate) fn start(shared: &Shared) -> Option<Driver> {
+        let mut cursor = shared.pool.cursor();
+        let key = shared.pool.pick(&mut cursor)?;
+        Some(Driver {
+            cursor,
+            key,
+            generation: Generation::Current,
+            count: 0,
+            sent_once: false,
+            lost_once: false,
+        })
+    }
+
+    /// Whether another key could still serve after the coming attempt, so that a copy of the
+    /// request is worth keeping.
+    fn copy_wanted(&self, shared: &Shared) -> bool {
+        self.count + 1 < shared.max_attempts && shared.pool.has_next(&self.cursor)
+    }
+
+    /// A copy of the first request for a replay, made by `copy` when another key could still
+    /// serve. A body that cannot be copied makes the request one that is sent once.
+    pub(crate) fn first_copy<R>(
+        &mut self,
+        shared: &Shared,
+        req: &R,
+        copy: impl FnOnce(&R) -> Option<R>,
+    ) -> Option<R> {
+        if !self.copy_wanted(shared) {
+            return None;
+        }
+        let kept = copy(req);
+        if kept.is_none() {
+            self.sent_once = true;
+            tracing::debug!(
+                "request body cannot be replayed: sent once, without fallback to other keys"
+            );
+        }
+        kept
+    }
+
+    /// The request for a replay: a copy of `backup` if yet another key could follow, else
+    /// `backup` itself.
+    pub(crate) fn next_request<R>(
+        &mut self,
+        shared: &Shared,
+        backup: &mut Option<R>,
+        copy: impl FnOnce(&R) -> Option<R>,
+    ) -> R {
+        let kept = backup.as_ref().expect("a copy is kept for a replay");
+        match self.copy_wanted(shared).then(|| copy(kept)).flatten() {
+            Some(copy) => copy,
+            None => backup.take().expect("a copy is kept for a replay"),
+        }
+    }
+
+    /// Puts the current key's credential on the request, replacing any the caller set, and
+    /// counts the attempt. With `Credential::None` the key is returned instead, as a
+    /// [`KeyInUse`] for the request's extensions, for the inner service to sign with.
+    #[must_use]
+    pub(crate) fn prepare(&mut self, shared: &Shared, headers: &mut HeaderMap) -> Option<KeyInUse> {
+        let cred = shared.pool.begin(self.key);
+        self.generation = cred.generation();
+        // One pass to see whether the caller set any other credential (usually not), rather
+        // than a removal per credential header name; most names differ in length alone.
+        let lengths = shared.strip_lengths;
+        if headers.keys().any(|name| {
+            lengths & (1u64 << name.as_str().len().min(63)) != 0 && shared.strip.contains(name)
+        }) {
+            for name in shared.strip.iter() {
+                headers.remove(name);
+            }
+        }
+        self.count += 1;
+        tracing::debug!(
+            key = shared.pool.label(self.key),
+            attempt = self.count,
+            "sending request"
+        );
+        match shared.credential_header() {
+            Some(name) => {
+                headers.insert(name.clone(), cred.value.clone());
+                None
+            }
+            None => Some(KeyInUse {
+                label: shared.pool.label_arc(self.key),
+                fingerprint: cred.fingerprint.clone(),
+                value: cred.value.clone(),
+            }),
+        }
+    }
+
+    /// Records an answer's verdict on the current key.
+    pub(crate) fn record(&self, shared: &Shared, status: u16, verdict: Verdict) {
+        tracing::debug!(
+            key = shared.pool.label(self.key),
+            status,
+            verdict = ?verdict,
+            "upstream answered"
+        );
+        if let Some(outcome) = outcome(shared, verdict) {
+            shared.pool.record(self.key, self.generation, outcome);
+        }
+    }
+
+    /// An answer came, with this verdict: records it and decides. `has_copy` tells whether
+    /// a copy of the request is at hand to replay.
+    pub(crate) fn on_answer(
+        &mut self,
+        shared: &Shared,
+        status: u16,
+        verdict: Verdict,
+        has_copy: bool,
+    ) -> Step {
+        self.record(shared, status, verdict);
+        if !verdict.is_key_fault() {
+            return Step::HandBack;
+        }
+        self.advance(shared, has_copy, verdict_name(verdict))
+    }
+
+    /// A call failed without an answer: decides as the classifier reads the error. An
+    /// unreachable upstream blames no key and is handed back at once; a lost connection
+    /// blames no key and is tried once more; anything else counts against the key and moves
+    /// on to the next one.
+    pub(crate) fn on_error(&mut self, shared: &Shared, error: &BoxError, has_copy: bool) -> Step {
+        let key = shared.pool.label(self.key);
+        match shared.classifier.classify_error(&**error) {
+            ErrorVerdict::Unreachable => {
+                tracing::warn!(key, error = %error, "upstream unreachable; no key blamed");
+                Step::HandBack
+            }
+            ErrorVerdict::ConnectionLost if !self.lost_once => {
+                tracing::debug!(key, error = %error, "connection lost; trying once more");
+                self.lost_once = true;
+                match self.advance(shared, has_copy, "connection_lost") {
+                    Step::Replay => Step::Replay,
+                    _ => Step::HandBack,
+                }
+            }
+            ErrorVerdict::ConnectionLost => Step::HandBack,
+            _ => {
+                tracing::debug!(key, error = %error, "upstream call failed");
+                let outcome = Outcome::Error;
+                shared.pool.record(self.key, self.generation, outcome);
+                self.advance(shared, has_copy, "transport_error")
+            }
+        }
+    }
+
+    /// After a key fault: moves to the next usable key, or says why not.
+    fn advance(&mut self, shared: &Shared, has_copy: bool, reason: &'static str) -> Step {
+        if !has_copy {
+            return if self.sent_once {
+                Step::HandBack
+            } else {
+                Step::GiveUp
+            };
+        }
+        if self.count >= shared.max_attempts {
+            return Step::GiveUp;
+        }
+        let Some(next) = shared.pool.pick(&mut self.cursor) else {
+            return Step::GiveUp;
+        };
+        tracing::info!(
+            from = shared.pool.label(self.key),
+            to = shared.pool.label(next),
+            reason,
+            "switching API key"
+        );
+        self.key = next;
+        Step::Replay
+    }
+
+    /// The error when no key could serve the request, with its last answer.
+    pub(crate) fn give_up(&self, shared: &Shared, last: Last) -> Exhausted {
+        let (last_response, last_error) = match last {
+            Last::Response(res) => (Some(res.map(ExhaustedBody::new)), None),
+            Last::Error(err) => (None, Some(err)),
+        };
+        exhausted(shared, self.count, last_response, last_error)
+    }
+
+    /// The error when no key was usable at all, so nothing was sent.
+    pub(crate) fn give_up_unsent(shared: &Shared) -> Exhausted {
+        exhausted(shared, 0, None, None)
+    }
+}
+
+/// The error when no key can serve, after `attempts` upstream calls.
+fn exhausted(
+    shared: &Shared,
+    attempts: u32,
+    last_response: Option<http::Response<ExhaustedBody>>,
+    last_error: Option<BoxError>,
+) -> Exhausted {
+    let retry_after = shared.pool.earliest();
+    if attempts == 0 {
+        tracing::warn!(
+            keys = shared.pool.len(),
+            "no API key is usable; request not sent"
+        );
+    } else {
+        tracing::warn!(
+            keys = shared.pool.len(),
+            attempts,
+            retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
+            "no API key could serve the request"
+        );
+    }
+    Exhausted {
+        retry_after,
+        attempts,
+        keys: shared.pool.len(),
+        last_response,
+        last_error,
+    }
+}
+
+/// What a verdict does to the key, with the configured defaults filled in. Every wait the
+/// provider gave is capped at `max_cooldown`; the configured ones are the user's own.
+fn outcome(shared: &Shared, verdict: Verdict) -> Option<Outcome> {
+    let cool = |reason, given: Option<Duration>, default: Duration| match given {
+        Some(d) if d > shared.max_cooldown => Outcome::Cool(reason, shared.max_cooldown, true),
+        Some(d) => Outcome::Cool(reason, d, false),
+        None => Outcome::Cool(reason, default, false),
+    };
+    Some(match verdict {
+        Verdict::Success => Outcome::Success,
+        Verdict::Drained { retry_after } => {
+            cool(CooldownReason::LimitReached, Some(retry_after), retry_after)
+        }
+        Verdict::RateLimited { retry_after } => cool(
+            CooldownReason::RateLimited,
+            retry_after,
+            shared.rate_limit_cooldown,
+        ),
+        Verdict::QuotaExhausted { retry_after } => cool(
+            CooldownReason::QuotaExhausted,
+            retry_after.filter(|d| *d >= shared.quota_min_cooldown),
+            shared.quota_cooldown,
+        ),
+        Verdict::InvalidKey => Outcome::Disable(DisableReason::InvalidKey),
+        Verdict::ServerError => Outcome::Error,
+        Verdict::RequestFault => return None,
+    })
+}
+
+/// A short name for a key-fault verdict, for logs.
+fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::RateLimited { .. } => "rate_limited",
+        Verdict::QuotaExhausted { .. } => "quota_exhausted",
+        Verdict::InvalidKey => "invalid_key",
+        Verdict::ServerError => "server_error",
+        _ => "other",
+    }
+}
