@@ -4,17 +4,41 @@
 //! answer back, replay with the next key, or give up with [`Exhausted`]. Every decision of
 //! the per-request path is made here, once.
 
-use std::time::Duration;
+use std::fmt;
 
 use http::HeaderMap;
 
+use crate::answer::Exhausted;
 use crate::body::{Buffered, ExhaustedBody};
-use crate::classify::{ErrorVerdict, Verdict};
-use crate::error::{BoxError, Exhausted};
-use crate::handle::{CooldownReason, DisableReason};
+use crate::classify::{Classify, ErrorVerdict, Verdict};
+use crate::config::{Config, Outcome, Strip};
+use crate::error::BoxError;
 use crate::keys::KeyInUse;
-use crate::layer::Shared;
-use crate::pool::{Cursor, Generation, Outcome};
+use crate::pool::{Cursor, Generation, Pool};
+
+/// What every service made by one layer shares: the pool, the classifier and the
+/// configuration. Aligned so that the `Arc`'s reference counts, written by every request,
+/// sit on another cache line.
+#[repr(align(128))]
+pub(crate) struct Shared {
+    pub(crate) pool: Pool,
+    pub(crate) classifier: Box<dyn Classify>,
+    pub(crate) config: Config,
+    /// The caller's credentials to remove from every attempt.
+    pub(crate) strip: Strip,
+    /// The most upstream calls one request may make.
+    pub(crate) max_attempts: u32,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("pool", &self.pool)
+            .field("config", &self.config)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What to do after an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,23 +136,14 @@ impl Driver {
     pub(crate) fn prepare(&mut self, shared: &Shared, headers: &mut HeaderMap) -> Option<KeyInUse> {
         let cred = shared.pool.begin(self.key);
         self.generation = cred.generation();
-        // One pass to see whether the caller set any other credential (usually not), rather
-        // than a removal per credential header name; most names differ in length alone.
-        let lengths = shared.strip_lengths;
-        if headers.keys().any(|name| {
-            lengths & (1u64 << name.as_str().len().min(63)) != 0 && shared.strip.contains(name)
-        }) {
-            for name in shared.strip.iter() {
-                headers.remove(name);
-            }
-        }
+        shared.strip.apply(headers);
         self.count += 1;
         tracing::debug!(
             key = shared.pool.label(self.key),
             attempt = self.count,
             "sending request"
         );
-        match shared.credential_header() {
+        match shared.config.credential_header() {
             Some(name) => {
                 headers.insert(name.clone(), cred.value.clone());
                 None
@@ -149,7 +164,7 @@ impl Driver {
             verdict = ?verdict,
             "upstream answered"
         );
-        if let Some(outcome) = outcome(shared, verdict) {
+        if let Some(outcome) = shared.config.outcome(verdict) {
             shared.pool.record(self.key, self.generation, outcome);
         }
     }
@@ -267,35 +282,6 @@ fn exhausted(
         last_response,
         last_error,
     }
-}
-
-/// What a verdict does to the key, with the configured defaults filled in. Every wait the
-/// provider gave is capped at `max_cooldown`; the configured ones are the user's own.
-fn outcome(shared: &Shared, verdict: Verdict) -> Option<Outcome> {
-    let cool = |reason, given: Option<Duration>, default: Duration| match given {
-        Some(d) if d > shared.max_cooldown => Outcome::Cool(reason, shared.max_cooldown, true),
-        Some(d) => Outcome::Cool(reason, d, false),
-        None => Outcome::Cool(reason, default, false),
-    };
-    Some(match verdict {
-        Verdict::Success => Outcome::Success,
-        Verdict::Drained { retry_after } => {
-            cool(CooldownReason::LimitReached, Some(retry_after), retry_after)
-        }
-        Verdict::RateLimited { retry_after } => cool(
-            CooldownReason::RateLimited,
-            retry_after,
-            shared.rate_limit_cooldown,
-        ),
-        Verdict::QuotaExhausted { retry_after } => cool(
-            CooldownReason::QuotaExhausted,
-            retry_after.filter(|d| *d >= shared.quota_min_cooldown),
-            shared.quota_cooldown,
-        ),
-        Verdict::InvalidKey => Outcome::Disable(DisableReason::InvalidKey),
-        Verdict::ServerError => Outcome::Error,
-        Verdict::RequestFault => return None,
-    })
 }
 
 /// A short name for a key-fault verdict, for logs.

@@ -15,13 +15,14 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use crate::answer::Exhausted;
 use crate::answer::{proxy_answer, unreachable_answer};
 use crate::body::{boxed, try_clone_request, Buffered, KeyFallbackBody, TryCloneBody};
 use crate::classify::HeadVerdict;
+use crate::driver::Shared;
 use crate::driver::{Driver, Last, Step};
-use crate::error::{BoxError, Exhausted};
+use crate::error::BoxError;
 use crate::inspect::Inspection;
-use crate::layer::Shared;
 
 pin_project! {
     /// The future of [`KeyFallback`](crate::KeyFallback).
@@ -119,7 +120,7 @@ where
                         Ok(res) => res,
                         Err(err) => {
                             let err = err.into();
-                            if !shared.transport_errors {
+                            if !shared.config.fallback_on_transport_errors {
                                 return Poll::Ready(Err(err));
                             }
                             match driver.on_error(shared, &err, has_copy) {
@@ -127,7 +128,7 @@ where
                                     this.state.set(State::Readying);
                                     continue;
                                 }
-                                Step::HandBack if shared.exhausted_response => {
+                                Step::HandBack if shared.config.exhausted_response => {
                                     let res = unreachable_answer(&*err);
                                     return Poll::Ready(Ok(res.map(KeyFallbackBody::full)));
                                 }
@@ -210,7 +211,7 @@ where
 
 /// The answer when no key can serve: the `Exhausted` error, or a proxy's 429 or 502.
 fn give_up<ResB>(shared: &Shared, exhausted: Exhausted) -> Output<ResB> {
-    if shared.exhausted_response {
+    if shared.config.exhausted_response {
         return Ok(proxy_answer(&exhausted).map(KeyFallbackBody::full));
     }
     Err(Box::new(exhausted))

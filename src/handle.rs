@@ -4,174 +4,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::driver::Shared;
 use crate::error::ConfigError;
 use crate::keys::{check_secret, fingerprint};
-use crate::layer::Shared;
 use crate::pool::Generation;
-
-/// Why a key is cooling down. In JSON (feature `serde`): `rate_limited`, `quota_exhausted`,
-/// `limit_reached`, `errors` or `manual`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(
-    feature = "serde",
-    derive(serde::Serialize),
-    serde(rename_all = "snake_case")
-)]
-#[non_exhaustive]
-pub enum CooldownReason {
-    /// A short-window rate limit (429).
-    RateLimited,
-    /// A daily, monthly or billing quota is used up.
-    QuotaExhausted,
-    /// A success said the allowance is used up (`x-ratelimit-remaining-*: 0`).
-    LimitReached,
-    /// Too many errors in a row (5xx, timeouts, transport errors).
-    Errors,
-    /// Set aside through [`KeyHandle::cool_down`].
-    Manual,
-}
-
-impl CooldownReason {
-    pub(crate) fn code(self) -> u64 {
-        match self {
-            CooldownReason::RateLimited => 0,
-            CooldownReason::QuotaExhausted => 1,
-            CooldownReason::LimitReached => 2,
-            CooldownReason::Errors => 3,
-            CooldownReason::Manual => 4,
-        }
-    }
-    pub(crate) fn from_code(code: u64) -> Self {
-        match code {
-            0 => CooldownReason::RateLimited,
-            1 => CooldownReason::QuotaExhausted,
-            2 => CooldownReason::LimitReached,
-            3 => CooldownReason::Errors,
-            _ => CooldownReason::Manual,
-        }
-    }
-    /// A short name for logs: `rate_limited`, `quota_exhausted`, ….
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CooldownReason::RateLimited => "rate_limited",
-            CooldownReason::QuotaExhausted => "quota_exhausted",
-            CooldownReason::LimitReached => "limit_reached",
-            CooldownReason::Errors => "errors",
-            CooldownReason::Manual => "manual",
-        }
-    }
-}
-
-/// Why a key is disabled. In JSON (feature `serde`): `invalid_key` or `manual`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[cfg_attr(
-    feature = "serde",
-    derive(serde::Serialize),
-    serde(rename_all = "snake_case")
-)]
-#[non_exhaustive]
-pub enum DisableReason {
-    /// The provider rejected the key (401, 403, an invalid-key body).
-    InvalidKey,
-    /// Disabled through [`KeyHandle::disable`].
-    Manual,
-}
-
-impl DisableReason {
-    pub(crate) fn code(self) -> u64 {
-        match self {
-            DisableReason::InvalidKey => 0,
-            DisableReason::Manual => 1,
-        }
-    }
-    pub(crate) fn from_code(code: u64) -> Self {
-        match code {
-            0 => DisableReason::InvalidKey,
-            _ => DisableReason::Manual,
-        }
-    }
-    /// A short name for logs: `invalid_key`, `manual`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DisableReason::InvalidKey => "invalid_key",
-            DisableReason::Manual => "manual",
-        }
-    }
-}
-
-/// Where a key stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum KeyState {
-    /// Usable.
-    Active,
-    /// Set aside until its cooldown passes; it then comes back by itself.
-    CoolingDown {
-        /// Time left.
-        remaining: Duration,
-        /// Why.
-        reason: CooldownReason,
-    },
-    /// Set aside until reset or rotated.
-    Disabled {
-        /// Why.
-        reason: DisableReason,
-    },
-}
-
-/// A snapshot of one key. It may be a moment stale, never torn.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct KeyStatus {
-    /// The key's label (`GROQ_API_KEY_2`, `key-2`).
-    pub label: String,
-    /// The key's fingerprint, never the key: `fp:` and the first 8 bytes of the key's
-    /// SHA-256 in hex (`fp:dac15746d9bd6510`), the same in every process and release.
-    pub fingerprint: String,
-    /// Where it stands.
-    pub state: KeyState,
-    /// Whether the current cooldown is shorter than the provider asked for: its wait was
-    /// more than [`max_cooldown`](crate::KeyFallbackBuilder::max_cooldown) and was capped.
-    pub cooldown_capped: bool,
-    /// Upstream calls made with it.
-    pub requests: u64,
-    /// Calls it served.
-    pub successes: u64,
-    /// Calls that failed on its account: rate limits, quota, rejections, server and
-    /// transport errors.
-    pub errors: u64,
-    /// Calls refused for a rate limit or quota (429s spent on it).
-    pub rate_limited: u64,
-    /// Server or transport errors in a row in the current window.
-    pub consecutive_errors: u32,
-}
-
-impl KeyStatus {
-    /// Whether a request would use this key now.
-    pub fn is_available(&self) -> bool {
-        matches!(self.state, KeyState::Active)
-    }
-}
-
-/// A snapshot of the whole pool, keys in priority order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PoolStatus {
-    /// Every key.
-    pub keys: Vec<KeyStatus>,
-}
-
-impl PoolStatus {
-    /// How many keys are usable now.
-    pub fn available(&self) -> usize {
-        self.keys.iter().filter(|k| k.is_available()).count()
-    }
-
-    /// The status of the key with this label.
-    pub fn get(&self, label: &str) -> Option<&KeyStatus> {
-        self.keys.iter().find(|k| k.label == label)
-    }
-}
+use crate::status::{CooldownReason, DisableReason, PoolStatus};
 
 /// A cloneable handle on a layer's key pool, shared with every service the layer makes.
 ///
@@ -262,7 +99,7 @@ impl KeyHandle {
     pub fn rotate(&self, label: &str, new_key: &str) -> Result<(), ConfigError> {
         let i = self.index(label)?;
         let secret = check_secret(label, new_key)?;
-        let value = self.shared.credential_value(&secret);
+        let value = self.shared.config.credential_value(&secret);
         self.shared.pool.rotate(i, value, &fingerprint(&secret));
         Ok(())
     }

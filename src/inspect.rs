@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use crate::body::{BoxedBody, Buffered, Peek};
 use crate::classify::Verdict;
 use crate::driver::Driver;
-use crate::layer::Shared;
+use crate::driver::Shared;
 
 /// An error body being read to classify it. If it is dropped before it was classified (the
 /// caller gave up on the request mid-read), the key still gets the verdict that the head and
@@ -26,7 +26,11 @@ impl Inspection {
         parts: http::response::Parts,
         body: BoxedBody,
     ) -> Inspection {
-        let peek = Peek::new(body, shared.inspect_limit, shared.inspect_timeout);
+        let peek = Peek::new(
+            body,
+            shared.config.inspect_limit,
+            shared.config.inspect_timeout,
+        );
         Inspection {
             shared: shared.clone(),
             driver: *driver,

@@ -1,84 +1,18 @@
-//! The layer, its builder, and the configuration every service of one layer shares.
+//! The layer and its builder.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
 use tower_layer::Layer;
 
 use crate::classify::{Classify, DefaultClassifier};
+use crate::config::{Config, Credential};
+use crate::driver::Shared;
 use crate::handle::KeyHandle;
 use crate::keys::KeySet;
-use crate::pool::{Pool, PoolPolicy};
+use crate::pool::Pool;
 use crate::service::KeyFallback;
-
-/// How the key is put on the request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Credential {
-    /// `Authorization: Bearer <key>` (Groq, OpenAI, Mistral, OpenRouter, Together, Gemini's
-    /// OpenAI-compatible endpoint). The default.
-    Bearer,
-    /// The key alone in the named header (`x-api-key` for Anthropic, `api-key` for Azure
-    /// OpenAI, `x-goog-api-key` for Gemini).
-    Header(HeaderName),
-    /// No header is set: the inner service adds the credential itself (the keys are still
-    /// chosen, cooled and reported).
-    None,
-}
-
-/// Credential headers the caller may have set, removed before the key's is inserted.
-const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
-
-/// What every service made by one layer shares: the pool and the configuration. Aligned so
-/// that the `Arc`'s reference counts, written by every request, sit on another cache line.
-#[repr(align(128))]
-pub(crate) struct Shared {
-    pub(crate) pool: Pool,
-    pub(crate) classifier: Box<dyn Classify>,
-    pub(crate) credential: Credential,
-    pub(crate) strip: Box<[HeaderName]>,
-    /// One bit per length of the names in `strip`, to pass over most headers at a glance.
-    pub(crate) strip_lengths: u64,
-    pub(crate) max_attempts: u32,
-    pub(crate) inspect_limit: usize,
-    pub(crate) exhausted_response: bool,
-    pub(crate) transport_errors: bool,
-    pub(crate) rate_limit_cooldown: Duration,
-    pub(crate) quota_cooldown: Duration,
-    pub(crate) quota_min_cooldown: Duration,
-    pub(crate) max_cooldown: Duration,
-    pub(crate) inspect_timeout: Duration,
-}
-
-impl Shared {
-    /// The header value for `secret`, marked sensitive so that `Debug` and HTTP/2 HPACK
-    /// never expose it.
-    pub(crate) fn credential_value(&self, secret: &str) -> HeaderValue {
-        crate::keys::header_value(self.credential == Credential::Bearer, secret)
-    }
-
-    pub(crate) fn credential_header(&self) -> Option<&HeaderName> {
-        match &self.credential {
-            Credential::Bearer => Some(&http::header::AUTHORIZATION),
-            Credential::Header(name) => Some(name),
-            Credential::None => None,
-        }
-    }
-}
-
-impl fmt::Debug for Shared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared")
-            .field("pool", &self.pool)
-            .field("credential", &self.credential)
-            .field("max_attempts", &self.max_attempts)
-            .field("inspect_limit", &self.inspect_limit)
-            .field("exhausted_response", &self.exhausted_response)
-            .finish_non_exhaustive()
-    }
-}
 
 /// A [`Layer`] that runs each request over a pool of API keys, falling back to the next key
 /// when one is rate limited, out of quota, rejected or failing.
@@ -176,26 +110,14 @@ impl<S> Layer<S> for KeyFallbackLayer {
 pub struct KeyFallbackBuilder {
     keys: KeySet,
     classifier: Box<dyn Classify>,
-    credential: Credential,
-    round_robin: bool,
-    max_attempts: Option<u32>,
-    inspect_limit: usize,
-    exhausted_response: bool,
-    transport_errors: bool,
-    policy: PoolPolicy,
-    rate_limit_cooldown: Duration,
-    quota_cooldown: Duration,
-    quota_min_cooldown: Duration,
-    max_cooldown: Duration,
-    inspect_timeout: Duration,
+    config: Config,
 }
 
 impl fmt::Debug for KeyFallbackBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyFallbackBuilder")
             .field("keys", &self.keys)
-            .field("credential", &self.credential)
-            .field("round_robin", &self.round_robin)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
@@ -205,22 +127,7 @@ impl KeyFallbackBuilder {
         KeyFallbackBuilder {
             keys,
             classifier: Box::new(DefaultClassifier::new()),
-            credential: Credential::Bearer,
-            round_robin: false,
-            max_attempts: None,
-            inspect_limit: 64 * 1024,
-            exhausted_response: false,
-            transport_errors: true,
-            policy: PoolPolicy {
-                error_threshold: 3,
-                error_cooldown: Duration::from_secs(30),
-                error_window: Duration::from_secs(60),
-            },
-            rate_limit_cooldown: Duration::from_secs(60),
-            quota_cooldown: Duration::from_secs(3600),
-            quota_min_cooldown: Duration::from_secs(60),
-            max_cooldown: Duration::from_secs(24 * 3600),
-            inspect_timeout: Duration::from_secs(5),
+            config: Config::default(),
         }
     }
 
@@ -228,28 +135,28 @@ impl KeyFallbackBuilder {
     /// caller set in `Authorization`, `x-api-key`, `api-key`, `x-goog-api-key` or the named
     /// header is replaced.
     pub fn credential(mut self, credential: Credential) -> Self {
-        self.credential = credential;
+        self.config.credential = credential;
         self
     }
 
     /// Spreads requests over all usable keys in turn, instead of using the first usable
     /// key (priority order, the default).
     pub fn round_robin(mut self) -> Self {
-        self.round_robin = true;
+        self.config.round_robin = true;
         self
     }
 
     /// The most upstream calls one request may make (each with a different key). Default:
     /// the number of keys. At least 1.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.max_attempts = Some(attempts.max(1));
+        self.config.max_attempts = Some(attempts.max(1));
         self
     }
 
     /// How much of an error body is read to classify it. Default: 64 KiB. The response
     /// handed back still carries every byte.
     pub fn body_inspect_limit(mut self, bytes: usize) -> Self {
-        self.inspect_limit = bytes;
+        self.config.inspect_limit = bytes;
         self
     }
 
@@ -260,7 +167,7 @@ impl KeyFallbackBuilder {
     /// a tokio timer: the runtime must have time enabled (`#[tokio::main]` and
     /// `Builder::enable_all` do).
     pub fn body_inspect_timeout(mut self, timeout: Duration) -> Self {
-        self.inspect_timeout = timeout;
+        self.config.inspect_timeout = timeout;
         self
     }
 
@@ -269,7 +176,7 @@ impl KeyFallbackBuilder {
     /// [`KeyStatus::cooldown_capped`](crate::KeyStatus::cooldown_capped) says when it was.
     /// Default: 24 h. The configured cooldowns (`quota_cooldown`, …) are not capped.
     pub fn max_cooldown(mut self, max: Duration) -> Self {
-        self.max_cooldown = max;
+        self.config.max_cooldown = max;
         self
     }
 
@@ -284,7 +191,7 @@ impl KeyFallbackBuilder {
     /// last attempt could not reach the upstream at all (a timeout, a connection error). For
     /// proxies.
     pub fn exhausted_response(mut self, enabled: bool) -> Self {
-        self.exhausted_response = enabled;
+        self.config.exhausted_response = enabled;
         self
     }
 
@@ -292,95 +199,66 @@ impl KeyFallbackBuilder {
     /// key and move the request to the next key. Default: true. When false they are returned
     /// to the caller at once.
     pub fn fallback_on_transport_errors(mut self, enabled: bool) -> Self {
-        self.transport_errors = enabled;
+        self.config.fallback_on_transport_errors = enabled;
         self
     }
 
     /// Server or transport errors in a row after which a key is set aside. Default: 3.
     pub fn error_threshold(mut self, errors: u32) -> Self {
-        self.policy.error_threshold = errors.max(1);
+        self.config.errors.threshold = errors.max(1);
         self
     }
 
     /// How long a key is set aside after too many errors. Default: 30 s.
     pub fn error_cooldown(mut self, cooldown: Duration) -> Self {
-        self.policy.error_cooldown = cooldown;
+        self.config.errors.cooldown = cooldown;
         self
     }
 
     /// Error counts older than this are forgotten, so scattered errors never add up to a
     /// cooldown. Default: 60 s.
     pub fn error_reset_interval(mut self, interval: Duration) -> Self {
-        self.policy.error_window = interval;
+        self.config.errors.reset_interval = interval;
         self
     }
 
     /// Cooldown after a rate limit that gave no reset time. Default: 60 s, a full
     /// per-minute window.
     pub fn rate_limit_cooldown(mut self, cooldown: Duration) -> Self {
-        self.rate_limit_cooldown = cooldown;
+        self.config.rate_limit_cooldown = cooldown;
         self
     }
 
     /// Cooldown after an exhausted quota that gave no believable reset time. Default: 1 h.
     pub fn quota_cooldown(mut self, cooldown: Duration) -> Self {
-        self.quota_cooldown = cooldown;
+        self.config.quota_cooldown = cooldown;
         self
     }
 
     /// A quota reset time shorter than this is not believed (Gemini sends `retryDelay: 5s`
     /// on daily quotas) and the quota cooldown is used instead. Default: 60 s.
     pub fn quota_min_cooldown(mut self, cooldown: Duration) -> Self {
-        self.quota_min_cooldown = cooldown;
+        self.config.quota_min_cooldown = cooldown;
         self
     }
 
     /// Builds the layer.
     pub fn build(self) -> KeyFallbackLayer {
-        // The caller's credentials to remove: the known ones but the layer's own header,
-        // which `insert` replaces anyway. With `Credential::None` the inner service adds the
-        // key's, so every credential the caller set goes.
-        let own = match &self.credential {
-            Credential::Bearer => Some(http::header::AUTHORIZATION),
-            Credential::Header(name) => Some(name.clone()),
-            Credential::None => None,
-        };
-        let strip: Vec<HeaderName> = CREDENTIAL_HEADERS
-            .iter()
-            .map(|h| HeaderName::from_static(h))
-            .filter(|h| own.as_ref() != Some(h))
-            .collect();
-        let strip_lengths = strip
-            .iter()
-            .fold(0u64, |mask, h| mask | 1u64 << h.as_str().len().min(63));
-        let n = self.keys.len();
-        let bearer = self.credential == Credential::Bearer;
+        let n = u32::try_from(self.keys.len()).unwrap_or(u32::MAX);
+        let config = self.config;
         let pool = Pool::new(
             self.keys.into_keys(),
-            |secret| crate::keys::header_value(bearer, secret),
-            self.round_robin,
-            self.policy,
+            |secret| config.credential_value(secret),
+            config.round_robin,
+            config.errors,
         );
-        let max_attempts = self
-            .max_attempts
-            .unwrap_or(u32::try_from(n).unwrap_or(u32::MAX))
-            .min(u32::try_from(n).unwrap_or(u32::MAX));
         KeyFallbackLayer {
             shared: Arc::new(Shared {
                 pool,
                 classifier: self.classifier,
-                credential: self.credential,
-                strip: strip.into(),
-                strip_lengths,
-                max_attempts,
-                inspect_limit: self.inspect_limit,
-                exhausted_response: self.exhausted_response,
-                transport_errors: self.transport_errors,
-                rate_limit_cooldown: self.rate_limit_cooldown,
-                quota_cooldown: self.quota_cooldown,
-                quota_min_cooldown: self.quota_min_cooldown,
-                max_cooldown: self.max_cooldown,
-                inspect_timeout: self.inspect_timeout,
+                strip: config.strip(),
+                max_attempts: config.max_attempts.unwrap_or(n).min(n),
+                config,
             }),
         }
     }

@@ -54,6 +54,7 @@
 mod answer;
 mod body;
 mod classify;
+mod config;
 mod driver;
 mod error;
 mod errorbody;
@@ -65,6 +66,7 @@ mod layer;
 mod parse;
 mod pool;
 mod service;
+mod status;
 // Feature `serde`: `Serialize` for `PoolStatus`, `KeyStatus`, `KeyState` and the reasons.
 #[cfg(feature = "serde")]
 mod serialize;
@@ -78,16 +80,19 @@ mod reqwest_middleware;
 #[cfg(feature = "retry")]
 mod retry;
 
+pub use answer::Exhausted;
 pub use body::{ExhaustedBody, KeyFallbackBody, SendOnce, TryCloneBody};
 pub use classify::{
     classify_transport_error, Classify, DefaultClassifier, ErrorVerdict, HeadVerdict, Verdict,
 };
-pub use error::{BoxError, ConfigError, Exhausted};
+pub use config::Credential;
+pub use error::{BoxError, ConfigError};
 pub use future::ResponseFuture;
-pub use handle::{CooldownReason, DisableReason, KeyHandle, KeyState, KeyStatus, PoolStatus};
+pub use handle::KeyHandle;
 pub use keys::{KeyInUse, KeySet};
-pub use layer::{Credential, KeyFallbackBuilder, KeyFallbackLayer};
+pub use layer::{KeyFallbackBuilder, KeyFallbackLayer};
 pub use service::KeyFallback;
+pub use status::{CooldownReason, DisableReason, KeyState, KeyStatus, PoolStatus};
 
 #[cfg(feature = "dotenv")]
 pub use crate::dotenv::DotenvError;

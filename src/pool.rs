@@ -21,8 +21,9 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use crate::handle::{CooldownReason, DisableReason, KeyState, KeyStatus};
+use crate::config::{ErrorPolicy, Outcome};
 use crate::keys::Key;
+use crate::status::{CooldownReason, DisableReason, KeyState, KeyStatus};
 
 const TAG_ACTIVE: u64 = 0;
 const TAG_COOLING: u64 = 1;
@@ -98,25 +99,6 @@ impl Generation {
     }
 }
 
-/// How the pool reacts to errors; fixed when the layer is built.
-#[derive(Debug, Clone)]
-pub(crate) struct PoolPolicy {
-    pub(crate) error_threshold: u32,
-    pub(crate) error_cooldown: Duration,
-    pub(crate) error_window: Duration,
-}
-
-/// What happened on one attempt, as the pool records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    Success,
-    /// Cool down for this long; `true` when the provider asked for longer and the wait was
-    /// capped at `max_cooldown`.
-    Cool(CooldownReason, Duration, bool),
-    Disable(DisableReason),
-    Error,
-}
-
 /// Keeps what it holds on cache lines of its own, so that writes to it (counters) do not
 /// slow down readers of the fields around it.
 #[repr(align(128))]
@@ -186,7 +168,7 @@ pub(crate) struct Pool {
     next_deadline: AtomicU64,
     round_robin: Option<AtomicUsize>,
     epoch: Instant,
-    policy: PoolPolicy,
+    policy: ErrorPolicy,
 }
 
 impl std::fmt::Debug for Pool {
@@ -207,7 +189,7 @@ impl Pool {
         keys: Vec<Key>,
         make_value: impl Fn(&str) -> HeaderValue,
         round_robin: bool,
-        policy: PoolPolicy,
+        policy: ErrorPolicy,
     ) -> Pool {
         let n = keys.len();
         let slots: Box<[Slot]> = keys
@@ -477,7 +459,7 @@ impl Pool {
                 slot.counters.errors.fetch_add(1, SeqCst);
                 let now = self.now_ms();
                 let window =
-                    u64::try_from(self.policy.error_window.as_millis()).unwrap_or(u64::MAX);
+                    u64::try_from(self.policy.reset_interval.as_millis()).unwrap_or(u64::MAX);
                 let start = slot.counters.window_start_ms.load(SeqCst);
                 if now.saturating_sub(start) >= window {
                     // Old errors age out: a new counting window starts.
@@ -485,9 +467,9 @@ impl Pool {
                     slot.counters.consecutive.store(0, SeqCst);
                 }
                 let count = slot.counters.consecutive.fetch_add(1, SeqCst) + 1;
-                if count >= self.policy.error_threshold {
+                if count >= self.policy.threshold {
                     slot.counters.consecutive.store(0, SeqCst);
-                    let d = self.policy.error_cooldown;
+                    let d = self.policy.cooldown;
                     self.cool(i, generation, CooldownReason::Errors, d, false);
                 }
             }
@@ -631,7 +613,7 @@ impl Pool {
             },
             _ => KeyState::Active,
         };
-        let window = u64::try_from(self.policy.error_window.as_millis()).unwrap_or(u64::MAX);
+        let window = u64::try_from(self.policy.reset_interval.as_millis()).unwrap_or(u64::MAX);
         let consecutive =
             if now.saturating_sub(slot.counters.window_start_ms.load(SeqCst)) >= window {
                 0
@@ -665,11 +647,7 @@ mod tests {
             set.into_keys(),
             |s| HeaderValue::from_str(s).unwrap(),
             rr,
-            PoolPolicy {
-                error_threshold: 3,
-                error_cooldown: Duration::from_secs(30),
-                error_window: Duration::from_secs(60),
-            },
+            crate::config::Config::default().errors,
         )
     }
 

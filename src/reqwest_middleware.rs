@@ -13,13 +13,15 @@ use http::{Extensions, StatusCode};
 use reqwest::{Request, Response, ResponseBuilderExt, Url};
 
 use crate::answer;
+use crate::answer::Exhausted;
 use crate::body::{boxed, Buffered, ExhaustedBody};
 use crate::classify::{HeadVerdict, Verdict};
+use crate::driver::Shared;
 use crate::driver::{Driver, Last, Step};
-use crate::error::{BoxError, Exhausted};
+use crate::error::BoxError;
 use crate::handle::KeyHandle;
 use crate::inspect::Inspection;
-use crate::layer::{KeyFallbackLayer, Shared};
+use crate::layer::KeyFallbackLayer;
 
 /// A [`reqwest_middleware`] [`Middleware`] that runs each request over a pool of API keys,
 /// falling back to the next key when one is rate limited, out of quota, rejected or failing.
@@ -215,7 +217,7 @@ impl Middleware for KeyFallbackMiddleware {
                     (driver.on_answer(shared, status, verdict, has_copy), raw.0)
                 }
                 Err(err) => {
-                    if !shared.transport_errors {
+                    if !shared.config.fallback_on_transport_errors {
                         return Err(err);
                     }
                     let err: BoxError = Box::new(err);
@@ -224,7 +226,7 @@ impl Middleware for KeyFallbackMiddleware {
                             req = driver.next_request(shared, &mut backup, Request::try_clone);
                             continue;
                         }
-                        Step::HandBack if shared.exhausted_response => {
+                        Step::HandBack if shared.config.exhausted_response => {
                             return Ok(with_url(answer::unreachable_answer(&*err), url));
                         }
                         Step::HandBack => return Err(unbox(err)),
@@ -265,7 +267,7 @@ async fn classify(shared: &Arc<Shared>, driver: &Driver, res: Response) -> (Raw,
 
 /// The answer when no key can serve: the [`Exhausted`] error, or a proxy's 429 or 502.
 fn give_up(shared: &Shared, exhausted: Exhausted, url: Url) -> Result<Response> {
-    if shared.exhausted_response {
+    if shared.config.exhausted_response {
         return Ok(with_url(answer::proxy_answer(&exhausted), url));
     }
     Err(Error::Middleware(anyhow::Error::new(exhausted)))

@@ -6,8 +6,9 @@ use http::Request;
 use tokio::time::Sleep;
 use tower::retry::Policy;
 
+use crate::answer::Exhausted;
 use crate::body::TryCloneBody;
-use crate::error::{BoxError, Exhausted};
+use crate::error::BoxError;
 
 /// A [`tower::retry::Policy`] for a stack with [`KeyFallbackLayer`] inside it: when no key
 /// could serve a request ([`Exhausted`]) and a key is usable again within `max_wait`, it sleeps

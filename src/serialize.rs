@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use crate::handle::{KeyState, KeyStatus, PoolStatus};
+use crate::status::{KeyState, KeyStatus, PoolStatus};
 
 /// Milliseconds, rounded up: a key that is still cooling never shows 0.
 fn millis(d: Duration) -> u64 {

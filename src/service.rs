@@ -9,10 +9,10 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{KeyFallbackBody, TryCloneBody};
+use crate::driver::Shared;
 use crate::error::BoxError;
 use crate::future::ResponseFuture;
 use crate::handle::KeyHandle;
-use crate::layer::Shared;
 
 /// Runs each request over a pool of API keys. Made by [`KeyFallbackLayer`].
 ///

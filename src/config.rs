@@ -1,0 +1,174 @@
+//! The configuration a layer is built with, in one place: how the credential goes on a
+//! request, the attempt and inspection bounds, and the one cooldown policy (what a verdict
+//! does to a key, with the defaults filled in and provider waits capped).
+
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+
+use crate::classify::Verdict;
+use crate::status::{CooldownReason, DisableReason};
+
+/// How the key is put on the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Credential {
+    /// `Authorization: Bearer <key>` (Groq, OpenAI, Mistral, OpenRouter, Together, Gemini's
+    /// OpenAI-compatible endpoint). The default.
+    Bearer,
+    /// The key alone in the named header (`x-api-key` for Anthropic, `api-key` for Azure
+    /// OpenAI, `x-goog-api-key` for Gemini).
+    Header(HeaderName),
+    /// No header is set: the caller's credentials are removed, and each attempt's key is
+    /// handed to the inner service as a [`KeyInUse`](crate::KeyInUse) request extension for
+    /// it to sign with (the keys are still chosen, cooled and reported).
+    None,
+}
+
+/// Credential headers the caller may have set, removed before the key's is inserted.
+const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+
+/// When errors set a key aside: `threshold` in a row within `reset_interval` set it aside
+/// for `cooldown`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ErrorPolicy {
+    pub(crate) threshold: u32,
+    pub(crate) cooldown: Duration,
+    pub(crate) reset_interval: Duration,
+}
+
+/// Everything a layer is configured with but the keys, the classifier and the observer.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) credential: Credential,
+    pub(crate) round_robin: bool,
+    /// `None`: one attempt per key.
+    pub(crate) max_attempts: Option<u32>,
+    pub(crate) inspect_limit: usize,
+    pub(crate) inspect_timeout: Duration,
+    pub(crate) exhausted_response: bool,
+    pub(crate) fallback_on_transport_errors: bool,
+    pub(crate) errors: ErrorPolicy,
+    pub(crate) rate_limit_cooldown: Duration,
+    pub(crate) quota_cooldown: Duration,
+    pub(crate) quota_min_cooldown: Duration,
+    pub(crate) max_cooldown: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            credential: Credential::Bearer,
+            round_robin: false,
+            max_attempts: None,
+            inspect_limit: 64 * 1024,
+            inspect_timeout: Duration::from_secs(5),
+            exhausted_response: false,
+            fallback_on_transport_errors: true,
+            errors: ErrorPolicy {
+                threshold: 3,
+                cooldown: Duration::from_secs(30),
+                reset_interval: Duration::from_secs(60),
+            },
+            rate_limit_cooldown: Duration::from_secs(60),
+            quota_cooldown: Duration::from_secs(3600),
+            quota_min_cooldown: Duration::from_secs(60),
+            max_cooldown: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// What happened on one attempt, as the pool records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Success,
+    /// Cool down for this long; `true` when the provider asked for longer and the wait was
+    /// capped at `max_cooldown`.
+    Cool(CooldownReason, Duration, bool),
+    Disable(DisableReason),
+    Error,
+}
+
+impl Config {
+    /// What a verdict does to the key, with the configured defaults filled in. Every wait
+    /// the provider gave is capped at `max_cooldown`; the configured ones are the user's own.
+    pub(crate) fn outcome(&self, verdict: Verdict) -> Option<Outcome> {
+        let cool = |reason, given: Option<Duration>, default: Duration| match given {
+            Some(d) if d > self.max_cooldown => Outcome::Cool(reason, self.max_cooldown, true),
+            Some(d) => Outcome::Cool(reason, d, false),
+            None => Outcome::Cool(reason, default, false),
+        };
+        Some(match verdict {
+            Verdict::Success => Outcome::Success,
+            Verdict::Drained { retry_after } => {
+                cool(CooldownReason::LimitReached, Some(retry_after), retry_after)
+            }
+            Verdict::RateLimited { retry_after } => cool(
+                CooldownReason::RateLimited,
+                retry_after,
+                self.rate_limit_cooldown,
+            ),
+            Verdict::QuotaExhausted { retry_after } => cool(
+                CooldownReason::QuotaExhausted,
+                retry_after.filter(|d| *d >= self.quota_min_cooldown),
+                self.quota_cooldown,
+            ),
+            Verdict::InvalidKey => Outcome::Disable(DisableReason::InvalidKey),
+            Verdict::ServerError => Outcome::Error,
+            Verdict::RequestFault => return None,
+        })
+    }
+
+    /// The header the key goes in, or `None` with [`Credential::None`].
+    pub(crate) fn credential_header(&self) -> Option<&HeaderName> {
+        match &self.credential {
+            Credential::Bearer => Some(&http::header::AUTHORIZATION),
+            Credential::Header(name) => Some(name),
+            Credential::None => None,
+        }
+    }
+
+    /// The header value for `secret`, marked sensitive so that `Debug` and HTTP/2 HPACK
+    /// never expose it.
+    pub(crate) fn credential_value(&self, secret: &str) -> HeaderValue {
+        crate::keys::header_value(self.credential == Credential::Bearer, secret)
+    }
+
+    /// The caller's credential headers to remove: the known ones but the layer's own, which
+    /// inserting replaces anyway (with [`Credential::None`], all of them).
+    pub(crate) fn strip(&self) -> Strip {
+        let own = self.credential_header();
+        let names: Box<[HeaderName]> = CREDENTIAL_HEADERS
+            .iter()
+            .map(|h| HeaderName::from_static(h))
+            .filter(|h| own != Some(h))
+            .collect();
+        let lengths = names
+            .iter()
+            .fold(0u64, |mask, h| mask | 1u64 << h.as_str().len().min(63));
+        Strip { names, lengths }
+    }
+}
+
+/// Credential headers to remove from what the caller sent.
+#[derive(Debug, Clone)]
+pub(crate) struct Strip {
+    names: Box<[HeaderName]>,
+    /// One bit per length of the names, to pass over most headers at a glance.
+    lengths: u64,
+}
+
+impl Strip {
+    /// Removes them. One pass to see whether the caller set any (usually not), rather than a
+    /// removal per name; most names differ in length alone.
+    pub(crate) fn apply(&self, headers: &mut http::HeaderMap) {
+        let lengths = self.lengths;
+        if headers.keys().any(|name| {
+            lengths & (1u64 << name.as_str().len().min(63)) != 0 && self.names.contains(name)
+        }) {
+            for name in self.names.iter() {
+                headers.remove(name);
+            }
+        }
+    }
+}
