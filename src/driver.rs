@@ -13,6 +13,7 @@ use crate::body::{Buffered, ExhaustedBody};
 use crate::classify::{Classify, ErrorVerdict, Verdict};
 use crate::config::{Config, Outcome, Strip};
 use crate::error::BoxError;
+use crate::events::KeyEvent;
 use crate::keys::KeyInUse;
 use crate::pool::{Cursor, Generation, Pool};
 
@@ -138,11 +139,10 @@ impl Driver {
         self.generation = cred.generation();
         shared.strip.apply(headers);
         self.count += 1;
-        tracing::debug!(
-            key = shared.pool.label(self.key),
-            attempt = self.count,
-            "sending request"
-        );
+        shared.pool.events.on_event(&KeyEvent::AttemptStarted {
+            key: shared.pool.label(self.key),
+            attempt: self.count,
+        });
         match shared.config.credential_header() {
             Some(name) => {
                 headers.insert(name.clone(), cred.value.clone());
@@ -158,12 +158,11 @@ impl Driver {
 
     /// Records an answer's verdict on the current key.
     pub(crate) fn record(&self, shared: &Shared, status: u16, verdict: Verdict) {
-        tracing::debug!(
-            key = shared.pool.label(self.key),
+        shared.pool.events.on_event(&KeyEvent::Answered {
+            key: shared.pool.label(self.key),
             status,
-            verdict = ?verdict,
-            "upstream answered"
-        );
+            verdict,
+        });
         if let Some(outcome) = shared.config.outcome(verdict) {
             shared.pool.record(self.key, self.generation, outcome);
         }
@@ -190,14 +189,15 @@ impl Driver {
     /// blames no key and is tried once more; anything else counts against the key and moves
     /// on to the next one.
     pub(crate) fn on_error(&mut self, shared: &Shared, error: &BoxError, has_copy: bool) -> Step {
-        let key = shared.pool.label(self.key);
-        match shared.classifier.classify_error(&**error) {
-            ErrorVerdict::Unreachable => {
-                tracing::warn!(key, error = %error, "upstream unreachable; no key blamed");
-                Step::HandBack
-            }
+        let verdict = shared.classifier.classify_error(&**error);
+        shared.pool.events.on_event(&KeyEvent::CallFailed {
+            key: shared.pool.label(self.key),
+            error: &**error,
+            verdict,
+        });
+        match verdict {
+            ErrorVerdict::Unreachable => Step::HandBack,
             ErrorVerdict::ConnectionLost if !self.lost_once => {
-                tracing::debug!(key, error = %error, "connection lost; trying once more");
                 self.lost_once = true;
                 match self.advance(shared, has_copy, "connection_lost") {
                     Step::Replay => Step::Replay,
@@ -206,7 +206,6 @@ impl Driver {
             }
             ErrorVerdict::ConnectionLost => Step::HandBack,
             _ => {
-                tracing::debug!(key, error = %error, "upstream call failed");
                 let outcome = Outcome::Error;
                 shared.pool.record(self.key, self.generation, outcome);
                 self.advance(shared, has_copy, "transport_error")
@@ -229,12 +228,11 @@ impl Driver {
         let Some(next) = shared.pool.pick(&mut self.cursor) else {
             return Step::GiveUp;
         };
-        tracing::info!(
-            from = shared.pool.label(self.key),
-            to = shared.pool.label(next),
+        shared.pool.events.on_event(&KeyEvent::Switched {
+            from: shared.pool.label(self.key),
+            to: shared.pool.label(next),
             reason,
-            "switching API key"
-        );
+        });
         self.key = next;
         Step::Replay
     }
@@ -262,19 +260,11 @@ fn exhausted(
     last_error: Option<BoxError>,
 ) -> Exhausted {
     let retry_after = shared.pool.earliest();
-    if attempts == 0 {
-        tracing::warn!(
-            keys = shared.pool.len(),
-            "no API key is usable; request not sent"
-        );
-    } else {
-        tracing::warn!(
-            keys = shared.pool.len(),
-            attempts,
-            retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
-            "no API key could serve the request"
-        );
-    }
+    shared.pool.events.on_event(&KeyEvent::Exhausted {
+        keys: shared.pool.len(),
+        attempts,
+        retry_after,
+    });
     Exhausted {
         retry_after,
         attempts,

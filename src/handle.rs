@@ -8,7 +8,7 @@ use crate::driver::Shared;
 use crate::error::ConfigError;
 use crate::keys::{check_secret, fingerprint};
 use crate::pool::Generation;
-use crate::status::{CooldownReason, DisableReason, PoolStatus};
+use crate::status::{CooldownReason, DisableReason, KeyRecord, PoolStatus};
 
 /// A cloneable handle on a layer's key pool, shared with every service the layer makes.
 ///
@@ -102,6 +102,38 @@ impl KeyHandle {
         let value = self.shared.config.credential_value(&secret);
         self.shared.pool.rotate(i, value, &fingerprint(&secret));
         Ok(())
+    }
+
+    /// Every key's state as it can leave the process: wall-clock deadlines and stable
+    /// fingerprints, never a key. A store shares these between processes;
+    /// [`KeyHandle::import`] merges them back.
+    pub fn export(&self) -> Vec<KeyRecord> {
+        let pool = &self.shared.pool;
+        (0..pool.len()).map(|i| pool.export(i)).collect()
+    }
+
+    /// Merges a state learned elsewhere (another process's [`KeyHandle::export`]) into the
+    /// key with the same fingerprint: a cooldown that ends later than the local one, or a
+    /// disable. A cooldown is never shortened, and an `Active` record changes nothing.
+    /// Returns whether a key's state changed; a record of no key here changes nothing.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_key_fallback::{KeyFallbackLayer, KeySet, KeyState};
+    ///
+    /// let here = KeyFallbackLayer::new(KeySet::new(["gsk_a", "gsk_b"])?).handle();
+    /// let there = KeyFallbackLayer::new(KeySet::new(["gsk_a", "gsk_b"])?).handle();
+    /// there.cool_down("key-1", Duration::from_secs(60))?;
+    /// for record in there.export() {
+    ///     here.import(&record);
+    /// }
+    /// assert!(matches!(here.status().keys[0].state, KeyState::CoolingDown { .. }));
+    /// # Ok::<(), tower_key_fallback::ConfigError>(())
+    /// ```
+    pub fn import(&self, record: &KeyRecord) -> bool {
+        let pool = &self.shared.pool;
+        pool.by_fingerprint(&record.fingerprint)
+            .is_some_and(|i| pool.import(i, &record.state))
     }
 
     /// How long until some key is usable: zero if one is now, `None` if all are disabled.

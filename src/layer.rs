@@ -9,6 +9,7 @@ use tower_layer::Layer;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::config::{Config, Credential};
 use crate::driver::Shared;
+use crate::events::{KeyEvents, TracingEvents};
 use crate::handle::KeyHandle;
 use crate::keys::KeySet;
 use crate::pool::Pool;
@@ -110,6 +111,7 @@ impl<S> Layer<S> for KeyFallbackLayer {
 pub struct KeyFallbackBuilder {
     keys: KeySet,
     classifier: Box<dyn Classify>,
+    events: Box<dyn KeyEvents>,
     config: Config,
 }
 
@@ -127,6 +129,7 @@ impl KeyFallbackBuilder {
         KeyFallbackBuilder {
             keys,
             classifier: Box::new(DefaultClassifier::new()),
+            events: Box::new(TracingEvents),
             config: Config::default(),
         }
     }
@@ -177,6 +180,14 @@ impl KeyFallbackBuilder {
     /// Default: 24 h. The configured cooldowns (`quota_cooldown`, …) are not capped.
     pub fn max_cooldown(mut self, max: Duration) -> Self {
         self.config.max_cooldown = max;
+        self
+    }
+
+    /// Where what the layer does and learns is told (attempts, verdicts, cooldowns,
+    /// disables, recoveries, resets, rotations, exhaustion). Default: [`TracingEvents`],
+    /// which logs them; `(TracingEvents, yours)` keeps the logs and adds yours.
+    pub fn events(mut self, events: impl KeyEvents) -> Self {
+        self.events = Box::new(events);
         self
     }
 
@@ -251,6 +262,7 @@ impl KeyFallbackBuilder {
             |secret| config.credential_value(secret),
             config.round_robin,
             config.errors,
+            self.events,
         );
         KeyFallbackLayer {
             shared: Arc::new(Shared {

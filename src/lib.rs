@@ -58,6 +58,7 @@ mod config;
 mod driver;
 mod error;
 mod errorbody;
+mod events;
 mod future;
 mod handle;
 mod inspect;
@@ -87,12 +88,15 @@ pub use classify::{
 };
 pub use config::Credential;
 pub use error::{BoxError, ConfigError};
+pub use events::{KeyEvent, KeyEvents, TracingEvents};
 pub use future::ResponseFuture;
 pub use handle::KeyHandle;
 pub use keys::{KeyInUse, KeySet};
 pub use layer::{KeyFallbackBuilder, KeyFallbackLayer};
 pub use service::KeyFallback;
-pub use status::{CooldownReason, DisableReason, KeyState, KeyStatus, PoolStatus};
+pub use status::{
+    CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, PoolStatus, RecordedState,
+};
 
 #[cfg(feature = "dotenv")]
 pub use crate::dotenv::DotenvError;

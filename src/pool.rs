@@ -15,15 +15,16 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::config::{ErrorPolicy, Outcome};
+use crate::events::{KeyEvent, KeyEvents};
 use crate::keys::Key;
-use crate::status::{CooldownReason, DisableReason, KeyState, KeyStatus};
+use crate::status::{CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, RecordedState};
 
 const TAG_ACTIVE: u64 = 0;
 const TAG_COOLING: u64 = 1;
@@ -167,7 +168,12 @@ pub(crate) struct Pool {
     usable: Box<[AtomicU64]>,
     next_deadline: AtomicU64,
     round_robin: Option<AtomicUsize>,
+    /// The pool's start on tokio's clock, and the wall clock then: deadlines are kept as
+    /// milliseconds since `epoch`, and shown as wall-clock instants from `epoch_wall`.
     epoch: Instant,
+    epoch_wall: SystemTime,
+    /// Where what the pool learns is told.
+    pub(crate) events: Box<dyn KeyEvents>,
     policy: ErrorPolicy,
 }
 
@@ -190,6 +196,7 @@ impl Pool {
         make_value: impl Fn(&str) -> HeaderValue,
         round_robin: bool,
         policy: ErrorPolicy,
+        events: Box<dyn KeyEvents>,
     ) -> Pool {
         let n = keys.len();
         let slots: Box<[Slot]> = keys
@@ -230,6 +237,8 @@ impl Pool {
             next_deadline: AtomicU64::new(NO_DEADLINE),
             round_robin: round_robin.then(|| AtomicUsize::new(0)),
             epoch: Instant::now(),
+            epoch_wall: SystemTime::now(),
+            events,
             policy,
         }
     }
@@ -254,6 +263,19 @@ impl Pool {
         let ms = Instant::now()
             .saturating_duration_since(self.epoch)
             .as_millis();
+        u64::try_from(ms).unwrap_or(DEADLINE_MAX).min(DEADLINE_MAX)
+    }
+
+    /// A deadline in milliseconds since the epoch, on the wall clock.
+    pub(crate) fn wall(&self, ms: u64) -> SystemTime {
+        self.epoch_wall + Duration::from_millis(ms)
+    }
+
+    /// A wall-clock instant in milliseconds since the epoch (zero if before it).
+    pub(crate) fn from_wall(&self, at: SystemTime) -> u64 {
+        let ms = at
+            .duration_since(self.epoch_wall)
+            .map_or(0, |d| d.as_millis());
         u64::try_from(ms).unwrap_or(DEADLINE_MAX).min(DEADLINE_MAX)
     }
 
@@ -318,12 +340,11 @@ impl Pool {
             .is_ok()
         {
             slot.counters.consecutive.store(0, SeqCst);
-            tracing::info!(
-                key = %slot.label,
-                fingerprint = %slot.fingerprint(),
-                after = CooldownReason::from_code(seen.reason()).as_str(),
-                "API key recovered from cooldown"
-            );
+            self.events.on_event(&KeyEvent::Recovered {
+                key: &slot.label,
+                fingerprint: &slot.fingerprint(),
+                after: CooldownReason::from_code(seen.reason()),
+            });
         }
         self.sync_bit(i);
         slot.word().usable(now)
@@ -486,9 +507,22 @@ impl Pool {
         d: Duration,
         capped: bool,
     ) {
+        let now = self.now_ms();
+        self.cool_until(i, generation, reason, self.deadline(now, d), capped);
+    }
+
+    /// Cools key `i` until `until` (ms since the epoch); returns whether its state changed.
+    fn cool_until(
+        &self,
+        i: usize,
+        generation: Generation,
+        reason: CooldownReason,
+        until: u64,
+        capped: bool,
+    ) -> bool {
         let slot = &self.slots[i];
         let now = self.now_ms();
-        let until = self.deadline(now, d);
+        let mut changed = false;
         let mut cur = slot.word();
         loop {
             let keep = !generation.matches(cur)
@@ -503,14 +537,15 @@ impl Pool {
             let new = Word::cooling(reason, until, capped, cur.generation());
             match slot.state.compare_exchange(cur.0, new.0, SeqCst, SeqCst) {
                 Ok(_) => {
-                    tracing::warn!(
-                        key = %slot.label,
-                        fingerprint = %slot.fingerprint(),
-                        reason = reason.as_str(),
-                        cooldown_ms = until - now,
+                    self.events.on_event(&KeyEvent::CooledDown {
+                        key: &slot.label,
+                        fingerprint: &slot.fingerprint(),
+                        reason,
+                        duration: Duration::from_millis(until.saturating_sub(now)),
+                        until: self.wall(until),
                         capped,
-                        "API key cooling down"
-                    );
+                    });
+                    changed = true;
                     break;
                 }
                 Err(actual) => cur = Word(actual),
@@ -519,6 +554,7 @@ impl Pool {
         self.sync_bit(i);
         self.next_deadline
             .fetch_min(slot.word().until().max(until), SeqCst);
+        changed
     }
 
     /// Disables key `i` until it is reset or rotated, unless its credential `generation`
@@ -537,12 +573,11 @@ impl Pool {
             }
         }
         if cur.tag() != TAG_DISABLED {
-            tracing::warn!(
-                key = %slot.label,
-                fingerprint = %slot.fingerprint(),
-                reason = reason.as_str(),
-                "API key disabled until reset"
-            );
+            self.events.on_event(&KeyEvent::Disabled {
+                key: &slot.label,
+                fingerprint: &slot.fingerprint(),
+                reason,
+            });
         }
         self.sync_bit(i);
     }
@@ -559,7 +594,10 @@ impl Pool {
         }
         slot.counters.consecutive.store(0, SeqCst);
         if cur.tag() != TAG_ACTIVE {
-            tracing::info!(key = %slot.label, fingerprint = %slot.fingerprint(), "API key reset");
+            self.events.on_event(&KeyEvent::Reset {
+                key: &slot.label,
+                fingerprint: &slot.fingerprint(),
+            });
         }
         self.sync_bit(i);
     }
@@ -578,7 +616,10 @@ impl Pool {
         // The old credential's outcomes match no more from here on.
         slot.state.store(Word::active(generation).0, SeqCst);
         slot.counters.consecutive.store(0, SeqCst);
-        tracing::info!(key = %slot.label, fingerprint = %fingerprint, "API key rotated");
+        self.events.on_event(&KeyEvent::Rotated {
+            key: &slot.label,
+            fingerprint,
+        });
         self.sync_bit(i);
     }
 
@@ -597,6 +638,55 @@ impl Pool {
             best = Some(best.map_or(at, |b| b.min(at)));
         }
         best.map(|at| Duration::from_millis(at - now))
+    }
+
+    /// Key `i`'s state as it can leave the process: wall-clock deadlines, the stable
+    /// fingerprint.
+    pub(crate) fn export(&self, i: usize) -> KeyRecord {
+        let slot = &self.slots[i];
+        let w = slot.word();
+        let state = match w.tag() {
+            TAG_COOLING if w.until() > self.now_ms() => RecordedState::CoolingDown {
+                reason: CooldownReason::from_code(w.reason()),
+                until: self.wall(w.until()),
+                capped: w.capped(),
+            },
+            TAG_DISABLED => RecordedState::Disabled {
+                reason: DisableReason::from_code(w.reason()),
+            },
+            _ => RecordedState::Active,
+        };
+        KeyRecord::new(&slot.label, &slot.fingerprint(), state)
+    }
+
+    /// The key whose current credential has this fingerprint.
+    pub(crate) fn by_fingerprint(&self, fingerprint: &str) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| *s.cred.load().fingerprint == *fingerprint)
+    }
+
+    /// Merges a state learned elsewhere into key `i`: a cooldown that ends later than the
+    /// local one, or a disable. A cooldown is never shortened, and "active" changes nothing
+    /// (only a reset makes a key active). Returns whether the key's state changed.
+    pub(crate) fn import(&self, i: usize, state: &RecordedState) -> bool {
+        match *state {
+            RecordedState::CoolingDown {
+                reason,
+                until,
+                capped,
+            } => {
+                let until = self.from_wall(until);
+                until > self.now_ms()
+                    && self.cool_until(i, Generation::Current, reason, until, capped)
+            }
+            RecordedState::Disabled { reason } => {
+                let before = self.slots[i].word().tag();
+                self.disable(i, Generation::Current, reason);
+                before != TAG_DISABLED
+            }
+            _ => false,
+        }
     }
 
     pub(crate) fn status(&self, i: usize) -> KeyStatus {
@@ -648,6 +738,7 @@ mod tests {
             |s| HeaderValue::from_str(s).unwrap(),
             rr,
             crate::config::Config::default().errors,
+            Box::new(crate::events::TracingEvents),
         )
     }
 

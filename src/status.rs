@@ -1,7 +1,7 @@
 //! What a key's state is, as the status snapshots show it: the reasons, the states, one
 //! key's status and the pool's.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Why a key is cooling down. In JSON (feature `serde`): `rate_limited`, `quota_exhausted`,
 /// `limit_reached`, `errors` or `manual`.
@@ -165,4 +165,52 @@ impl PoolStatus {
     pub fn get(&self, label: &str) -> Option<&KeyStatus> {
         self.keys.iter().find(|k| k.label == label)
     }
+}
+
+/// One key's state as it can leave the process, to be shared with other processes (a store,
+/// replicas) and merged back with [`KeyHandle::import`](crate::KeyHandle::import): the key
+/// is named by its stable fingerprint (and label), never by the key, and deadlines are
+/// wall-clock instants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyRecord {
+    /// The key's label where it was recorded.
+    pub label: String,
+    /// The key's fingerprint: what a record is matched by.
+    pub fingerprint: String,
+    /// Its state.
+    pub state: RecordedState,
+}
+
+impl KeyRecord {
+    /// A record of a key's state.
+    pub fn new(label: &str, fingerprint: &str, state: RecordedState) -> KeyRecord {
+        KeyRecord {
+            label: label.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            state,
+        }
+    }
+}
+
+/// A key's state in a [`KeyRecord`]: its deadline on the wall clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordedState {
+    /// Usable.
+    Active,
+    /// Set aside until `until`.
+    CoolingDown {
+        /// Why.
+        reason: CooldownReason,
+        /// Until when, on the wall clock.
+        until: SystemTime,
+        /// Whether the provider's wait was capped at `max_cooldown`.
+        capped: bool,
+    },
+    /// Set aside until reset or rotated.
+    Disabled {
+        /// Why.
+        reason: DisableReason,
+    },
 }
