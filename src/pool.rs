@@ -272,7 +272,7 @@ impl Pool {
     }
 
     /// A wall-clock instant in milliseconds since the epoch (zero if before it).
-    pub(crate) fn from_wall(&self, at: SystemTime) -> u64 {
+    pub(crate) fn ms_of_wall(&self, at: SystemTime) -> u64 {
         let ms = at
             .duration_since(self.epoch_wall)
             .map_or(0, |d| d.as_millis());
@@ -676,7 +676,7 @@ impl Pool {
                 until,
                 capped,
             } => {
-                let until = self.from_wall(until);
+                let until = self.ms_of_wall(until);
                 until > self.now_ms()
                     && self.cool_until(i, Generation::Current, reason, until, capped)
             }
