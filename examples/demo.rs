@@ -619,7 +619,7 @@ fn describe(state: &KeyState) -> (String, &'static str, Option<Duration>) {
         KeyState::Active => ("active".into(), "32", None),
         KeyState::CoolingDown { remaining, reason } => {
             let why = match reason {
-                CooldownReason::LimitReached => "used up",
+                CooldownReason::Drained => "used up",
                 CooldownReason::RateLimited => "got 429",
                 CooldownReason::QuotaExhausted => "quota",
                 CooldownReason::Errors => "errors",

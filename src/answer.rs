@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, Response, StatusCode};
 
-use crate::body::ExhaustedBody;
+use crate::body::InspectedBody;
 use crate::error::BoxError;
 
 /// No key could serve the request: every key was tried or is cooling down or disabled.
@@ -27,7 +27,7 @@ pub struct Exhausted {
     pub(crate) retry_after: Option<Duration>,
     pub(crate) attempts: u32,
     pub(crate) keys: usize,
-    pub(crate) last_response: Option<Response<ExhaustedBody>>,
+    pub(crate) last_response: Option<Response<InspectedBody>>,
     pub(crate) last_error: Option<BoxError>,
 }
 
@@ -60,7 +60,7 @@ impl Exhausted {
     }
 
     /// Takes the last upstream response, with its whole body, if one was received.
-    pub fn take_last_response(&mut self) -> Option<Response<ExhaustedBody>> {
+    pub fn take_last_response(&mut self) -> Option<Response<InspectedBody>> {
         self.last_response.take()
     }
 }

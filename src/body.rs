@@ -87,6 +87,7 @@ impl<D, E> TryCloneBody for http_body_util::combinators::UnsyncBoxBody<D, E> {
 }
 
 #[cfg(feature = "hyper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
 impl TryCloneBody for hyper::body::Incoming {
     fn try_clone_body(&self) -> Option<Self> {
         None
@@ -488,15 +489,17 @@ where
     }
 }
 
-/// The body of the last upstream response carried by [`Exhausted`](crate::Exhausted): the
-/// bytes read for inspection, then the rest of the upstream stream.
-pub struct ExhaustedBody {
+/// The body of a response whose start was read to classify it: the bytes read for
+/// inspection, then the rest of the upstream stream. The last response carried by
+/// [`Exhausted`](crate::Exhausted) has it, and so does an inspected response handed back by
+/// the reqwest middleware.
+pub struct InspectedBody {
     inner: Mutex<Buffered>,
 }
 
-impl ExhaustedBody {
+impl InspectedBody {
     pub(crate) fn new(inner: Buffered) -> Self {
-        ExhaustedBody {
+        InspectedBody {
             inner: Mutex::new(inner),
         }
     }
@@ -506,13 +509,13 @@ impl ExhaustedBody {
     }
 }
 
-impl fmt::Debug for ExhaustedBody {
+impl fmt::Debug for InspectedBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ExhaustedBody").finish_non_exhaustive()
+        f.debug_struct("InspectedBody").finish_non_exhaustive()
     }
 }
 
-impl Body for ExhaustedBody {
+impl Body for InspectedBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -597,7 +600,7 @@ mod tests {
         std::future::poll_fn(|cx| peek.poll_peek(cx)).await;
         assert!(peek.complete());
         assert_eq!(peek.prefix(), b"hi");
-        let collected = ExhaustedBody::new(peek.into_buffered())
+        let collected = InspectedBody::new(peek.into_buffered())
             .collect()
             .await
             .unwrap();

@@ -101,7 +101,7 @@ impl Config {
         Some(match verdict {
             Verdict::Success => Outcome::Success,
             Verdict::Drained { retry_after } => {
-                cool(CooldownReason::LimitReached, Some(retry_after), retry_after)
+                cool(CooldownReason::Drained, Some(retry_after), retry_after)
             }
             Verdict::RateLimited { retry_after } => cool(
                 CooldownReason::RateLimited,

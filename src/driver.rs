@@ -9,7 +9,7 @@ use std::fmt;
 use http::HeaderMap;
 
 use crate::answer::Exhausted;
-use crate::body::{Buffered, ExhaustedBody};
+use crate::body::{Buffered, InspectedBody};
 use crate::classify::{Classify, ErrorVerdict, Verdict};
 use crate::config::{Config, Outcome, Strip};
 use crate::error::BoxError;
@@ -240,7 +240,7 @@ impl Driver {
     /// The error when no key could serve the request, with its last answer.
     pub(crate) fn give_up(&self, shared: &Shared, last: Last) -> Exhausted {
         let (last_response, last_error) = match last {
-            Last::Response(res) => (Some(res.map(ExhaustedBody::new)), None),
+            Last::Response(res) => (Some(res.map(InspectedBody::new)), None),
             Last::Error(err) => (None, Some(err)),
         };
         exhausted(shared, self.count, last_response, last_error)
@@ -256,7 +256,7 @@ impl Driver {
 fn exhausted(
     shared: &Shared,
     attempts: u32,
-    last_response: Option<http::Response<ExhaustedBody>>,
+    last_response: Option<http::Response<InspectedBody>>,
     last_error: Option<BoxError>,
 ) -> Exhausted {
     let retry_after = shared.pool.earliest();

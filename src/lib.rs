@@ -46,8 +46,43 @@
 //! `serde::Serialize` as flat, stable JSON (labels and fingerprints, never a key), for a
 //! status endpoint such as the gateway example's `GET /keys`.
 //!
+//! # How the crate is built
+//!
+//! Each module owns one thing and imports only the modules above it in this list (checked by
+//! `tests/module_graph.rs`):
+//!
+//! | module | owns | imports |
+//! |---|---|---|
+//! | `error` | [`BoxError`], [`ConfigError`] | nothing |
+//! | `status` | the status types: [`KeyState`], [`KeyStatus`], [`PoolStatus`], the reasons, [`KeyRecord`] | nothing |
+//! | `parse`, `errorbody` | parsers for reset times, and the scanner of providers' JSON error envelopes | nothing |
+//! | `classify` | [`Classify`], [`DefaultClassifier`], [`Verdict`], [`ErrorVerdict`]: what an answer means | `parse`, `errorbody` |
+//! | `keys` | [`KeySet`], fingerprints, credential header values, [`KeyInUse`] | `error` |
+//! | `config` | [`Credential`] and the one cooldown policy: what a verdict does to a key | `classify`, `status`, `keys` |
+//! | `events` | [`KeyEvents`], [`KeyEvent`], [`TracingEvents`] | `classify`, `status` |
+//! | `pool` | per-key state in atomics, key choice, export and import | `config`, `events`, `keys`, `status` |
+//! | `body` | [`TryCloneBody`], [`SendOnce`], [`KeyFallbackBody`], [`InspectedBody`], the bounded peek | `error` |
+//! | `answer` | [`Exhausted`] and the proxy's 429 and 502 | `body`, `error` |
+//! | `driver` | one request's walk over the keys, as decisions without I/O | all of the above |
+//! | `handle` | [`KeyHandle`] | `driver`, `pool`, `keys`, `status` |
+//! | `inspect` | reading an error body for classification, with a time bound | `driver`, `body` |
+//! | `future`, `service` | the tower adapter: [`KeyFallback`], [`ResponseFuture`] | `driver`, `inspect`, `answer`, `body`, `handle` |
+//! | `layer` | [`KeyFallbackLayer`], [`KeyFallbackBuilder`] | the above |
+//! | `reqwest_middleware`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
+//!
+//! Where to add things:
+//! - **a provider's signals**: `classify` (and `errorbody` for a field of its error JSON);
+//! - **a metric, a log, a store's writer**: a [`KeyEvents`] observer, given to
+//!   [`KeyFallbackBuilder::events`];
+//! - **a store's reader** (state learned by other processes): [`KeyHandle::import`], with
+//!   [`KeyHandle::export`] on the other side;
+//! - **a cooldown rule**: `config` (`Config::outcome`);
+//! - **another client library**: a new adapter beside `future` and `reqwest_middleware`,
+//!   doing the I/O and asking the `driver` what to do.
+//!
 //! [tower]: https://docs.rs/tower
 //! [README]: https://github.com/tower-key-fallback/tower-key-fallback#readme
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
@@ -72,6 +107,7 @@ mod status;
 #[cfg(feature = "serde")]
 mod serialize;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 #[cfg(feature = "dotenv")]
@@ -82,7 +118,11 @@ mod reqwest_middleware;
 mod retry;
 
 pub use answer::Exhausted;
-pub use body::{ExhaustedBody, KeyFallbackBody, SendOnce, TryCloneBody};
+pub use body::{InspectedBody, KeyFallbackBody, SendOnce, TryCloneBody};
+
+/// The old name of [`InspectedBody`].
+#[deprecated(note = "renamed `InspectedBody`: it is the body of every inspected response")]
+pub type ExhaustedBody = InspectedBody;
 pub use classify::{
     classify_transport_error, Classify, DefaultClassifier, ErrorVerdict, HeadVerdict, Verdict,
 };
@@ -99,10 +139,13 @@ pub use status::{
 };
 
 #[cfg(feature = "dotenv")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dotenv")))]
 pub use crate::dotenv::DotenvError;
 #[cfg(feature = "reqwest-middleware")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
 pub use crate::reqwest_middleware::KeyFallbackMiddleware;
 #[cfg(feature = "retry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub use crate::retry::RetryExhausted;
 
 // The README's examples are compiled and run as doctests.

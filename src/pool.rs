@@ -465,7 +465,7 @@ impl Pool {
                 {
                     slot.counters.rate_limited.fetch_add(1, SeqCst);
                 }
-                if reason != CooldownReason::LimitReached {
+                if reason != CooldownReason::Drained {
                     slot.counters.errors.fetch_add(1, SeqCst);
                 } else {
                     slot.counters.successes.fetch_add(1, SeqCst);

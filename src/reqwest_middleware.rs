@@ -14,7 +14,7 @@ use reqwest::{Request, Response, ResponseBuilderExt, Url};
 
 use crate::answer;
 use crate::answer::Exhausted;
-use crate::body::{boxed, Buffered, ExhaustedBody};
+use crate::body::{boxed, Buffered, InspectedBody};
 use crate::classify::{HeadVerdict, Verdict};
 use crate::driver::Shared;
 use crate::driver::{Driver, Last, Step};
@@ -160,7 +160,7 @@ impl Raw {
         match self {
             Raw::Untouched(res) => res,
             Raw::Read(res) => {
-                let mut res = res.map(|b| reqwest::Body::wrap(ExhaustedBody::new(b)));
+                let mut res = res.map(|b| reqwest::Body::wrap(InspectedBody::new(b)));
                 res.extensions_mut().extend(url_extension(url));
                 Response::from(res)
             }

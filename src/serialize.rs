@@ -76,12 +76,14 @@ struct PoolView<'a> {
     available: usize,
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 impl Serialize for KeyState {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         StateView::from(self).serialize(serializer)
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 impl Serialize for KeyStatus {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         KeyView {
@@ -100,6 +102,7 @@ impl Serialize for KeyStatus {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
 impl Serialize for PoolStatus {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         PoolView {
@@ -192,7 +195,7 @@ mod tests {
         let cooldowns = [
             (CooldownReason::RateLimited, "rate_limited"),
             (CooldownReason::QuotaExhausted, "quota_exhausted"),
-            (CooldownReason::LimitReached, "limit_reached"),
+            (CooldownReason::Drained, "limit_reached"),
             (CooldownReason::Errors, "errors"),
             (CooldownReason::Manual, "manual"),
         ];

@@ -18,19 +18,25 @@ pub enum CooldownReason {
     /// A daily, monthly or billing quota is used up.
     QuotaExhausted,
     /// A success said the allowance is used up (`x-ratelimit-remaining-*: 0`).
-    LimitReached,
+    #[cfg_attr(feature = "serde", serde(rename = "limit_reached"))]
+    Drained,
     /// Too many errors in a row (5xx, timeouts, transport errors).
     Errors,
     /// Set aside through [`KeyHandle::cool_down`].
     Manual,
 }
 
+#[allow(non_upper_case_globals)]
 impl CooldownReason {
+    /// The old name of [`CooldownReason::Drained`].
+    #[deprecated(note = "renamed `CooldownReason::Drained`, after `Verdict::Drained`")]
+    pub const LimitReached: CooldownReason = CooldownReason::Drained;
+
     pub(crate) fn code(self) -> u64 {
         match self {
             CooldownReason::RateLimited => 0,
             CooldownReason::QuotaExhausted => 1,
-            CooldownReason::LimitReached => 2,
+            CooldownReason::Drained => 2,
             CooldownReason::Errors => 3,
             CooldownReason::Manual => 4,
         }
@@ -39,17 +45,18 @@ impl CooldownReason {
         match code {
             0 => CooldownReason::RateLimited,
             1 => CooldownReason::QuotaExhausted,
-            2 => CooldownReason::LimitReached,
+            2 => CooldownReason::Drained,
             3 => CooldownReason::Errors,
             _ => CooldownReason::Manual,
         }
     }
-    /// A short name for logs: `rate_limited`, `quota_exhausted`, ….
+    /// A short name for logs and JSON: `rate_limited`, `quota_exhausted`, `limit_reached`
+    /// (for [`CooldownReason::Drained`], its stable name), `errors`, `manual`.
     pub fn as_str(self) -> &'static str {
         match self {
             CooldownReason::RateLimited => "rate_limited",
             CooldownReason::QuotaExhausted => "quota_exhausted",
-            CooldownReason::LimitReached => "limit_reached",
+            CooldownReason::Drained => "limit_reached",
             CooldownReason::Errors => "errors",
             CooldownReason::Manual => "manual",
         }
@@ -213,4 +220,21 @@ pub enum RecordedState {
         /// Why.
         reason: DisableReason,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(deprecated)]
+    fn the_old_reason_name_still_works_in_patterns_and_values() {
+        assert_eq!(CooldownReason::LimitReached, CooldownReason::Drained);
+        let named = match CooldownReason::Drained {
+            CooldownReason::LimitReached => "old name matches",
+            _ => "no",
+        };
+        assert_eq!(named, "old name matches");
+        assert_eq!(CooldownReason::Drained.as_str(), "limit_reached");
+    }
 }

@@ -140,7 +140,10 @@ async fn a_pools_state_leaves_with_wall_clock_deadlines_and_merges_back() {
     assert_eq!(reason, CooldownReason::Manual);
     // The deadline is a wall-clock instant about 30 s from now.
     let left = until.duration_since(SystemTime::now()).unwrap();
-    assert!(left > Duration::from_secs(29) && left <= Duration::from_secs(30), "{left:?}");
+    assert!(
+        left > Duration::from_secs(29) && left <= Duration::from_secs(30),
+        "{left:?}"
+    );
 
     let changed: Vec<bool> = records.iter().map(|r| here.import(r)).collect();
     assert_eq!(changed, [true, true, false]);

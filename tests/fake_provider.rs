@@ -187,7 +187,7 @@ async fn a_drained_key_is_set_aside_before_it_gets_a_429() {
     assert_eq!(stats.key("gsk_a").rate_limited, 0, "no 429 was spent");
     assert_eq!(stats.key("gsk_b").served, 2);
     let (_, reason) = cooling(&handle, "key-1").expect("key-1 cooling");
-    assert_eq!(reason, CooldownReason::LimitReached);
+    assert_eq!(reason, CooldownReason::Drained);
 }
 
 #[tokio::test]

@@ -294,7 +294,7 @@ async fn every_provider_wait_is_capped_and_the_status_says_so() {
     );
     let res = one(&mut svc, &mut handle, drained).await.unwrap();
     assert_eq!(res.status(), 200);
-    assert_eq!(cooling(&keys, "key-2"), (day, CooldownReason::LimitReached));
+    assert_eq!(cooling(&keys, "key-2"), (day, CooldownReason::Drained));
     assert!(keys.status().keys[1].cooldown_capped);
 
     // The cap is configurable; a wait under it is not capped.

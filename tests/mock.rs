@@ -321,7 +321,7 @@ async fn a_drained_success_cools_the_key_before_any_429() {
     assert_eq!(res.status(), 200);
     assert_eq!(
         cooling(&keys, "key-1"),
-        (Duration::from_secs(42), CooldownReason::LimitReached)
+        (Duration::from_secs(42), CooldownReason::Drained)
     );
     exchange(
         &mut svc,
