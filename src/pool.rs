@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use crossbeam_utils::CachePadded;
 use http::HeaderValue;
 use tokio::time::Instant;
 
@@ -100,25 +101,15 @@ impl Generation {
     }
 }
 
-/// Keeps what it holds on cache lines of its own, so that writes to it (counters) do not
-/// slow down readers of the fields around it.
-#[repr(align(128))]
-struct Padded<T>(T);
-
-impl<T> std::ops::Deref for Padded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
 /// One key: read-mostly fields first, then what every request writes, each on its own lines.
 pub(crate) struct Slot {
     pub(crate) label: Arc<str>,
     state: AtomicU64,
     /// The credential: replaced whole by a rotation, read without a lock.
     cred: ArcSwap<Cred>,
-    counters: Padded<Counters>,
+    /// On cache lines of its own, so that the counters every request writes do not slow
+    /// down readers of the fields around them.
+    counters: CachePadded<Counters>,
 }
 
 struct Counters {
@@ -209,7 +200,7 @@ impl Pool {
                 }),
                 label: k.label().into(),
                 state: AtomicU64::new(Word::active(0).0),
-                counters: Padded(Counters {
+                counters: CachePadded::new(Counters {
                     requests: AtomicU64::new(0),
                     successes: AtomicU64::new(0),
                     errors: AtomicU64::new(0),
