@@ -255,7 +255,10 @@ pub(crate) fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() || needle.len() > hay.len() {
         return None;
     }
-    hay.windows(needle.len()).rposition(|w| w == needle)
+    let first = needle[0];
+    (0..=hay.len() - needle.len())
+        .rev()
+        .find(|&i| hay[i] == first && &hay[i..i + needle.len()] == needle)
 }
 
 /// ASCII case-insensitive search of the last `needle` in `hay`.
@@ -263,8 +266,11 @@ fn rfind_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() || needle.len() > hay.len() {
         return None;
     }
-    hay.windows(needle.len())
-        .rposition(|w| w.eq_ignore_ascii_case(needle))
+    let first = needle[0].to_ascii_lowercase();
+    (0..=hay.len() - needle.len()).rev().find(|&i| {
+        hay[i].to_ascii_lowercase() == first
+            && hay[i..i + needle.len()].eq_ignore_ascii_case(needle)
+    })
 }
 
 /// Finds a wait hint in an error message or body: "try again in 5.289s", "Please retry in
