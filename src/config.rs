@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue};
+use http::HeaderName;
 
 use crate::classify::Verdict;
+use crate::keys::Striped;
 use crate::status::{CooldownReason, DisableReason};
 
 /// How the key is put on the request.
@@ -130,8 +131,8 @@ impl Config {
 
     /// The header value for `secret`, marked sensitive so that `Debug` and HTTP/2 HPACK
     /// never expose it.
-    pub(crate) fn credential_value(&self, secret: &str) -> HeaderValue {
-        crate::keys::header_value(self.credential == Credential::Bearer, secret)
+    pub(crate) fn credential_value(&self, secret: &str) -> Striped {
+        Striped::new(self.credential == Credential::Bearer, secret)
     }
 
     /// The caller's credential headers to remove: the known ones but the layer's own, which

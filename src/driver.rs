@@ -145,13 +145,13 @@ impl Driver {
         });
         match shared.config.credential_header() {
             Some(name) => {
-                headers.insert(name.clone(), cred.value.clone());
+                headers.insert(name.clone(), cred.value.get().clone());
                 None
             }
             None => Some(KeyInUse {
                 label: shared.pool.label_arc(self.key),
                 fingerprint: cred.fingerprint.clone(),
-                value: cred.value.clone(),
+                value: cred.value.get().clone(),
             }),
         }
     }

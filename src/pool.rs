@@ -19,12 +19,11 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use crossbeam_utils::CachePadded;
-use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::config::{ErrorPolicy, Outcome};
 use crate::events::{KeyEvent, KeyEvents};
-use crate::keys::Key;
+use crate::keys::{Key, Striped};
 use crate::status::{CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, RecordedState};
 
 const TAG_ACTIVE: u64 = 0;
@@ -124,7 +123,7 @@ struct Counters {
 /// One credential of a key. The header value's bytes are zeroed once the last request that
 /// carries them is dropped.
 pub(crate) struct Cred {
-    pub(crate) value: HeaderValue,
+    pub(crate) value: Striped,
     pub(crate) fingerprint: Arc<str>,
     generation: u64,
 }
@@ -184,7 +183,7 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     pub(crate) fn new(
         keys: Vec<Key>,
-        make_value: impl Fn(&str) -> HeaderValue,
+        make_value: impl Fn(&str) -> Striped,
         round_robin: bool,
         policy: ErrorPolicy,
         events: Box<dyn KeyEvents>,
@@ -595,7 +594,7 @@ impl Pool {
 
     /// Replaces key `i`'s credential and makes it active under a new generation. Requests in
     /// flight finish with the old credential; what they come to is dropped.
-    pub(crate) fn rotate(&self, i: usize, value: HeaderValue, fingerprint: &str) {
+    pub(crate) fn rotate(&self, i: usize, value: Striped, fingerprint: &str) {
         let slot = &self.slots[i];
         let _one_at_a_time = self.rotating.lock().unwrap_or_else(|e| e.into_inner());
         let generation = (slot.cred.load().generation + 1) & GEN_MASK;
@@ -726,7 +725,7 @@ mod tests {
         let set = KeySet::new(keys).unwrap();
         Pool::new(
             set.into_keys(),
-            |s| HeaderValue::from_str(s).unwrap(),
+            |s| Striped::new(false, s),
             rr,
             crate::config::Config::default().errors,
             Box::new(crate::events::TracingEvents),
@@ -838,9 +837,9 @@ mod tests {
     async fn outcomes_of_a_rotated_out_credential_are_dropped() {
         let p = pool(1, false);
         let old = p.begin(0).generation();
-        p.rotate(0, HeaderValue::from_static("new"), "fp:new");
+        p.rotate(0, Striped::new(false, "new"), "fp:new");
         let new = p.begin(0);
-        assert_eq!(new.value, "new");
+        assert_eq!(new.value.get(), "new");
         let new = new.generation();
         // The revoked old key's 401 and its quota 429 land after the rotation.
         p.record(0, old, Outcome::Disable(DisableReason::InvalidKey));
