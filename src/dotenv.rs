@@ -171,6 +171,14 @@ pub(crate) struct DotenvFile {
     vars: HashMap<String, (String, usize)>,
 }
 
+#[cfg(fuzzing)]
+impl DotenvFile {
+    /// The variables, for the fuzz target (`crate::__fuzz`).
+    pub(crate) fn vars(&self) -> &HashMap<String, (String, usize)> {
+        &self.vars
+    }
+}
+
 /// The key set from `env` and the file's variables that `env` does not set.
 pub(crate) fn merge(
     prefix: &str,
