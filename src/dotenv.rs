@@ -175,6 +175,14 @@ pub(crate) struct DotenvFile {
     vars: HashMap<String, (String, usize)>,
 }
 
+#[cfg(fuzzing)]
+impl DotenvFile {
+    /// The variables, for the fuzz target (`crate::__fuzz`).
+    pub(crate) fn vars(&self) -> &HashMap<String, (String, usize)> {
+        &self.vars
+    }
+}
+
 /// The key set from `env` and the file's variables that `env` does not set.
 pub(crate) fn merge(
     prefix: &str,
@@ -253,7 +261,8 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<DotenvFile, DotenvError
             Err(dotenvy::Error::LineParse(quoted, index)) => {
                 let before: String = quoted.chars().take(index).collect();
                 let (offset, problem) = describe(&lines[start..], before.matches('\n').count());
-                return Err(syntax(start + 1 + offset, problem));
+                // dotenvy says only where in its logical line: kept within the file.
+                return Err(syntax((start + 1 + offset).min(lines.len()), problem));
             }
             Err(_) => return Err(syntax(start + 1, "could not be read")),
         }
@@ -486,6 +495,151 @@ mod tests {
         assert_eq!(err, "x.env line 3: not valid UTF-8");
         bytes.truncate(8);
         assert!(parse(Path::new("x.env"), &bytes).is_ok());
+    }
+
+    /// Generated files never make the parser panic; it reads a file the same way twice;
+    /// what it reads, written back double-quoted, reads the same; and no error, of the parser
+    /// or of the key set built from the file, shows a value.
+    #[test]
+    fn generated_files_parse_totally_and_errors_never_show_a_value() {
+        // A `-` cannot be part of a name, so only a value can hold this.
+        const SECRET: &str = "gsk-s3cr3t";
+        const PIECES: &[&str] = &[
+            "GROQ_API_KEY",
+            "_2",
+            "_3",
+            "OTHER",
+            "=",
+            " = ",
+            "export ",
+            "export",
+            "#",
+            " # c",
+            "'",
+            "\"",
+            "\\",
+            "\\n",
+            "\\\"",
+            " ",
+            "\t",
+            "\n",
+            "\n",
+            "\r\n",
+            "\r",
+            SECRET,
+            SECRET,
+            "x",
+            "1",
+            "é",
+            "\u{feff}",
+            "$HOME",
+        ];
+        const NAMES: &[&str] = &[
+            "GROQ_API_KEY",
+            "GROQ_API_KEY_2",
+            "GROQ_API_KEY_3",
+            "OTHER",
+            "1BAD",
+            "A B",
+            "",
+        ];
+        fn piece(next: &mut impl FnMut() -> u64, text: &mut Vec<u8>) {
+            let r = next();
+            if r % 64 == 0 {
+                // Now and then any byte, invalid UTF-8 too.
+                text.push((r >> 8) as u8);
+            } else {
+                text.extend_from_slice(PIECES[(r >> 8) as usize % PIECES.len()].as_bytes());
+            }
+        }
+        let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let path = Path::new("/app/.env");
+        let leaks = |e: &DotenvError| format!("{e} {e:?}").contains("s3cr3t");
+        let (mut read, mut syntax, mut keys, mut multi_line) = (0, 0, 0, 0);
+        for _ in 0..10_000 {
+            let mut text = Vec::new();
+            for _ in 0..next() % 6 {
+                let r = next();
+                if r % 4 == 0 {
+                    // Pieces in any order.
+                    for _ in 0..next() % 8 {
+                        piece(&mut next, &mut text);
+                    }
+                } else {
+                    // An entry: a name, `=` and pieces, maybe quoted, maybe a comment.
+                    if r & 0x100 != 0 {
+                        text.extend_from_slice(b"export ");
+                    }
+                    text.extend_from_slice(NAMES[(r >> 16) as usize % NAMES.len()].as_bytes());
+                    text.extend_from_slice([&b"="[..], b" = ", b"=\t"][(r >> 24) as usize % 3]);
+                    let quote = [&b""[..], b"'", b"\""][(r >> 32) as usize % 3];
+                    text.extend_from_slice(quote);
+                    for _ in 0..next() % 6 {
+                        piece(&mut next, &mut text);
+                    }
+                    text.extend_from_slice(quote);
+                    if r & 0x200 != 0 {
+                        text.extend_from_slice(b" # spare");
+                    }
+                }
+                text.extend_from_slice([&b"\n"[..], b"\r\n", b""][(r >> 40) as usize % 3]);
+            }
+            let shown = String::from_utf8_lossy(&text);
+            let lines = 1 + text.iter().filter(|&&b| b == b'\n').count();
+            let file = match parse(path, &text) {
+                Ok(file) => file,
+                Err(e) => {
+                    syntax += 1;
+                    let DotenvError::Syntax { line, .. } = e else {
+                        panic!("{e:?}")
+                    };
+                    assert!((1..=lines).contains(&line), "{shown:?}: {e}");
+                    assert!(!leaks(&e), "{shown:?}: {e}");
+                    continue;
+                }
+            };
+            read += 1;
+            assert_eq!(file.vars, parse(path, &text).unwrap().vars, "{shown:?}");
+            for (name, (value, line)) in &file.vars {
+                let mut chars = name.chars();
+                assert!(
+                    chars
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'),
+                    "{shown:?}: {name:?}"
+                );
+                assert!((1..=lines).contains(line), "{shown:?}: {name} at {line}");
+                let mut quoted = format!("{name}=\"");
+                for c in value.chars() {
+                    match c {
+                        '"' | '\\' | '$' => quoted.extend(['\\', c]),
+                        '\n' => quoted.push_str("\\n"),
+                        c => quoted.push(c),
+                    }
+                }
+                quoted.push('"');
+                multi_line += usize::from(value.contains('\n'));
+                let back = parse(path, quoted.as_bytes()).unwrap();
+                assert_eq!(back.vars[name].0, *value, "{shown:?}: {quoted:?}");
+            }
+            if let Err(e) = merge("GROQ_API_KEY", Vec::new(), Some(&file)) {
+                keys += 1;
+                assert!(!leaks(&e), "{shown:?}: {e}");
+            }
+        }
+        // The generator reaches files that parse, syntax errors, unusable keys and values
+        // over several lines.
+        assert!(
+            read > 1_000 && syntax > 1_000 && keys > 1_000 && multi_line > 50,
+            "{read} {syntax} {keys} {multi_line}"
+        );
     }
 
     fn file(text: &str) -> DotenvFile {

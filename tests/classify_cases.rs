@@ -230,4 +230,157 @@ fn hostile_cases_blame_no_key_beyond_what_the_provider_said() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+
+/// Generated responses (statuses, wait headers, error bodies) never make the classifier
+/// panic; every wait it reports is at most 1e9 s (about 31 years); a drained key waits a
+/// while and a rate limit less than an hour (longer is a quota); only 400, 402, 403 and 429
+/// ask for the body.
+#[test]
+fn generated_responses_classify_within_bounds() {
+    use std::time::Duration;
+    const NAMES: &[&str] = &[
+        "retry-after",
+        "retry-after-ms",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+        "anthropic-ratelimit-output-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-reset",
+        "content-type",
+    ];
+    const WHOLE: &[&str] = &[
+        "0",
+        "0",
+        "0",
+        "-1",
+        "2",
+        "1500",
+        "2m59.56s",
+        "7.66s",
+        "99999999999h",
+        "Sun, 06 Nov 1994 08:49:37 GMT",
+        "Fri, 31 Dec 9999 23:59:59 GMT",
+        "2024-03-26T20:00:00Z",
+        "2999-12-31T23:59:59.999999999+02:00",
+    ];
+    const PIECES: &[&str] = &[
+        "0", "1", "7", ".", "66", "s", "m", "h", "ms", "µs", " ", "-", ":", "T", "Z", "GMT", ",",
+    ];
+    const BODY: &[&str] = &[
+        r#"{"error":{"message":""#,
+        "Please try again in ",
+        "Please retry in ",
+        "retry after ",
+        " seconds",
+        r#""retryDelay": ""#,
+        "\"",
+        "9m38.016s",
+        "5.289",
+        "99999999999h",
+        "2",
+        "s.",
+        " ",
+        "insufficient_quota",
+        "(TPD)",
+        "limit: 0",
+        "API_KEY_INVALID",
+        "Request too large",
+        "high demand",
+        "<html",
+        "unsupported_country_region_territory",
+    ];
+    const STATUSES: &[u16] = &[
+        200, 204, 400, 401, 402, 403, 408, 413, 429, 498, 500, 501, 529,
+    ];
+    /// Half the time one whole value, else a few pieces of them run together.
+    fn value(next: &mut impl FnMut() -> u64) -> HeaderValue {
+        let value: String = if next() % 2 == 0 {
+            WHOLE[next() as usize % WHOLE.len()].to_owned()
+        } else {
+            (0..2 + next() % 3)
+                .map(|_| PIECES[next() as usize % PIECES.len()])
+                .collect()
+        };
+        HeaderValue::from_bytes(value.as_bytes()).unwrap()
+    }
+    let c = DefaultClassifier::new();
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let max = Duration::from_secs(1_000_000_000);
+    let (mut drained, mut limited, mut quota) = (0, 0, 0);
+    for _ in 0..5_000 {
+        let r = next();
+        let status = if r % 4 == 0 {
+            100 + (r >> 8) as u16 % 900
+        } else {
+            STATUSES[(r >> 8) as usize % STATUSES.len()]
+        };
+        let status = StatusCode::from_u16(status).unwrap();
+        let mut headers = HeaderMap::new();
+        for _ in 0..next() % 6 {
+            let i = next() as usize % NAMES.len();
+            headers.append(NAMES[i], value(&mut next));
+            // A remaining count comes with its reset, and is often zero.
+            if NAMES[i].contains("remaining") {
+                if next() % 2 == 0 {
+                    headers.insert(NAMES[i], HeaderValue::from_static("0"));
+                }
+                headers.append(NAMES[i + 1], value(&mut next));
+            }
+        }
+        let mut body = Vec::new();
+        for _ in 0..next() % 8 {
+            let r = next();
+            if r % 16 == 0 {
+                body.push((r >> 8) as u8);
+            } else {
+                body.extend_from_slice(BODY[(r >> 8) as usize % BODY.len()].as_bytes());
+            }
+        }
+        let inspect = matches!(status.as_u16(), 400 | 402 | 403 | 429);
+        let verdict = match c.classify_head(status, &headers) {
+            HeadVerdict::Done(v) => {
+                assert!(!inspect, "{status} decided from the head");
+                v
+            }
+            HeadVerdict::InspectBody => {
+                assert!(inspect, "{status} asked for the body");
+                c.classify_body(status, &headers, &body)
+            }
+            _ => unreachable!(),
+        };
+        let case = || format!("{status} {headers:?} {:?}", String::from_utf8_lossy(&body));
+        match verdict {
+            Verdict::Drained { retry_after } => {
+                drained += 1;
+                assert!(!retry_after.is_zero() && retry_after <= max, "{}", case());
+            }
+            Verdict::RateLimited {
+                retry_after: Some(d),
+            } => {
+                limited += 1;
+                assert!(d < Duration::from_secs(3600), "{}", case());
+            }
+            Verdict::QuotaExhausted {
+                retry_after: Some(d),
+            } => {
+                quota += 1;
+                assert!(d <= max, "{}", case());
+            }
+            _ => {}
+        }
+    }
+    // The generator reaches every verdict that carries a wait.
+    assert!(
+        drained > 20 && limited > 20 && quota > 20,
+        "{drained} {limited} {quota}"
+    );
 }
