@@ -230,6 +230,7 @@ fn hostile_cases_blame_no_key_beyond_what_the_provider_said() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
 
 /// Generated responses (statuses, wait headers, error bodies) never make the classifier
 /// panic; every wait it reports is at most 1e9 s (about 31 years); a drained key waits a
