@@ -63,6 +63,8 @@ mod layer;
 mod parse;
 mod pool;
 mod service;
+// The pool's atomics, mutex and credential cell: std's, or loom's in the model check.
+mod sync;
 // Feature `serde`: `Serialize` for `PoolStatus`, `KeyStatus`, `KeyState` and the reasons.
 #[cfg(feature = "serde")]
 mod serialize;

@@ -13,16 +13,17 @@
 //! No lock is taken on the request path. Time is `tokio::time::Instant`, so a paused tokio
 //! clock drives cooldowns in tests.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::handle::{CooldownReason, DisableReason, KeyState, KeyStatus};
 use crate::keys::Key;
+// std's and arc-swap's; loom's in the model check (`scripts/loom.sh`).
+use crate::sync::{ArcCell, ArcGuard, AtomicU32, AtomicU64, AtomicUsize, Mutex};
 
 const TAG_ACTIVE: u64 = 0;
 const TAG_COOLING: u64 = 1;
@@ -134,7 +135,7 @@ pub(crate) struct Slot {
     pub(crate) label: Arc<str>,
     state: AtomicU64,
     /// The credential: replaced whole by a rotation, read without a lock.
-    cred: ArcSwap<Cred>,
+    cred: ArcCell<Cred>,
     counters: Padded<Counters>,
 }
 
@@ -213,7 +214,7 @@ impl Pool {
         let slots: Box<[Slot]> = keys
             .into_iter()
             .map(|k| Slot {
-                cred: ArcSwap::from_pointee(Cred {
+                cred: ArcCell::from_pointee(Cred {
                     value: make_value(k.secret()),
                     fingerprint: k.fingerprint().into(),
                     generation: 0,
@@ -436,7 +437,7 @@ impl Pool {
 
     /// The credential for an attempt with key `i`, and counts the attempt. The guard is
     /// cheap to take (no reference count is written) and meant to be dropped at once.
-    pub(crate) fn begin(&self, i: usize) -> arc_swap::Guard<Arc<Cred>> {
+    pub(crate) fn begin(&self, i: usize) -> ArcGuard<Cred> {
         let slot = &self.slots[i];
         slot.counters.requests.fetch_add(1, SeqCst);
         slot.cred.load()
