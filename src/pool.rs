@@ -594,8 +594,11 @@ impl Pool {
             fingerprint: fingerprint.into(),
             generation,
         }));
-        // The old credential's outcomes match no more from here on.
-        slot.state.store(Word::active(generation).0, SeqCst);
+        // The old credential's outcomes match no more from here on. A swap rather than a
+        // store: the same instruction on x86-64, and loom then orders it after an outcome's
+        // compare-exchange it raced with (loom can let a plain store and a concurrent
+        // compare-exchange both be "last", which no processor does).
+        slot.state.swap(Word::active(generation).0, SeqCst);
         slot.counters.consecutive.store(0, SeqCst);
         tracing::info!(key = %slot.label, fingerprint = %fingerprint, "API key rotated");
         self.sync_bit(i);
