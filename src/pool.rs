@@ -820,3 +820,7 @@ mod tests {
         assert_eq!(Word::disabled(DisableReason::Manual, 7).generation(), 7);
     }
 }
+
+// The model check of the atomics above: `scripts/loom.sh`.
+#[cfg(all(test, tkf_loom))]
+mod loom_model;
