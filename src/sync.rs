@@ -26,7 +26,7 @@ pub(crate) use loom::sync::{
 #[cfg(not(tkf_loom))]
 pub(crate) type ArcCell<T> = arc_swap::ArcSwap<T>;
 
-/// What [`ArcCell::load`] returns: a cheap guard that derefs to the `Arc`.
+/// What `ArcCell::load` returns: a cheap guard that derefs to the `Arc`.
 #[cfg(not(tkf_loom))]
 pub(crate) type ArcGuard<T> = arc_swap::Guard<std::sync::Arc<T>>;
 
