@@ -103,6 +103,8 @@ mod parse;
 mod pool;
 mod service;
 mod status;
+// The pool's atomics, mutex and credential cell: std's, or loom's in the model check.
+mod sync;
 // Feature `serde`: `Serialize` for `PoolStatus`, `KeyStatus`, `KeyState` and the reasons.
 #[cfg(feature = "serde")]
 mod serialize;

@@ -13,11 +13,10 @@
 //! No lock is taken on the request path. Time is `tokio::time::Instant`, so a paused tokio
 //! clock drives cooldowns in tests.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use crossbeam_utils::CachePadded;
 use tokio::time::Instant;
 
@@ -25,6 +24,8 @@ use crate::config::{ErrorPolicy, Outcome};
 use crate::events::{KeyEvent, KeyEvents};
 use crate::keys::{Key, Striped};
 use crate::status::{CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, RecordedState};
+// std's and arc-swap's; loom's in the model check (`scripts/loom.sh`).
+use crate::sync::{ArcCell, ArcGuard, AtomicU32, AtomicU64, AtomicUsize, Mutex};
 
 const TAG_ACTIVE: u64 = 0;
 const TAG_COOLING: u64 = 1;
@@ -105,7 +106,7 @@ pub(crate) struct Slot {
     pub(crate) label: Arc<str>,
     state: AtomicU64,
     /// The credential: replaced whole by a rotation, read without a lock.
-    cred: ArcSwap<Cred>,
+    cred: ArcCell<Cred>,
     /// On cache lines of its own, so that the counters every request writes do not slow
     /// down readers of the fields around them.
     counters: CachePadded<Counters>,
@@ -192,7 +193,7 @@ impl Pool {
         let slots: Box<[Slot]> = keys
             .into_iter()
             .map(|k| Slot {
-                cred: ArcSwap::from_pointee(Cred {
+                cred: ArcCell::from_pointee(Cred {
                     value: make_value(k.secret()),
                     fingerprint: k.fingerprint().into(),
                     generation: 0,
@@ -429,7 +430,7 @@ impl Pool {
 
     /// The credential for an attempt with key `i`, and counts the attempt. The guard is
     /// cheap to take (no reference count is written) and meant to be dropped at once.
-    pub(crate) fn begin(&self, i: usize) -> arc_swap::Guard<Arc<Cred>> {
+    pub(crate) fn begin(&self, i: usize) -> ArcGuard<Cred> {
         let slot = &self.slots[i];
         slot.counters.requests.fetch_add(1, SeqCst);
         slot.cred.load()
@@ -603,8 +604,11 @@ impl Pool {
             fingerprint: fingerprint.into(),
             generation,
         }));
-        // The old credential's outcomes match no more from here on.
-        slot.state.store(Word::active(generation).0, SeqCst);
+        // The old credential's outcomes match no more from here on. A swap rather than a
+        // store: the same instruction on x86-64, and loom then orders it after an outcome's
+        // compare-exchange it raced with (loom can let a plain store and a concurrent
+        // compare-exchange both be "last", which no processor does).
+        slot.state.swap(Word::active(generation).0, SeqCst);
         slot.counters.consecutive.store(0, SeqCst);
         self.events.on_event(&KeyEvent::Rotated {
             key: &slot.label,
@@ -875,3 +879,7 @@ mod tests {
         assert_eq!(Word::disabled(DisableReason::Manual, 7).generation(), 7);
     }
 }
+
+// The model check of the atomics above: `scripts/loom.sh`.
+#[cfg(all(test, tkf_loom))]
+mod loom_model;
