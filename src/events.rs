@@ -151,6 +151,7 @@ impl<A: KeyEvents, B: KeyEvents> KeyEvents for (A, B) {
 pub struct TracingEvents;
 
 impl KeyEvents for TracingEvents {
+    #[inline]
     fn on_event(&self, event: &KeyEvent<'_>) {
         match *event {
             KeyEvent::AttemptStarted { key, attempt } => {
@@ -231,6 +232,23 @@ impl KeyEvents for TracingEvents {
                 retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
                 "no API key could serve the request"
             ),
+        }
+    }
+}
+
+/// The observer a pool tells: the default, called directly (no virtual call, so the
+/// per-request events cost what the `tracing` calls they make cost), or the user's.
+pub(crate) enum Observer {
+    Tracing,
+    Custom(Box<dyn KeyEvents>),
+}
+
+impl Observer {
+    #[inline]
+    pub(crate) fn on_event(&self, event: &KeyEvent<'_>) {
+        match self {
+            Observer::Tracing => TracingEvents.on_event(event),
+            Observer::Custom(events) => events.on_event(event),
         }
     }
 }

@@ -9,7 +9,7 @@ use tower_layer::Layer;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::config::{Config, Credential};
 use crate::driver::Shared;
-use crate::events::{KeyEvents, TracingEvents};
+use crate::events::{KeyEvents, Observer};
 use crate::handle::KeyHandle;
 use crate::keys::KeySet;
 use crate::pool::Pool;
@@ -111,7 +111,7 @@ impl<S> Layer<S> for KeyFallbackLayer {
 pub struct KeyFallbackBuilder {
     keys: KeySet,
     classifier: Box<dyn Classify>,
-    events: Box<dyn KeyEvents>,
+    events: Observer,
     config: Config,
 }
 
@@ -129,7 +129,7 @@ impl KeyFallbackBuilder {
         KeyFallbackBuilder {
             keys,
             classifier: Box::new(DefaultClassifier::new()),
-            events: Box::new(TracingEvents),
+            events: Observer::Tracing,
             config: Config::default(),
         }
     }
@@ -184,10 +184,10 @@ impl KeyFallbackBuilder {
     }
 
     /// Where what the layer does and learns is told (attempts, verdicts, cooldowns,
-    /// disables, recoveries, resets, rotations, exhaustion). Default: [`TracingEvents`],
+    /// disables, recoveries, resets, rotations, exhaustion). Default: [`TracingEvents`](crate::TracingEvents),
     /// which logs them; `(TracingEvents, yours)` keeps the logs and adds yours.
     pub fn events(mut self, events: impl KeyEvents) -> Self {
-        self.events = Box::new(events);
+        self.events = Observer::Custom(Box::new(events));
         self
     }
 

@@ -21,7 +21,7 @@ use crossbeam_utils::CachePadded;
 use tokio::time::Instant;
 
 use crate::config::{ErrorPolicy, Outcome};
-use crate::events::{KeyEvent, KeyEvents};
+use crate::events::{KeyEvent, Observer};
 use crate::keys::{Key, Striped};
 use crate::status::{CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, RecordedState};
 // std's and arc-swap's; loom's in the model check (`scripts/loom.sh`).
@@ -164,7 +164,7 @@ pub(crate) struct Pool {
     epoch: Instant,
     epoch_wall: SystemTime,
     /// Where what the pool learns is told.
-    pub(crate) events: Box<dyn KeyEvents>,
+    pub(crate) events: Observer,
     policy: ErrorPolicy,
 }
 
@@ -187,7 +187,7 @@ impl Pool {
         make_value: impl Fn(&str) -> Striped,
         round_robin: bool,
         policy: ErrorPolicy,
-        events: Box<dyn KeyEvents>,
+        events: Observer,
     ) -> Pool {
         let n = keys.len();
         let slots: Box<[Slot]> = keys
@@ -732,7 +732,7 @@ mod tests {
             |s| Striped::new(false, s),
             rr,
             crate::config::Config::default().errors,
-            Box::new(crate::events::TracingEvents),
+            Observer::Tracing,
         )
     }
 

@@ -39,7 +39,7 @@ fn pool(n: usize) -> Arc<Pool> {
         |s| Striped::new(false, s),
         false,
         crate::config::Config::default().errors,
-        Box::new(crate::events::TracingEvents),
+        crate::events::Observer::Tracing,
     );
     p.epoch = Instant::now() + Duration::from_secs(86_400);
     assert_eq!(p.now_ms(), 0);
