@@ -325,7 +325,14 @@ fn describe(lines: &[&str], hint: usize) -> (usize, &'static str) {
                 if !tail.is_empty() && !tail.starts_with('#') {
                     return (offset, "only a `#` comment may follow the closing quote");
                 }
-                return (hint, "an escape other than \\n, \\\\, \\\", \\' or \\$");
+                return if quote == '"' && value.contains('$') {
+                    (
+                        hint,
+                        "a `$` in a double-quoted value starts a variable: write `\\$`, or use single quotes",
+                    )
+                } else {
+                    (hint, "an escape other than \\n, \\\\, \\\", \\' or \\$")
+                };
             }
         }
         match lines.get(offset + 1) {
@@ -389,6 +396,8 @@ mod tests {
             ("K=\"back\\\\slash\"", "back\\slash"),
             ("K=\"\\$HOME stays\"", "$HOME stays"),
             ("K='$HOME'", "$HOME"),
+            // Found by the fuzz target: an escaped `$` is kept, and written back escaped.
+            ("K=\"say L H E\\$MOq\"", "say L H E$MOq"),
             ("K=\"# not a comment\" # comment", "# not a comment"),
             ("K=\"\"", ""),
             ("K=''", ""),
@@ -483,6 +492,10 @@ mod tests {
             (
                 format!("B=\"{secret}\\t\""),
                 "/app/.env line 1: an escape other than",
+            ),
+            (
+                format!("B=\"{secret}$HOME\""),
+                "/app/.env line 1: a `$` in a double-quoted value starts a variable",
             ),
         ];
         for (text, want) in cases {
