@@ -409,7 +409,9 @@ pub mod __fuzz {
                     assert_eq!(var.as_deref(), Some(prefix));
                     None
                 }
-                ConfigError::Empty { name } | ConfigError::InvalidValue { name } => Some(name),
+                ConfigError::Empty { name }
+                | ConfigError::InvalidValue { name }
+                | ConfigError::Quoted { name } => Some(name),
                 ConfigError::Duplicate { name, first } => {
                     assert!(known(first) || first.starts_with("key #"), "{first}");
                     Some(name)
