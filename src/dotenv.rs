@@ -177,7 +177,7 @@ pub(crate) struct DotenvFile {
 
 #[cfg(fuzzing)]
 impl DotenvFile {
-    /// The variables, for the fuzz target (`crate::__fuzz`).
+    /// The variables, for the fuzz harness (`crate::__fuzz`).
     pub(crate) fn vars(&self) -> &HashMap<String, (String, usize)> {
         &self.vars
     }

@@ -4,4 +4,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| tower_key_fallback::__fuzz::classify_body(data));
+fuzz_target!(|data: &[u8]| tower_key_fallback_fuzz::classify_body(data));

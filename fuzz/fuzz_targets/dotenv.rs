@@ -3,4 +3,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| tower_key_fallback::__fuzz::dotenv(data));
+fuzz_target!(|data: &[u8]| tower_key_fallback_fuzz::dotenv(data));
