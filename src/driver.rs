@@ -8,8 +8,12 @@ use std::fmt;
 
 use http::HeaderMap;
 
+use std::sync::Arc;
+
 use crate::answer::Exhausted;
 use crate::body::{Buffered, InspectedBody};
+use crate::budget::{Lane, Ticket};
+use crate::capacity::{Bucket, Report, TokenCost};
 use crate::classify::{Classify, ErrorVerdict, Verdict};
 use crate::config::{Config, Outcome, Strip};
 use crate::error::BoxError;
@@ -60,24 +64,36 @@ pub(crate) enum Last {
 }
 
 /// The keys one request has used and may still use.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct Driver {
     cursor: Cursor,
     key: usize,
-    /// The generation of the credential the current attempt was sent with.
     generation: Generation,
     count: u32,
-    /// The body could not be copied: the request is sent once, and its answer handed back.
     sent_once: bool,
-    /// A lost connection was already tried once more.
     lost_once: bool,
+    /// The request's bucket (`None`: the default lane) and token cost.
+    lane: Option<Arc<Lane>>,
+    cost: Option<u64>,
+    /// The claim `pick` took on `key`'s budget, and whether its attempt was sent: ended
+    /// when the attempt's answer or failure is recorded, or by `abandon`.
+    ticket: Option<(Ticket, bool)>,
 }
 
 impl Driver {
-    /// Picks the first key, or `None` when no key is usable (then [`Driver::give_up_unsent`]).
-    pub(crate) fn start(shared: &Shared) -> Option<Driver> {
+    /// The first key for a request with these extensions (its [`Bucket`] and
+    /// [`TokenCost`]), or `None` when no key is usable.
+    pub(crate) fn start(shared: &Shared, ext: &http::Extensions) -> Option<Driver> {
+        let lane = ext
+            .get::<Bucket>()
+            .map(|b| shared.pool.lanes.lane(b.name()));
+        let cost = ext.get::<TokenCost>().map(|c| c.0);
         let mut cursor = shared.pool.cursor();
-        let key = shared.pool.pick(&mut cursor)?;
+        let default = &shared.pool.lanes.default;
+        let (key, ticket) =
+            shared
+                .pool
+                .pick(&mut cursor, lane.as_deref().unwrap_or(default), cost)?;
         Some(Driver {
             cursor,
             key,
@@ -85,13 +101,53 @@ impl Driver {
             count: 0,
             sent_once: false,
             lost_once: false,
+            lane,
+            cost,
+            ticket: Some((ticket, false)),
         })
+    }
+
+    /// A driver with nothing left to do: what an inspection leaves in its place.
+    pub(crate) fn done() -> Driver {
+        Driver {
+            cursor: Cursor::empty(),
+            key: 0,
+            generation: Generation::Current,
+            count: 0,
+            sent_once: false,
+            lost_once: false,
+            lane: None,
+            cost: None,
+            ticket: None,
+        }
+    }
+
+    fn lane<'a>(&'a self, shared: &'a Shared) -> &'a Lane {
+        self.lane.as_deref().unwrap_or(&shared.pool.lanes.default)
+    }
+
+    /// Ends the attempt's claim on its key's budget, with what the answer reported.
+    fn finish(&mut self, shared: &Shared, report: Option<&Report>) {
+        if let Some((t, sent)) = self.ticket.take() {
+            let lane = self.lane(shared);
+            if sent {
+                shared.pool.finish(self.key, lane, t, report);
+            } else {
+                shared.pool.lanes.release(lane, self.key, t);
+            }
+        }
+    }
+
+    /// For a request dropped before its attempt's answer: gives its claim back.
+    pub(crate) fn abandon(&mut self, shared: &Shared) {
+        self.finish(shared, None);
     }
 
     /// Whether another key could still serve after the coming attempt, so that a copy of the
     /// request is worth keeping.
     fn copy_wanted(&self, shared: &Shared) -> bool {
-        self.count + 1 < shared.max_attempts && shared.pool.has_next(&self.cursor)
+        self.count + 1 < shared.max_attempts
+            && shared.pool.has_next(&self.cursor, self.lane(shared))
     }
 
     /// A copy of the first request for a replay, made by `copy` when another key could still
@@ -136,6 +192,9 @@ impl Driver {
     #[must_use]
     pub(crate) fn prepare(&mut self, shared: &Shared, headers: &mut HeaderMap) -> Option<KeyInUse> {
         let cred = shared.pool.begin(self.key);
+        if let Some((_, sent)) = &mut self.ticket {
+            *sent = true;
+        }
         self.generation = cred.generation();
         shared.strip.apply(headers);
         self.count += 1;
@@ -157,14 +216,22 @@ impl Driver {
     }
 
     /// Records an answer's verdict on the current key.
-    pub(crate) fn record(&self, shared: &Shared, status: u16, verdict: Verdict) {
+    pub(crate) fn record(
+        &mut self,
+        shared: &Shared,
+        status: u16,
+        headers: &HeaderMap,
+        verdict: Verdict,
+    ) {
         shared.pool.events.on_event(&KeyEvent::Answered {
             key: shared.pool.label(self.key),
             status,
             verdict,
         });
+        self.finish(shared, Report::from_headers(headers).as_ref());
         if let Some(outcome) = shared.config.outcome(verdict) {
-            shared.pool.record(self.key, self.generation, outcome);
+            let lane = self.lane.as_deref();
+            shared.pool.record(self.key, self.generation, outcome, lane);
         }
     }
 
@@ -174,10 +241,11 @@ impl Driver {
         &mut self,
         shared: &Shared,
         status: u16,
+        headers: &HeaderMap,
         verdict: Verdict,
         has_copy: bool,
     ) -> Step {
-        self.record(shared, status, verdict);
+        self.record(shared, status, headers, verdict);
         if !verdict.is_key_fault() {
             return Step::HandBack;
         }
@@ -190,6 +258,7 @@ impl Driver {
     /// on to the next one.
     pub(crate) fn on_error(&mut self, shared: &Shared, error: &BoxError, has_copy: bool) -> Step {
         let verdict = shared.classifier.classify_error(&**error);
+        self.finish(shared, None);
         shared.pool.events.on_event(&KeyEvent::CallFailed {
             key: shared.pool.label(self.key),
             error: &**error,
@@ -207,7 +276,7 @@ impl Driver {
             ErrorVerdict::ConnectionLost => Step::HandBack,
             _ => {
                 let outcome = Outcome::Error;
-                shared.pool.record(self.key, self.generation, outcome);
+                shared.pool.record(self.key, self.generation, outcome, None);
                 self.advance(shared, has_copy, "transport_error")
             }
         }
@@ -225,9 +294,11 @@ impl Driver {
         if self.count >= shared.max_attempts {
             return Step::GiveUp;
         }
-        let Some(next) = shared.pool.pick(&mut self.cursor) else {
+        let lane = self.lane.as_deref().unwrap_or(&shared.pool.lanes.default);
+        let Some((next, ticket)) = shared.pool.pick(&mut self.cursor, lane, self.cost) else {
             return Step::GiveUp;
         };
+        self.ticket = Some((ticket, false));
         shared.pool.events.on_event(&KeyEvent::Switched {
             from: shared.pool.label(self.key),
             to: shared.pool.label(next),
@@ -243,23 +314,30 @@ impl Driver {
             Last::Response(res) => (Some(res.map(InspectedBody::new)), None),
             Last::Error(err) => (None, Some(err)),
         };
-        exhausted(shared, self.count, last_response, last_error)
+        exhausted(
+            shared,
+            self.lane(shared),
+            self.count,
+            last_response,
+            last_error,
+        )
     }
 
     /// The error when no key was usable at all, so nothing was sent.
     pub(crate) fn give_up_unsent(shared: &Shared) -> Exhausted {
-        exhausted(shared, 0, None, None)
+        exhausted(shared, &shared.pool.lanes.default, 0, None, None)
     }
 }
 
 /// The error when no key can serve, after `attempts` upstream calls.
 fn exhausted(
     shared: &Shared,
+    lane: &Lane,
     attempts: u32,
     last_response: Option<http::Response<InspectedBody>>,
     last_error: Option<BoxError>,
 ) -> Exhausted {
-    let retry_after = shared.pool.earliest();
+    let retry_after = shared.pool.earliest(lane);
     shared.pool.events.on_event(&KeyEvent::Exhausted {
         keys: shared.pool.len(),
         attempts,

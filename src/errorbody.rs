@@ -14,7 +14,7 @@
 
 /// One step of the path to a value: an object member or an array element.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Seg<'a> {
+pub(crate) enum Seg<'a> {
     Key(&'a [u8]),
     Item,
 }
@@ -121,7 +121,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// Calls `visit` with the path and raw bytes of every scalar (string contents without the
 /// quotes, or a number or literal) at most [`DEPTH`] deep, in document order. Stops at the
 /// end of the input, at an unterminated string, or past 64 levels of nesting.
-fn walk<'a>(body: &'a [u8], mut visit: impl FnMut(&[Seg<'a>], &'a [u8])) {
+pub(crate) fn walk<'a>(body: &'a [u8], mut visit: impl FnMut(&[Seg<'a>], &'a [u8])) {
     // The open containers: whether each is an object. `path[k - 1]` is how the k-th open
     // container (the root is the 0th) was reached from its parent, for the first DEPTH.
     let mut objects = [false; 64];

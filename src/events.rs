@@ -93,6 +93,14 @@ pub enum KeyEvent<'a> {
         /// The new key's fingerprint.
         fingerprint: &'a str,
     },
+    /// Two keys were seen spending one limit: the provider's remaining count of one moved
+    /// with the other's requests (keys of one organization). Told once per pair.
+    SharedLimit {
+        /// The key that reported the other's spending.
+        key: &'a str,
+        /// The key whose requests it counted.
+        with: &'a str,
+    },
     /// No key could serve a request.
     Exhausted {
         /// How many keys the pool has.
@@ -219,6 +227,11 @@ impl KeyEvents for TracingEvents {
             KeyEvent::Rotated { key, fingerprint } => {
                 tracing::info!(key, fingerprint, "API key rotated");
             }
+            KeyEvent::SharedLimit { key, with } => tracing::warn!(
+                key,
+                with,
+                "{key} and {with} appear to share one limit: declare them with KeyFallbackBuilder::group (keys of one organization add no capacity)"
+            ),
             KeyEvent::Exhausted {
                 keys, attempts: 0, ..
             } => tracing::warn!(keys, "no API key is usable; request not sent"),

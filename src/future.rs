@@ -40,6 +40,20 @@ pin_project! {
         // A copy of the request for the next replay; `None` when no replay can happen.
         backup: Option<Request<B>>,
     }
+
+    impl<S, B> PinnedDrop for ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        // A request dropped while its attempt is out gives back its claim on the key's
+        // budget (an inspection in progress records its own verdict instead).
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(driver) = this.driver.as_mut() {
+                driver.abandon(this.shared);
+            }
+        }
+    }
 }
 
 pin_project! {
@@ -70,7 +84,7 @@ where
         S: Clone,
         B: TryCloneBody,
     {
-        let Some(mut driver) = Driver::start(shared) else {
+        let Some(mut driver) = Driver::start(shared, req.extensions()) else {
             return ResponseFuture {
                 state: State::Unsent,
                 shared: shared.clone(),
@@ -146,6 +160,7 @@ where
                         HeadVerdict::Done(verdict) => verdict,
                         HeadVerdict::InspectBody => {
                             let (parts, body) = res.into_parts();
+                            let driver = this.driver.take().expect("a driver while calling");
                             let inspect = Inspection::new(this.shared, driver, parts, boxed(body));
                             this.state.set(State::Inspecting {
                                 inspect: Some(Box::new(inspect)),
@@ -154,7 +169,7 @@ where
                         }
                     };
                     // A success (the common case) is handed back untouched.
-                    match driver.on_answer(shared, status, verdict, has_copy) {
+                    match driver.on_answer(shared, status, res.headers(), verdict, has_copy) {
                         Step::HandBack => {
                             return Poll::Ready(Ok(res.map(KeyFallbackBody::passthrough)));
                         }
@@ -170,11 +185,11 @@ where
                 }
                 StateProj::Inspecting { inspect } => {
                     ready!(inspect.as_mut().expect("inspecting").poll_read(cx));
-                    let (verdict, res) = inspect.take().expect("inspecting").finish();
+                    let (verdict, res, driver) = inspect.take().expect("inspecting").finish();
                     this.state.set(State::Done);
-                    let driver = this.driver.as_mut().expect("a driver while inspecting");
+                    let driver = this.driver.insert(driver);
                     let status = res.status().as_u16();
-                    match driver.on_answer(shared, status, verdict, has_copy) {
+                    match driver.on_answer(shared, status, res.headers(), verdict, has_copy) {
                         Step::HandBack => {
                             return Poll::Ready(Ok(res.map(KeyFallbackBody::buffered)));
                         }

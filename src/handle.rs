@@ -53,6 +53,7 @@ impl KeyHandle {
         let pool = &self.shared.pool;
         PoolStatus {
             keys: (0..pool.len()).map(|i| pool.status(i)).collect(),
+            shared_limits: pool.shared_limits(),
         }
     }
 
@@ -138,6 +139,6 @@ impl KeyHandle {
 
     /// How long until some key is usable: zero if one is now, `None` if all are disabled.
     pub fn next_available_in(&self) -> Option<Duration> {
-        self.shared.pool.earliest()
+        self.shared.pool.earliest(&self.shared.pool.lanes.default)
     }
 }

@@ -22,7 +22,7 @@ pub(crate) struct Inspection {
 impl Inspection {
     pub(crate) fn new(
         shared: &Arc<Shared>,
-        driver: &Driver,
+        driver: Driver,
         parts: http::response::Parts,
         body: BoxedBody,
     ) -> Inspection {
@@ -33,7 +33,7 @@ impl Inspection {
         );
         Inspection {
             shared: shared.clone(),
-            driver: *driver,
+            driver,
             reading: Some((parts, peek)),
         }
     }
@@ -48,13 +48,13 @@ impl Inspection {
 
     /// The verdict on what was read, and the response with every byte, read or not. The
     /// verdict is not recorded here: the caller does.
-    pub(crate) fn finish(mut self) -> (Verdict, http::Response<Buffered>) {
+    /// The verdict, the response, and the request's driver back.
+    pub(crate) fn finish(mut self) -> (Verdict, http::Response<Buffered>, Driver) {
         let (parts, peek) = self.reading.take().expect("an inspection is finished once");
         let verdict = verdict(&self.shared, &parts, &peek);
-        (
-            verdict,
-            http::Response::from_parts(parts, peek.into_buffered()),
-        )
+        let res = http::Response::from_parts(parts, peek.into_buffered());
+        let driver = std::mem::replace(&mut self.driver, Driver::done());
+        (verdict, res, driver)
     }
 }
 
@@ -69,7 +69,7 @@ impl Drop for Inspection {
         if let Some((parts, peek)) = self.reading.take() {
             let verdict = verdict(&self.shared, &parts, &peek);
             self.driver
-                .record(&self.shared, parts.status.as_u16(), verdict);
+                .record(&self.shared, parts.status.as_u16(), &parts.headers, verdict);
         }
     }
 }

@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use crate::budget::Lanes;
+use crate::capacity::Limits;
 use crate::classify::{Classify, DefaultClassifier};
 use crate::config::{Config, Credential};
 use crate::driver::Shared;
+use crate::error::ConfigError;
 use crate::events::{KeyEvents, Observer};
 use crate::handle::KeyHandle;
 use crate::keys::KeySet;
@@ -113,6 +116,9 @@ pub struct KeyFallbackBuilder {
     classifier: Box<dyn Classify>,
     events: Observer,
     config: Config,
+    limits: Limits,
+    key_limits: Vec<(String, Limits)>,
+    groups: Vec<Vec<String>>,
 }
 
 impl fmt::Debug for KeyFallbackBuilder {
@@ -131,7 +137,38 @@ impl KeyFallbackBuilder {
             classifier: Box::new(DefaultClassifier::new()),
             events: Observer::Tracing,
             config: Config::default(),
+            limits: Limits::default(),
+            key_limits: Vec::new(),
+            groups: Vec::new(),
         }
+    }
+
+    /// Limits every key (or group) is known to have, so the pool paces from the first
+    /// request instead of learning from 429s. What the provider reports overrides them
+    /// while its report is current. Default: none.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Limits of the key labelled `label` (or of its group), instead of [`limits`](Self::limits).
+    pub fn key_limits(mut self, label: impl Into<String>, limits: Limits) -> Self {
+        self.key_limits.push((label.into(), limits));
+        self
+    }
+
+    /// Keys (by label) that share one limit: made in one organization or project, as
+    /// Groq's and OpenAI's limits are counted. A rate limit on one cools the group in that
+    /// bucket, a spent quota cools the group, and budgets are counted for the group. The
+    /// limits of a group are those of its first key.
+    pub fn group<I, L>(mut self, labels: I) -> Self
+    where
+        I: IntoIterator<Item = L>,
+        L: Into<String>,
+    {
+        self.groups
+            .push(labels.into_iter().map(Into::into).collect());
+        self
     }
 
     /// How the key goes on the request. Default: [`Credential::Bearer`]. Whatever the
@@ -254,8 +291,48 @@ impl KeyFallbackBuilder {
     }
 
     /// Builds the layer.
+    ///
+    /// # Panics
+    ///
+    /// When [`group`](Self::group) or [`key_limits`](Self::key_limits) names a label the
+    /// key set does not have; [`try_build`](Self::try_build) returns that as an error.
     pub fn build(self) -> KeyFallbackLayer {
+        match self.try_build() {
+            Ok(layer) => layer,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Builds the layer, or says which option names a label the key set does not have.
+    pub fn try_build(self) -> Result<KeyFallbackLayer, ConfigError> {
         let n = u32::try_from(self.keys.len()).unwrap_or(u32::MAX);
+        let labels: Vec<String> = self.keys.labels().map(str::to_owned).collect();
+        let index = |label: &str| {
+            labels
+                .iter()
+                .position(|l| l == label)
+                .ok_or_else(|| ConfigError::UnknownKey {
+                    label: label.to_owned(),
+                })
+        };
+        let mut declared = vec![self.limits; labels.len()];
+        for (label, limits) in &self.key_limits {
+            declared[index(label)?] = *limits;
+        }
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| g.iter().map(|l| index(l)).collect())
+            .collect::<Result<Vec<Vec<usize>>, _>>()?;
+        // A group counts against its first key's budget, with that key's limits.
+        for group in &groups {
+            if let Some(&first) = group.iter().min() {
+                for &k in group {
+                    declared[k] = declared[first];
+                }
+            }
+        }
+        let lanes = Lanes::new(labels.len(), &groups, declared);
         let config = self.config;
         let pool = Pool::new(
             self.keys.into_keys(),
@@ -263,8 +340,9 @@ impl KeyFallbackBuilder {
             config.round_robin,
             config.errors,
             self.events,
-        );
-        KeyFallbackLayer {
+        )
+        .with_lanes(lanes);
+        Ok(KeyFallbackLayer {
             shared: Arc::new(Shared {
                 pool,
                 classifier: self.classifier,
@@ -272,6 +350,6 @@ impl KeyFallbackBuilder {
                 max_attempts: config.max_attempts.unwrap_or(n).min(n),
                 config,
             }),
-        }
+        })
     }
 }

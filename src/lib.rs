@@ -88,6 +88,8 @@
 
 mod answer;
 mod body;
+mod budget;
+mod capacity;
 mod classify;
 mod config;
 mod driver;
@@ -121,6 +123,7 @@ mod retry;
 
 pub use answer::Exhausted;
 pub use body::{InspectedBody, KeyFallbackBody, SendOnce, TryCloneBody};
+pub use capacity::{annotate_openai_json, Bucket, Limits, TokenCost};
 
 /// The old name of [`InspectedBody`].
 #[deprecated(note = "renamed `InspectedBody`: it is the body of every inspected response")]
@@ -137,7 +140,8 @@ pub use keys::{KeyInUse, KeySet};
 pub use layer::{KeyFallbackBuilder, KeyFallbackLayer};
 pub use service::KeyFallback;
 pub use status::{
-    CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, PoolStatus, RecordedState,
+    BucketStatus, CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, PoolStatus,
+    RecordedState, SharedLimit,
 };
 
 #[cfg(feature = "dotenv")]

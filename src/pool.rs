@@ -20,10 +20,15 @@ use std::time::{Duration, SystemTime};
 use crossbeam_utils::CachePadded;
 use tokio::time::Instant;
 
+use crate::budget::{Claim, Lane, Lanes, Ticket};
+use crate::capacity::Report;
 use crate::config::{ErrorPolicy, Outcome};
 use crate::events::{KeyEvent, Observer};
 use crate::keys::{Key, Striped};
-use crate::status::{CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, RecordedState};
+use crate::status::{
+    BucketStatus, CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, RecordedState,
+    SharedLimit,
+};
 // std's and arc-swap's; loom's in the model check (`scripts/loom.sh`).
 use crate::sync::{ArcCell, ArcGuard, AtomicU32, AtomicU64, AtomicUsize, Mutex};
 
@@ -152,6 +157,16 @@ pub(crate) struct Cursor {
     offset: usize,
 }
 
+impl Cursor {
+    /// A scan with nothing left in it.
+    pub(crate) fn empty() -> Cursor {
+        Cursor {
+            start: 0,
+            offset: usize::MAX,
+        }
+    }
+}
+
 pub(crate) struct Pool {
     slots: Box<[Slot]>,
     /// Rotations of one pool are made one at a time, so generations never race.
@@ -166,6 +181,8 @@ pub(crate) struct Pool {
     /// Where what the pool learns is told.
     pub(crate) events: Observer,
     policy: ErrorPolicy,
+    /// Budgets and bucket cooldowns, and which keys share a limit.
+    pub(crate) lanes: Lanes,
 }
 
 impl std::fmt::Debug for Pool {
@@ -231,7 +248,14 @@ impl Pool {
             epoch_wall: SystemTime::now(),
             events,
             policy,
+            lanes: Lanes::new(n, &[], vec![Default::default(); n]),
         }
+    }
+
+    /// The same pool with these lanes (groups and declared limits).
+    pub(crate) fn with_lanes(mut self, lanes: Lanes) -> Pool {
+        self.lanes = lanes;
+        self
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -358,11 +382,11 @@ impl Pool {
     }
 
     /// The first key believed usable in `lo..hi`.
-    fn find_in(&self, lo: usize, hi: usize) -> Option<usize> {
+    fn find_in(&self, lo: usize, hi: usize, lane: &Lane) -> Option<usize> {
         let mut i = lo;
         while i < hi {
             let w = i / 64;
-            let bits = self.usable[w].load(SeqCst) & (u64::MAX << (i % 64));
+            let bits = self.usable[w].load(SeqCst) & lane.word(w) & (u64::MAX << (i % 64));
             if bits != 0 {
                 let found = w * 64 + bits.trailing_zeros() as usize;
                 return (found < hi).then_some(found);
@@ -372,34 +396,68 @@ impl Pool {
         None
     }
 
-    /// Takes the next usable key in this request's scan, each key at most once.
-    pub(crate) fn pick(&self, cur: &mut Cursor) -> Option<usize> {
+    /// Takes the next usable key in this request's scan, each key at most once, with room
+    /// in `lane` for a request of `cost` tokens. A key over its prior only (see
+    /// `crate::budget`) is taken when no key in the scan is within its budget.
+    pub(crate) fn pick(
+        &self,
+        cur: &mut Cursor,
+        lane: &Lane,
+        cost: Option<u64>,
+    ) -> Option<(usize, Ticket)> {
         self.maybe_recover();
+        self.lanes.maybe_recover(lane, || self.now_ms());
         let n = self.slots.len();
+        let mut soft = None;
         while cur.offset < n {
             let real = (cur.start + cur.offset) % n;
             let end = if real >= cur.start { n } else { cur.start };
-            match self.find_in(real, end) {
+            match self.find_in(real, end, lane) {
                 Some(i) => {
                     cur.offset += i - real + 1;
-                    if self.claim(i) {
-                        return Some(i);
+                    if !self.claim(i) {
+                        continue;
+                    }
+                    match self.lanes.claim(lane, i, cost, true, || self.now_ms()) {
+                        Claim::Yes(t) => return Some((i, t)),
+                        Claim::Soft => soft = soft.or(Some((i, cur.offset))),
+                        Claim::Skip => {}
+                        Claim::Block(_) => {
+                            self.lanes.sync(lane, self.lanes.owner(i), self.now_ms())
+                        }
                     }
                 }
                 None => cur.offset += end - real,
             }
         }
-        None
+        let (i, offset) = soft?;
+        match self.lanes.claim(lane, i, cost, false, || self.now_ms()) {
+            Claim::Yes(t) => {
+                cur.offset = offset;
+                Some((i, t))
+            }
+            _ => None,
+        }
+    }
+
+    /// Ends an attempt that `pick` let through, with what its answer reported.
+    pub(crate) fn finish(&self, i: usize, lane: &Lane, t: Ticket, report: Option<&Report>) {
+        if let Some(other) = self.lanes.finish(lane, i, t, report, || self.now_ms()) {
+            self.events.on_event(&KeyEvent::SharedLimit {
+                key: &self.slots[i].label,
+                with: &self.slots[other].label,
+            });
+        }
     }
 
     /// Whether the scan has a key believed usable left, without moving it.
-    pub(crate) fn has_next(&self, cur: &Cursor) -> bool {
+    pub(crate) fn has_next(&self, cur: &Cursor, lane: &Lane) -> bool {
         let n = self.slots.len();
         let mut offset = cur.offset;
         while offset < n {
             let real = (cur.start + offset) % n;
             let end = if real >= cur.start { n } else { cur.start };
-            if self.find_in(real, end).is_some() {
+            if self.find_in(real, end, lane).is_some() {
                 return true;
             }
             offset += end - real;
@@ -438,7 +496,13 @@ impl Pool {
 
     /// Records what an attempt with key `i`, sent with credential `generation`, came to.
     /// Outcomes of a credential that has since been rotated out are dropped.
-    pub(crate) fn record(&self, i: usize, generation: Generation, outcome: Outcome) {
+    pub(crate) fn record(
+        &self,
+        i: usize,
+        generation: Generation,
+        outcome: Outcome,
+        lane: Option<&Lane>,
+    ) {
         let slot = &self.slots[i];
         if !generation.matches(slot.word()) {
             tracing::debug!(key = %slot.label, "outcome of a rotated-out credential dropped");
@@ -461,7 +525,26 @@ impl Pool {
                 } else {
                     slot.counters.successes.fetch_add(1, SeqCst);
                 }
-                self.cool(i, generation, reason, d, capped);
+                let now = self.now_ms();
+                let until = self.deadline(now, d);
+                match lane {
+                    // A bucket's limit holds in that bucket: the key serves the others.
+                    Some(lane) if reason != CooldownReason::QuotaExhausted => {
+                        self.lanes.cool(lane, i, until, now)
+                    }
+                    // The key's own limit, or its organization's quota: every key that
+                    // shares it is spent too.
+                    _ => {
+                        for &k in self.lanes.members(i) {
+                            let g = if k == i {
+                                generation
+                            } else {
+                                Generation::Current
+                            };
+                            self.cool_until(k, g, reason, until, capped);
+                        }
+                    }
+                }
             }
             Outcome::Disable(reason) => {
                 slot.counters.errors.fetch_add(1, SeqCst);
@@ -584,6 +667,7 @@ impl Pool {
             cur = Word(actual);
         }
         slot.counters.consecutive.store(0, SeqCst);
+        self.lanes.reset(i, self.now_ms());
         if cur.tag() != TAG_ACTIVE {
             self.events.on_event(&KeyEvent::Reset {
                 key: &slot.label,
@@ -619,16 +703,17 @@ impl Pool {
 
     /// Time until the earliest cooling key is usable again; `None` when no key is cooling
     /// (all disabled), zero when one is usable now.
-    pub(crate) fn earliest(&self) -> Option<Duration> {
+    pub(crate) fn earliest(&self, lane: &Lane) -> Option<Duration> {
         let now = self.now_ms();
         let mut best: Option<u64> = None;
-        for slot in self.slots.iter() {
+        for (i, slot) in self.slots.iter().enumerate() {
             let w = slot.word();
             let at = match w.tag() {
                 TAG_ACTIVE => now,
                 TAG_COOLING => w.until().max(now),
                 _ => continue,
             };
+            let at = at.max(self.lanes.ready_at(lane, i, now).unwrap_or(0));
             best = Some(best.map_or(at, |b| b.min(at)));
         }
         best.map(|at| Duration::from_millis(at - now))
@@ -683,6 +768,45 @@ impl Pool {
         }
     }
 
+    /// Key `i`'s budgets: the default lane's, then each named lane's, where it has one.
+    fn bucket_status(&self, i: usize, now: u64) -> Vec<BucketStatus> {
+        let named = self.lanes.named();
+        std::iter::once(&self.lanes.default)
+            .chain(named.iter())
+            .filter_map(|lane| {
+                let v = self.lanes.view(lane, i, now);
+                let shown = v.requests.is_some()
+                    || v.tokens.is_some()
+                    || v.in_flight > 0
+                    || v.blocked_ms > 0;
+                let ms = Duration::from_millis;
+                shown.then(|| BucketStatus {
+                    bucket: lane.name.as_deref().map(str::to_owned),
+                    requests_remaining: v.requests.map(|(n, reset)| (n, ms(reset))),
+                    tokens_remaining: v.tokens.map(|(n, reset)| (n, ms(reset))),
+                    in_flight: v.in_flight,
+                    passed_over_for: (v.blocked_ms > 0).then(|| ms(v.blocked_ms)),
+                })
+            })
+            .collect()
+    }
+
+    /// The keys that share a limit, by label: declared groups, then pairs noticed.
+    pub(crate) fn shared_limits(&self) -> Vec<SharedLimit> {
+        let labels = |keys: &[usize]| -> Vec<String> {
+            keys.iter()
+                .map(|&k| self.slots[k].label.to_string())
+                .collect()
+        };
+        let declared = self
+            .lanes
+            .groups()
+            .map(|g| SharedLimit::new(labels(g), true));
+        let noticed = (self.lanes.noticed().into_iter())
+            .map(|(a, b)| SharedLimit::new(labels(&[a, b]), false));
+        declared.chain(noticed).collect()
+    }
+
     pub(crate) fn status(&self, i: usize) -> KeyStatus {
         let slot = &self.slots[i];
         let now = self.now_ms();
@@ -715,6 +839,7 @@ impl Pool {
             errors: slot.counters.errors.load(SeqCst),
             rate_limited: slot.counters.rate_limited.load(SeqCst),
             consecutive_errors: consecutive,
+            buckets: self.bucket_status(i, now),
         }
     }
 }
@@ -738,7 +863,7 @@ mod tests {
 
     fn all(p: &Pool) -> Vec<usize> {
         let mut c = p.cursor();
-        std::iter::from_fn(|| p.pick(&mut c)).collect()
+        std::iter::from_fn(|| p.pick(&mut c, &p.lanes.default, None).map(|(i, _)| i)).collect()
     }
 
     #[test]
@@ -818,9 +943,9 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(all(&p), vec![1]);
-        assert_eq!(p.earliest(), Some(Duration::ZERO));
+        assert_eq!(p.earliest(&p.lanes.default), Some(Duration::ZERO));
         p.disable(1, Generation::Current, DisableReason::InvalidKey);
-        assert_eq!(p.earliest(), None);
+        assert_eq!(p.earliest(&p.lanes.default), None);
         p.reset(0);
         assert_eq!(all(&p), vec![0]);
     }
@@ -846,20 +971,21 @@ mod tests {
         assert_eq!(new.value.get(), "new");
         let new = new.generation();
         // The revoked old key's 401 and its quota 429 land after the rotation.
-        p.record(0, old, Outcome::Disable(DisableReason::InvalidKey));
+        p.record(0, old, Outcome::Disable(DisableReason::InvalidKey), None);
         let hour = Duration::from_secs(3600);
         p.record(
             0,
             old,
             Outcome::Cool(CooldownReason::QuotaExhausted, hour, false),
+            None,
         );
         for _ in 0..5 {
-            p.record(0, old, Outcome::Error);
+            p.record(0, old, Outcome::Error, None);
         }
         assert_eq!(p.status(0).state, KeyState::Active);
         assert_eq!(p.status(0).consecutive_errors, 0);
         // The new credential's own outcomes count.
-        p.record(0, new, Outcome::Disable(DisableReason::InvalidKey));
+        p.record(0, new, Outcome::Disable(DisableReason::InvalidKey), None);
         assert!(matches!(p.status(0).state, KeyState::Disabled { .. }));
     }
 

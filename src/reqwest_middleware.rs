@@ -155,6 +155,13 @@ impl Raw {
         }
     }
 
+    fn headers(&self) -> &http::HeaderMap {
+        match self {
+            Raw::Untouched(res) => res.headers(),
+            Raw::Read(res) => res.headers(),
+        }
+    }
+
     /// The response as the caller gets it, every byte of the body included.
     fn into_response(self, url: Url) -> Response {
         match self {
@@ -199,22 +206,28 @@ impl Middleware for KeyFallbackMiddleware {
     ) -> Result<Response> {
         let shared = &*self.shared;
         let url = req.url().clone();
-        let Some(mut driver) = Driver::start(shared) else {
+        let Some(driver) = Driver::start(shared, extensions) else {
             return give_up(shared, Driver::give_up_unsent(shared), url);
         };
+        // Gives the attempt's claim on its key's budget back if this future is dropped.
+        let mut walk = Walk { shared, driver };
         // Keep a copy only when another key could serve if this one fails.
-        let mut backup = driver.first_copy(shared, &req, Request::try_clone);
+        let mut backup = walk.driver.first_copy(shared, &req, Request::try_clone);
         let mut req = req;
         loop {
+            let driver = &mut walk.driver;
             if let Some(key) = driver.prepare(shared, req.headers_mut()) {
                 extensions.insert(key);
             }
             let has_copy = backup.is_some();
             let (step, raw) = match next.clone().run(req, extensions).await {
                 Ok(res) => {
-                    let raw = classify(&self.shared, &driver, res).await;
-                    let (status, verdict) = (raw.0.status().as_u16(), raw.1);
-                    (driver.on_answer(shared, status, verdict, has_copy), raw.0)
+                    let taken = std::mem::replace(driver, Driver::done());
+                    let (raw, verdict, back) = classify(&self.shared, taken, res).await;
+                    *driver = back;
+                    let status = raw.status().as_u16();
+                    let step = driver.on_answer(shared, status, raw.headers(), verdict, has_copy);
+                    (step, raw)
                 }
                 Err(err) => {
                     if !shared.config.fallback_on_transport_errors {
@@ -251,17 +264,29 @@ impl Middleware for KeyFallbackMiddleware {
 
 /// Classifies a response, reading a bounded prefix of its body (for a bounded time) when
 /// the head is not enough.
-async fn classify(shared: &Arc<Shared>, driver: &Driver, res: Response) -> (Raw, Verdict) {
+async fn classify(shared: &Arc<Shared>, driver: Driver, res: Response) -> (Raw, Verdict, Driver) {
     match shared.classifier.classify_head(res.status(), res.headers()) {
-        HeadVerdict::Done(verdict) => (Raw::Untouched(res), verdict),
+        HeadVerdict::Done(verdict) => (Raw::Untouched(res), verdict, driver),
         HeadVerdict::InspectBody => {
             let res: http::Response<reqwest::Body> = res.into();
             let (parts, body) = res.into_parts();
             let mut inspection = Inspection::new(shared, driver, parts, boxed(body));
             poll_fn(|cx| inspection.poll_read(cx)).await;
-            let (verdict, res) = inspection.finish();
-            (Raw::Read(res), verdict)
+            let (verdict, res, driver) = inspection.finish();
+            (Raw::Read(res), verdict, driver)
         }
+    }
+}
+
+/// The request's driver, which gives its claim back when the request is dropped mid-call.
+struct Walk<'a> {
+    shared: &'a Shared,
+    driver: Driver,
+}
+
+impl Drop for Walk<'_> {
+    fn drop(&mut self) {
+        self.driver.abandon(self.shared);
     }
 }
 

@@ -67,6 +67,21 @@ struct KeyView<'a> {
     rate_limited: u64,
     consecutive_errors: u32,
     available: bool,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    buckets: Vec<BucketView<'a>>,
+}
+
+/// A key's standing in one bucket; present only for buckets the key has served or reported
+/// in, so a pool that uses no budgets shows the same JSON as before.
+#[derive(Serialize)]
+struct BucketView<'a> {
+    bucket: Option<&'a str>,
+    requests_remaining: Option<u64>,
+    requests_reset_ms: Option<u64>,
+    tokens_remaining: Option<u64>,
+    tokens_reset_ms: Option<u64>,
+    in_flight: u64,
+    passed_over_ms: Option<u64>,
 }
 
 /// `{"keys":[…],"available":2}`: every key in priority order, and how many are usable.
@@ -74,6 +89,15 @@ struct KeyView<'a> {
 struct PoolView<'a> {
     keys: &'a [KeyStatus],
     available: usize,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    shared_limits: Vec<SharedView<'a>>,
+}
+
+/// Keys that share one limit: `{"keys":["A","B"],"declared":true}`.
+#[derive(Serialize)]
+struct SharedView<'a> {
+    keys: &'a [String],
+    declared: bool,
 }
 
 #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
@@ -97,6 +121,19 @@ impl Serialize for KeyStatus {
             rate_limited: self.rate_limited,
             consecutive_errors: self.consecutive_errors,
             available: self.is_available(),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| BucketView {
+                    bucket: b.bucket.as_deref(),
+                    requests_remaining: b.requests_remaining.map(|r| r.0),
+                    requests_reset_ms: b.requests_remaining.map(|r| millis(r.1)),
+                    tokens_remaining: b.tokens_remaining.map(|r| r.0),
+                    tokens_reset_ms: b.tokens_remaining.map(|r| millis(r.1)),
+                    in_flight: b.in_flight,
+                    passed_over_ms: b.passed_over_for.map(millis),
+                })
+                .collect(),
         }
         .serialize(serializer)
     }
@@ -108,6 +145,12 @@ impl Serialize for PoolStatus {
         PoolView {
             keys: &self.keys,
             available: self.available(),
+            shared_limits: (self.shared_limits.iter())
+                .map(|s| SharedView {
+                    keys: &s.keys,
+                    declared: s.declared,
+                })
+                .collect(),
         }
         .serialize(serializer)
     }
@@ -129,6 +172,7 @@ mod tests {
             errors: 2,
             rate_limited: 2,
             consecutive_errors: 0,
+            buckets: Vec::new(),
         }
     }
 
@@ -155,6 +199,7 @@ mod tests {
                     },
                 ),
             ],
+            shared_limits: Vec::new(),
         };
         assert_eq!(
             json(&status),
@@ -167,7 +212,10 @@ mod tests {
             )
         );
         assert_eq!(
-            json(&PoolStatus { keys: Vec::new() }),
+            json(&PoolStatus {
+                keys: Vec::new(),
+                shared_limits: Vec::new()
+            }),
             r#"{"keys":[],"available":0}"#
         );
     }

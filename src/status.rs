@@ -145,6 +145,28 @@ pub struct KeyStatus {
     pub rate_limited: u64,
     /// Server or transport errors in a row in the current window.
     pub consecutive_errors: u32,
+    /// What the provider reported of the key's allowance, per bucket (the requests that
+    /// named no [`Bucket`](crate::Bucket) first, as `bucket: None`); only buckets the key has
+    /// served or reported in.
+    pub buckets: Vec<BucketStatus>,
+}
+
+/// A key's standing in one bucket: its budget as the pool counts it and any cooldown that
+/// holds in this bucket only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BucketStatus {
+    /// The bucket (a model), or `None` for requests that named none.
+    pub bucket: Option<String>,
+    /// Requests left in the provider's current window, less those sent since it reported
+    /// (or of a declared limit), and when the window is whole again.
+    pub requests_remaining: Option<(u64, Duration)>,
+    /// Tokens left, less the costs of requests in flight, and when the window is whole again.
+    pub tokens_remaining: Option<(u64, Duration)>,
+    /// Requests sent in this bucket and not yet answered.
+    pub in_flight: u64,
+    /// How long the key is passed over in this bucket: a spent budget or a cooldown.
+    pub passed_over_for: Option<Duration>,
 }
 
 impl KeyStatus {
@@ -160,6 +182,26 @@ impl KeyStatus {
 pub struct PoolStatus {
     /// Every key.
     pub keys: Vec<KeyStatus>,
+    /// Keys that share one limit: declared with
+    /// [`group`](crate::KeyFallbackBuilder::group), or seen spending one another's budget
+    /// (the provider's remaining count of one moved with the requests of another).
+    pub shared_limits: Vec<SharedLimit>,
+}
+
+/// Keys that share one limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SharedLimit {
+    /// Their labels.
+    pub keys: Vec<String>,
+    /// Declared by the caller (`true`), or noticed by the pool.
+    pub declared: bool,
+}
+
+impl SharedLimit {
+    pub(crate) fn new(keys: Vec<String>, declared: bool) -> SharedLimit {
+        SharedLimit { keys, declared }
+    }
 }
 
 impl PoolStatus {

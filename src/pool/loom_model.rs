@@ -107,9 +107,9 @@ fn spawn<T: Send + 'static>(
 /// recorded against that credential's generation. Returns the key, if there was one.
 fn request(p: &Pool, outcome: Outcome) -> Option<usize> {
     let mut cur = p.cursor();
-    let i = p.pick(&mut cur)?;
+    let i = p.pick(&mut cur, &p.lanes.default, None)?.0;
     let generation = p.begin(i).generation();
-    p.record(i, generation, outcome);
+    p.record(i, generation, outcome, None);
     Some(i)
 }
 
@@ -142,7 +142,8 @@ fn assert_settled(p: &Pool) {
         }
     }
     let mut cur = p.cursor();
-    let found: Vec<usize> = std::iter::from_fn(|| p.pick(&mut cur)).collect();
+    let found: Vec<usize> =
+        std::iter::from_fn(|| p.pick(&mut cur, &p.lanes.default, None).map(|(i, _)| i)).collect();
     assert_eq!(
         found, usable,
         "a new scan missed a usable key or took another"
@@ -174,7 +175,10 @@ fn claim_cool_scan() {
             let hour = Outcome::Cool(CooldownReason::QuotaExhausted, HOUR, false);
             let t1 = spawn(&p, move |p| request(p, zero));
             let t2 = spawn(&p, move |p| request(p, hour));
-            let t3 = spawn(&p, |p| p.pick(&mut p.cursor()));
+            let t3 = spawn(&p, |p| {
+                p.pick(&mut p.cursor(), &p.lanes.default, None)
+                    .map(|(i, _)| i)
+            });
             // Only one key is ever out for long, so the first two always had one.
             let zero_key = t1.join().unwrap().expect("a key for the first request");
             let hour_key = t2.join().unwrap().expect("a key for the second request");
@@ -223,8 +227,8 @@ fn a_cooldown_is_never_shortened() {
             let second = Duration::from_secs(1);
             let short = Outcome::Cool(CooldownReason::RateLimited, second, false);
             let long = Outcome::Cool(CooldownReason::QuotaExhausted, HOUR, true);
-            let a = spawn(&p, move |p| p.record(0, Generation::Of(0), short));
-            let b = spawn(&p, move |p| p.record(0, Generation::Of(0), long));
+            let a = spawn(&p, move |p| p.record(0, Generation::Of(0), short, None));
+            let b = spawn(&p, move |p| p.record(0, Generation::Of(0), long, None));
             a.join().unwrap();
             b.join().unwrap();
             let w = p.slots[0].word();
@@ -268,11 +272,14 @@ fn rotation_racing_a_request() {
         || {
             let p = pool(2);
             let req = spawn(&p, |p| {
-                let i = p.pick(&mut p.cursor()).expect("both keys are active");
+                let i = p
+                    .pick(&mut p.cursor(), &p.lanes.default, None)
+                    .map(|(i, _)| i)
+                    .expect("both keys are active");
                 let cred = p.begin(i);
                 let seen = (i, cred.value.get().clone(), cred.generation());
                 drop(cred);
-                p.record(i, seen.2, Outcome::Disable(DisableReason::InvalidKey));
+                p.record(i, seen.2, Outcome::Disable(DisableReason::InvalidKey), None);
                 seen
             });
             let rot = spawn(&p, |p| p.rotate(0, Striped::new(false, "new"), "fp:new"));
@@ -327,8 +334,11 @@ fn reset_racing_a_cool() {
                 false,
             );
             let hour = Outcome::Cool(CooldownReason::QuotaExhausted, HOUR, false);
-            let cooler = spawn(&p, move |p| p.record(0, Generation::Of(0), hour));
-            let picker = spawn(&p, |p| p.pick(&mut p.cursor()));
+            let cooler = spawn(&p, move |p| p.record(0, Generation::Of(0), hour, None));
+            let picker = spawn(&p, |p| {
+                p.pick(&mut p.cursor(), &p.lanes.default, None)
+                    .map(|(i, _)| i)
+            });
             let resetter = spawn(&p, |p| p.reset(0));
             cooler.join().unwrap();
             resetter.join().unwrap();

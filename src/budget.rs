@@ -1,0 +1,605 @@
+//! Budgets: per key (or group of keys that share a limit) and per bucket, what the provider
+//! last reported as remaining, less what was sent since; and cooldowns that hold in one
+//! bucket only. The pool asks a lane whether a key may take a request, and tells it what
+//! the answer reported.
+//!
+//! - **Sent since the report.** Each (owner, lane) numbers its requests (a ticket, from one
+//!   `fetch_add`). A report is the provider's `remaining` as seen by the request with ticket
+//!   `t`; the requests with later tickets were sent since, so `remaining - (ticket - t)` is
+//!   what a new request may still count on. A report replaces the current one only when its
+//!   request was sent later (answers come back out of order), or once the current one is past
+//!   its reset.
+//! - **Passed over as a cooling key is.** A lane has its own bitmap of keys; a spent budget
+//!   or a bucket cooldown clears the key's bit until the reset, or until an answer reports
+//!   more. Selection ANDs it with the pool's bitmap, so a pass over spent keys is a pass over
+//!   words, not keys.
+//! - **Unknown budgets.** Until a key has reported, its budget is a prior: the limit it or
+//!   any other key in the lane last reported, counted against its requests in flight. A
+//!   prior is soft: a key over it is taken only when no key is within its budget.
+//! - **Declared limits** start a window of their own at the first request and whenever the
+//!   last report or window is past its reset; a report from the provider replaces them.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_utils::CachePadded;
+
+use crate::capacity::{Limits, Report, Window};
+use crate::sync::{ArcCell, AtomicU64, Mutex};
+
+/// `remaining` of no report.
+const UNKNOWN: u64 = u32::MAX as u64;
+/// How long a report without a reset time holds.
+const DEFAULT_RESET: Duration = Duration::from_secs(60);
+/// Named buckets kept at most; requests for others use the default lane.
+pub(crate) const MAX_BUCKETS: usize = 64;
+
+fn pack(remaining: u64, ticket: u64) -> u64 {
+    (remaining.min(UNKNOWN) << 32) | (ticket & 0xffff_ffff)
+}
+fn unpack(word: u64) -> (u64, u64) {
+    (word >> 32, word & 0xffff_ffff)
+}
+/// Requests sent after the one with ticket `reporter`, up to and including `ticket`.
+fn since(ticket: u64, reporter: u64) -> u64 {
+    (ticket.wrapping_sub(reporter)) & 0xffff_ffff
+}
+
+/// One dimension's report: remaining and the reporter's ticket, reset (ms), limit.
+struct Dim {
+    word: AtomicU64,
+    reset: AtomicU64,
+    limit: AtomicU64,
+}
+
+impl Dim {
+    fn new() -> Dim {
+        Dim {
+            word: AtomicU64::new(pack(UNKNOWN, 0)),
+            reset: AtomicU64::new(0),
+            limit: AtomicU64::new(0),
+        }
+    }
+
+    /// The current report's remaining and ticket, if it has not reset by `now`.
+    fn current(&self, now: u64) -> Option<(u64, u64)> {
+        self.current_lazy(&Now::new(|| now))
+    }
+
+    fn current_lazy(&self, now: &Now<impl Fn() -> u64>) -> Option<(u64, u64)> {
+        let (remaining, ticket) = unpack(self.word.load(SeqCst));
+        (remaining != UNKNOWN && self.reset.load(SeqCst) > now.get()).then_some((remaining, ticket))
+    }
+
+    /// Takes a report seen by the request with `ticket`, unless a later one is current.
+    fn apply(&self, w: &Window, ticket: u64, now: u64) -> bool {
+        let Some(remaining) = w.remaining else {
+            return false;
+        };
+        if let Some(limit) = w.limit {
+            self.limit.store(limit, SeqCst);
+        }
+        let mut cur = self.word.load(SeqCst);
+        loop {
+            let (r0, t0) = unpack(cur);
+            let stale = r0 == UNKNOWN || self.reset.load(SeqCst) <= now;
+            let newer = since(ticket, t0) != 0 && since(ticket, t0) < 1 << 31;
+            if !stale && !newer {
+                return false;
+            }
+            match self
+                .word
+                .compare_exchange(cur, pack(remaining, ticket), SeqCst, SeqCst)
+            {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+        let reset = w.reset.unwrap_or(DEFAULT_RESET);
+        self.reset.store(now.saturating_add(ms(reset)), SeqCst);
+        true
+    }
+
+    /// Starts a declared window at `ticket` when no report is current.
+    fn declare(&self, declared: Option<(u64, Duration)>, ticket: u64, now: u64) {
+        let Some((n, window)) = declared else {
+            return;
+        };
+        if self.current(now).is_some() {
+            return;
+        }
+        let cur = self.word.load(SeqCst);
+        let fresh = pack(n, ticket.wrapping_sub(1));
+        if self
+            .word
+            .compare_exchange(cur, fresh, SeqCst, SeqCst)
+            .is_ok()
+        {
+            self.reset.store(now.saturating_add(ms(window)), SeqCst);
+            self.limit.fetch_max(n, SeqCst);
+        }
+    }
+}
+
+/// The pool's clock, read at most once per call and only when a budget needs it (a request
+/// to a key that has never reported reads no clock).
+pub(crate) struct Now<F: Fn() -> u64>(F, std::cell::Cell<Option<u64>>);
+
+impl<F: Fn() -> u64> Now<F> {
+    pub(crate) fn new(f: F) -> Now<F> {
+        Now(f, std::cell::Cell::new(None))
+    }
+    pub(crate) fn get(&self) -> u64 {
+        match self.1.get() {
+            Some(ms) => ms,
+            None => {
+                let ms = (self.0)();
+                self.1.set(Some(ms));
+                ms
+            }
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2)
+}
+
+/// What one owner (a key, or the first key of a group) has in one lane.
+struct Budget {
+    sent: AtomicU64,
+    done: AtomicU64,
+    requests: Dim,
+    tokens: Dim,
+    /// Token costs of the requests in flight.
+    reserved: AtomicU64,
+    /// A cooldown in this lane only (ms since the pool's epoch).
+    until: AtomicU64,
+}
+
+impl Budget {
+    fn new() -> Budget {
+        Budget {
+            sent: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            requests: Dim::new(),
+            tokens: Dim::new(),
+            reserved: AtomicU64::new(0),
+            until: AtomicU64::new(0),
+        }
+    }
+
+    /// Until when the owner can take no request in this lane, if it cannot now.
+    fn blocked_until(&self, now: u64) -> Option<u64> {
+        let until = self.until.load(SeqCst);
+        if until > now {
+            return Some(until);
+        }
+        if let Some((remaining, reporter)) = self.requests.current(now) {
+            let sent = since(self.sent.load(SeqCst).wrapping_sub(1), reporter);
+            if sent >= remaining {
+                return Some(self.requests.reset.load(SeqCst));
+            }
+        }
+        match self.tokens.current(now) {
+            Some((0, _)) => Some(self.tokens.reset.load(SeqCst)),
+            _ => None,
+        }
+    }
+}
+
+/// A request's place in a lane: its ticket and reserved cost, handed back when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    ticket: u64,
+    cost: u64,
+}
+
+/// What a lane says to a key for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Taken: send it.
+    Yes(Ticket),
+    /// Over its prior only: take it if no key is within its budget.
+    Soft,
+    /// Not for this request (its cost does not fit); other requests may fit.
+    Skip,
+    /// Not for any request until this deadline (ms).
+    Block(u64),
+}
+
+/// The budgets and bucket cooldowns of every key for one bucket (or for requests that name
+/// none: the default lane).
+pub(crate) struct Lane {
+    pub(crate) name: Option<Arc<str>>,
+    bits: Box<[AtomicU64]>,
+    budgets: Box<[CachePadded<Budget>]>,
+    next_deadline: AtomicU64,
+    /// The largest requests limit any key reported here: the prior of keys that have not.
+    seen_limit: AtomicU64,
+    /// The owner that reported last, plus one (0: none yet).
+    last_reporter: AtomicU64,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane").field("name", &self.name).finish()
+    }
+}
+
+impl Lane {
+    fn new(name: Option<Arc<str>>, n: usize) -> Lane {
+        Lane {
+            name,
+            bits: (0..n.div_ceil(64))
+                .map(|w| {
+                    let bits = (n - w * 64).min(64);
+                    AtomicU64::new(if bits == 64 {
+                        u64::MAX
+                    } else {
+                        (1 << bits) - 1
+                    })
+                })
+                .collect(),
+            budgets: (0..n).map(|_| CachePadded::new(Budget::new())).collect(),
+            next_deadline: AtomicU64::new(u64::MAX),
+            seen_limit: AtomicU64::new(0),
+            last_reporter: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn word(&self, w: usize) -> u64 {
+        self.bits[w].load(SeqCst)
+    }
+}
+
+/// Every lane, and who owns whose budget.
+pub(crate) struct Lanes {
+    pub(crate) default: Arc<Lane>,
+    named: ArcCell<HashMap<Arc<str>, Arc<Lane>>>,
+    adding: Mutex<()>,
+    /// Key → the key whose budget it counts against (itself, or its group's first key).
+    owner: Box<[usize]>,
+    /// Owner → the keys that count against it.
+    members: Box<[Box<[usize]>]>,
+    declared: Box<[Limits]>,
+    /// Pairs of keys seen spending one limit, and how often; and those told.
+    pairs: Mutex<Sightings>,
+}
+
+/// Pairs of keys (by index) seen spending one limit, how often; and the pairs told.
+type Sightings = (HashMap<(usize, usize), u32>, Vec<(usize, usize)>);
+
+/// How often two keys must be seen spending one limit before the pool says so.
+const SHARED_SEEN: u32 = 2;
+
+impl std::fmt::Debug for Lanes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lanes")
+            .field("buckets", &self.named.load().len())
+            .finish()
+    }
+}
+
+impl Lanes {
+    /// `groups` lists keys (by index) that share one limit; `declared` is per key (a group
+    /// takes its first key's).
+    pub(crate) fn new(n: usize, groups: &[Vec<usize>], declared: Vec<Limits>) -> Lanes {
+        let mut owner: Vec<usize> = (0..n).collect();
+        for group in groups {
+            if let Some(&first) = group.iter().min() {
+                for &k in group {
+                    owner[k] = first;
+                }
+            }
+        }
+        let members = (0..n)
+            .map(|o| (0..n).filter(|&k| owner[k] == o).collect())
+            .collect();
+        Lanes {
+            default: Arc::new(Lane::new(None, n)),
+            named: ArcCell::from_pointee(HashMap::new()),
+            adding: Mutex::new(()),
+            owner: owner.into(),
+            members,
+            declared: declared.into(),
+            pairs: Mutex::new((HashMap::new(), Vec::new())),
+        }
+    }
+
+    pub(crate) fn owner(&self, key: usize) -> usize {
+        self.owner[key]
+    }
+
+    /// The keys that share key `key`'s limit, itself included.
+    pub(crate) fn members(&self, key: usize) -> &[usize] {
+        &self.members[self.owner[key]]
+    }
+
+    /// The lane of a bucket, made at its first request; the default one past `MAX_BUCKETS`.
+    pub(crate) fn lane(&self, bucket: &str) -> Arc<Lane> {
+        if let Some(lane) = self.named.load().get(bucket) {
+            return lane.clone();
+        }
+        let _one = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.named.load();
+        if let Some(lane) = map.get(bucket) {
+            return lane.clone();
+        }
+        if map.len() >= MAX_BUCKETS {
+            return self.default.clone();
+        }
+        let name: Arc<str> = bucket.into();
+        let lane = Arc::new(Lane::new(Some(name.clone()), self.owner.len()));
+        let mut next: HashMap<Arc<str>, Arc<Lane>> = HashMap::clone(&map);
+        next.insert(name, lane.clone());
+        self.named.store(Arc::new(next));
+        lane
+    }
+
+    /// The named lanes, by name.
+    pub(crate) fn named(&self) -> Vec<Arc<Lane>> {
+        let mut lanes: Vec<_> = self.named.load().values().cloned().collect();
+        lanes.sort_by(|a, b| a.name.cmp(&b.name));
+        lanes
+    }
+
+    /// Whether key `key` may take a request of `cost` tokens in `lane`; `strict` holds it to
+    /// its prior too.
+    pub(crate) fn claim(
+        &self,
+        lane: &Lane,
+        key: usize,
+        cost: Option<u64>,
+        strict: bool,
+        now: impl Fn() -> u64,
+    ) -> Claim {
+        let now = Now::new(now);
+        let o = self.owner[key];
+        let b = &lane.budgets[o];
+        let until = b.until.load(SeqCst);
+        if until != 0 && until > now.get() {
+            return Claim::Block(until);
+        }
+        let ticket = b.sent.fetch_add(1, SeqCst);
+        let undo = || {
+            b.sent.fetch_sub(1, SeqCst);
+        };
+        let declared = self.declared[o];
+        if declared.requests.is_some() {
+            b.requests.declare(declared.requests, ticket, now.get());
+        }
+        match b.requests.current_lazy(&now) {
+            Some((remaining, reporter)) => {
+                if since(ticket, reporter) > remaining {
+                    undo();
+                    return Claim::Block(b.requests.reset.load(SeqCst));
+                }
+            }
+            None => {
+                let own = b.requests.limit.load(SeqCst);
+                let prior = if own > 0 {
+                    own
+                } else {
+                    lane.seen_limit.load(SeqCst)
+                };
+                let in_flight = ticket.wrapping_sub(b.done.load(SeqCst)) + 1;
+                if strict && prior > 0 && in_flight > prior {
+                    undo();
+                    return Claim::Soft;
+                }
+            }
+        }
+        let cost = cost.unwrap_or(0);
+        if cost > 0 {
+            if declared.tokens.is_some() {
+                b.tokens.declare(declared.tokens, ticket, now.get());
+            }
+            if let Some((remaining, _)) = b.tokens.current_lazy(&now) {
+                if remaining == 0 {
+                    undo();
+                    return Claim::Block(b.tokens.reset.load(SeqCst));
+                }
+                let reserved = b.reserved.fetch_add(cost, SeqCst);
+                if reserved.saturating_add(cost) > remaining {
+                    b.reserved.fetch_sub(cost, SeqCst);
+                    undo();
+                    return Claim::Skip;
+                }
+            } else {
+                b.reserved.fetch_add(cost, SeqCst);
+            }
+        }
+        Claim::Yes(Ticket { ticket, cost })
+    }
+
+    /// Ends a request that `claim` let through, with what its answer reported. Returns the
+    /// key (owner) newly seen sharing a limit with this one, once per pair.
+    pub(crate) fn finish(
+        &self,
+        lane: &Lane,
+        key: usize,
+        t: Ticket,
+        report: Option<&Report>,
+        now: impl Fn() -> u64,
+    ) -> Option<usize> {
+        let o = self.owner[key];
+        let b = &lane.budgets[o];
+        b.done.fetch_add(1, SeqCst);
+        if t.cost > 0 {
+            b.reserved.fetch_sub(t.cost, SeqCst);
+        }
+        let report = report?;
+        let now = now();
+        // Before the report replaces the last one: did more go than this key sent?
+        let spent_by_others = self.spent_by_others(o, b, &report.requests, t.ticket, now);
+        let taken = b.requests.apply(&report.requests, t.ticket, now)
+            | b.tokens.apply(&report.tokens, t.ticket, now);
+        if let Some(limit) = report.requests.limit {
+            lane.seen_limit.fetch_max(limit, SeqCst);
+        }
+        if taken {
+            self.sync(lane, o, now);
+        }
+        let other = lane.last_reporter.swap(o as u64 + 1, SeqCst);
+        match other.checked_sub(1) {
+            Some(other) if spent_by_others && other as usize != o => {
+                self.seen_sharing(o, other as usize)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a report says the key's window went down by more than its own requests: the
+    /// last report's count less the new one, against the requests sent between them (or, as
+    /// the first report of a window, the limit less the count against those in flight).
+    fn spent_by_others(&self, o: usize, b: &Budget, w: &Window, ticket: u64, now: u64) -> bool {
+        // A declared group spends one budget by design.
+        let Some(remaining) = w.remaining.filter(|_| self.members[o].len() == 1) else {
+            return false;
+        };
+        match b.requests.current(now) {
+            Some((last, reporter)) => {
+                let own = since(ticket, reporter);
+                own < 1 << 31 && last.saturating_sub(remaining) > own
+            }
+            None => {
+                let in_flight = b.sent.load(SeqCst).wrapping_sub(b.done.load(SeqCst)) + 1;
+                w.limit
+                    .is_some_and(|limit| limit.saturating_sub(remaining) > in_flight)
+            }
+        }
+    }
+
+    /// Counts one sighting of `a` and `b` spending one limit; the pair on its `SHARED_SEEN`th.
+    fn seen_sharing(&self, a: usize, b: usize) -> Option<usize> {
+        let pair = (a.min(b), a.max(b));
+        let mut pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        let (seen, told) = &mut *pairs;
+        let count = seen.entry(pair).or_insert(0);
+        *count += 1;
+        if *count == SHARED_SEEN && !told.contains(&pair) {
+            told.push(pair);
+            return Some(b);
+        }
+        None
+    }
+
+    /// The pairs of keys seen spending one limit.
+    pub(crate) fn noticed(&self) -> Vec<(usize, usize)> {
+        self.pairs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// The declared groups, each of more than one key.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = &[usize]> + '_ {
+        self.members.iter().filter(|m| m.len() > 1).map(|m| &**m)
+    }
+
+    /// Forgets what key `key`'s owner learned in every lane (its reports and bucket
+    /// cooldowns), as a reset of the key does; a declared limit starts a new window.
+    pub(crate) fn reset(&self, key: usize, now: u64) {
+        let o = self.owner[key];
+        let named = self.named();
+        for lane in std::iter::once(&self.default).chain(named.iter()) {
+            let b = &lane.budgets[o];
+            for dim in [&b.requests, &b.tokens] {
+                dim.word.store(pack(UNKNOWN, 0), SeqCst);
+                dim.reset.store(0, SeqCst);
+            }
+            b.until.store(0, SeqCst);
+            self.sync(lane, o, now);
+        }
+    }
+
+    /// Gives back a claim whose request was never sent.
+    pub(crate) fn release(&self, lane: &Lane, key: usize, t: Ticket) {
+        let b = &lane.budgets[self.owner[key]];
+        b.sent.fetch_sub(1, SeqCst);
+        if t.cost > 0 {
+            b.reserved.fetch_sub(t.cost, SeqCst);
+        }
+    }
+
+    /// Cools key `key` (and the keys sharing its limit) in `lane` only, until `until` (ms).
+    pub(crate) fn cool(&self, lane: &Lane, key: usize, until: u64, now: u64) {
+        let o = self.owner[key];
+        lane.budgets[o].until.fetch_max(until, SeqCst);
+        self.sync(lane, o, now);
+    }
+
+    /// Makes owner `o`'s keys' bits in `lane` agree with its budget.
+    pub(crate) fn sync(&self, lane: &Lane, o: usize, now: u64) {
+        let blocked = lane.budgets[o].blocked_until(now);
+        for &k in self.members[o].iter() {
+            let (w, bit) = (k / 64, 1u64 << (k % 64));
+            match blocked {
+                Some(_) => lane.bits[w].fetch_and(!bit, SeqCst),
+                None => lane.bits[w].fetch_or(bit, SeqCst),
+            };
+        }
+        if let Some(at) = blocked {
+            lane.next_deadline.fetch_min(at, SeqCst);
+        }
+    }
+
+    /// Restores the bits of owners whose block has passed, when the lane's earliest deadline
+    /// is behind `now`: one load otherwise.
+    pub(crate) fn maybe_recover(&self, lane: &Lane, now: impl Fn() -> u64) {
+        let deadline = lane.next_deadline.load(SeqCst);
+        if deadline == u64::MAX {
+            return;
+        }
+        let now = now();
+        if deadline > now
+            || lane
+                .next_deadline
+                .compare_exchange(deadline, u64::MAX, SeqCst, SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        for o in 0..self.owner.len() {
+            if self.owner[o] == o {
+                self.sync(lane, o, now);
+            }
+        }
+    }
+
+    /// When key `key` can take a request in `lane` again (ms), if not now.
+    pub(crate) fn ready_at(&self, lane: &Lane, key: usize, now: u64) -> Option<u64> {
+        lane.budgets[self.owner[key]].blocked_until(now)
+    }
+
+    /// What a status shows of key `key` in `lane`.
+    pub(crate) fn view(&self, lane: &Lane, key: usize, now: u64) -> BudgetView {
+        let b = &lane.budgets[self.owner[key]];
+        let last = b.sent.load(SeqCst).wrapping_sub(1);
+        let left = |d: &Dim, spent: &dyn Fn(u64) -> u64| {
+            d.current(now).map(|(remaining, reporter)| {
+                let reset = d.reset.load(SeqCst).saturating_sub(now);
+                (remaining.saturating_sub(spent(reporter)), reset)
+            })
+        };
+        BudgetView {
+            requests: left(&b.requests, &|reporter| since(last, reporter)),
+            tokens: left(&b.tokens, &|_| b.reserved.load(SeqCst)),
+            in_flight: b.sent.load(SeqCst).wrapping_sub(b.done.load(SeqCst)),
+            blocked_ms: b.blocked_until(now).map_or(0, |at| at.saturating_sub(now)),
+        }
+    }
+}
+
+/// A status view of one key's budget in one lane: (remaining, ms to reset) per dimension.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BudgetView {
+    pub(crate) requests: Option<(u64, u64)>,
+    pub(crate) tokens: Option<(u64, u64)>,
+    pub(crate) in_flight: u64,
+    pub(crate) blocked_ms: u64,
+}
