@@ -65,7 +65,7 @@ impl Bucket {
 ///
 /// let body = br#"{"model":"m","max_tokens":256,"messages":[{"role":"user","content":"hi"}]}"#;
 /// let cost = TokenCost::estimate_openai_json(body);
-/// assert_eq!(cost, TokenCost(256 + body.len() as u64 / 4));
+/// assert_eq!(cost, TokenCost(256 + (body.len() as u64).div_ceil(4)));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TokenCost(pub u64);
@@ -73,7 +73,7 @@ pub struct TokenCost(pub u64);
 impl TokenCost {
     /// An OpenAI-style JSON body's cost, as providers count it before the request runs: its
     /// top-level `max_completion_tokens` (else `max_tokens`, else 0) plus a prompt estimate
-    /// of a token per four bytes of the body.
+    /// of a token per four bytes of the body, rounded up.
     pub fn estimate_openai_json(body: &[u8]) -> TokenCost {
         let (mut max_tokens, mut max_completion) = (None, None);
         walk(body, |path, value| {
@@ -87,7 +87,7 @@ impl TokenCost {
             }
         });
         let answer = max_completion.or(max_tokens).unwrap_or(0);
-        TokenCost(answer.saturating_add(body.len() as u64 / 4))
+        TokenCost(answer.saturating_add((body.len() as u64).div_ceil(4)))
     }
 }
 
@@ -289,11 +289,11 @@ mod tests {
         );
         assert_eq!(
             TokenCost::estimate_openai_json(body),
-            TokenCost(100 + body.len() as u64 / 4)
+            TokenCost(100 + (body.len() as u64).div_ceil(4))
         );
         // A nested "model" is not the request's.
         assert_eq!(Bucket::from_openai_json(br#"{"x":{"model":"y"}}"#), None);
         assert_eq!(Bucket::from_openai_json(b"not json"), None);
-        assert_eq!(TokenCost::estimate_openai_json(b"{}"), TokenCost(0));
+        assert_eq!(TokenCost::estimate_openai_json(b"{}"), TokenCost(1));
     }
 }

@@ -120,6 +120,17 @@ pub enum Behavior {
     InvalidKey,
     /// Answers `503 Service Unavailable` with OpenAI's `server_is_overloaded` body.
     Outage,
+    /// Serves requests while the tokens they spend in the current `window` stay within
+    /// `tokens`, then answers `429` with Groq's tokens-per-minute body and `retry-after`
+    /// until the window ends. A request spends its prompt (a token per four bytes of the
+    /// body, rounded up) plus its `max_completion_tokens` or `max_tokens`, as providers
+    /// count before the request runs. Answers report the window in `x-ratelimit-*-tokens`.
+    TokenLimited {
+        /// Tokens per window.
+        tokens: u64,
+        /// The window's length.
+        window: Duration,
+    },
     /// Serves every request like [`Behavior::Ok`], after waiting this long (on top of the
     /// provider's [latency](FakeProviderBuilder::latency)). The wait is a tokio sleep, so a
     /// paused clock skips it.
@@ -200,6 +211,8 @@ pub struct FakeProviderBuilder {
     keys: Vec<(String, Behavior)>,
     latency: Duration,
     stream_interval: Option<Duration>,
+    per_model: bool,
+    shared: Vec<Vec<String>>,
 }
 
 impl FakeProviderBuilder {
@@ -228,19 +241,54 @@ impl FakeProviderBuilder {
         self
     }
 
+    /// Counts each key's windows per model (the request's `"model"`), as Groq's and
+    /// Anthropic's limits are: a key limited on one model still serves the others.
+    pub fn per_model(mut self) -> Self {
+        self.per_model = true;
+        self
+    }
+
+    /// Makes `keys` share one limit, as keys made in one organization do: they count
+    /// against one window, and each behaves as the first of them (add it with
+    /// [`key`](Self::key)). The others need no `key` call.
+    pub fn shared_limit<I, K>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<String>,
+    {
+        self.shared.push(keys.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Builds the provider.
     pub fn build(self) -> FakeProvider {
         let mut keys = HashMap::new();
         let mut order = Vec::new();
-        for (key, behavior) in self.keys {
+        for (key, behavior) in &self.keys {
             order.push(key.clone());
             keys.insert(
-                key,
+                key.clone(),
                 KeyEntry {
-                    behavior,
-                    window: Window::default(),
+                    behavior: behavior.clone(),
+                    owner: key.clone(),
                 },
             );
+        }
+        for group in &self.shared {
+            let Some(first) = group.first() else { continue };
+            let behavior = keys.get(first).map_or(Behavior::Ok, |e| e.behavior.clone());
+            for key in group {
+                if !order.contains(key) {
+                    order.push(key.clone());
+                }
+                keys.insert(
+                    key.clone(),
+                    KeyEntry {
+                        behavior: behavior.clone(),
+                        owner: first.clone(),
+                    },
+                );
+            }
         }
         FakeProvider {
             inner: Arc::new(Inner {
@@ -248,7 +296,9 @@ impl FakeProviderBuilder {
                     keys,
                     order,
                     stats: BTreeMap::new(),
+                    windows: HashMap::new(),
                 }),
+                per_model: self.per_model,
                 latency: self.latency,
                 stream_interval: self.stream_interval.unwrap_or(Duration::from_millis(5)),
                 next_id: AtomicU64::new(1),
@@ -302,6 +352,7 @@ pub struct FakeProvider {
 
 struct Inner {
     state: Mutex<State>,
+    per_model: bool,
     latency: Duration,
     stream_interval: Duration,
     next_id: AtomicU64,
@@ -311,11 +362,21 @@ struct State {
     keys: HashMap<String, KeyEntry>,
     order: Vec<String>,
     stats: BTreeMap<String, KeyStats>,
+    /// Windows by the key that owns the limit, the model (empty unless `per_model`) and
+    /// what they count (requests, tokens).
+    windows: HashMap<(String, String, Counted), Window>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Counted {
+    Requests,
+    Tokens,
 }
 
 struct KeyEntry {
     behavior: Behavior,
-    window: Window,
+    /// Whose limit it counts against: itself, or the first key of a shared limit.
+    owner: String,
 }
 
 /// A fixed requests window: starts with the first request after the last one ended.
@@ -380,13 +441,14 @@ impl FakeProvider {
         if !state.keys.contains_key(key) {
             state.order.push(key.to_owned());
         }
-        state.keys.insert(
-            key.to_owned(),
-            KeyEntry {
-                behavior,
-                window: Window::default(),
-            },
-        );
+        let owner = state
+            .keys
+            .get(key)
+            .map_or(key.to_owned(), |e| e.owner.clone());
+        state.windows.retain(|(o, _, _), _| *o != owner);
+        state
+            .keys
+            .insert(key.to_owned(), KeyEntry { behavior, owner });
     }
 
     /// A snapshot of the counts, per key.
@@ -438,22 +500,31 @@ impl FakeProvider {
         now: Instant,
     ) -> Decision {
         let mut state = self.state();
-        let behavior = key
-            .and_then(|k| state.keys.get(k))
-            .map(|e| e.behavior.clone());
+        let entry = key.and_then(|k| state.keys.get(k));
+        let behavior = entry.map(|e| e.behavior.clone());
+        let owner = entry.map(|e| e.owner.clone()).unwrap_or_default();
+        let model = match self.inner.per_model {
+            true => request.model.clone().unwrap_or_default(),
+            false => String::new(),
+        };
+        let mut windows = std::mem::take(&mut state.windows);
+        let mut spend = None;
+        let mut window = |counted: Counted, length: Duration| {
+            let w = windows
+                .entry((owner.clone(), model.clone(), counted))
+                .or_default();
+            let reset = w.refresh(now, length);
+            (w.used, reset, (owner.clone(), model.clone(), counted))
+        };
         let decision = match behavior {
             None | Some(Behavior::InvalidKey) => Decision::Unauthorized,
             Some(_) if !chat => Decision::NotFound,
             Some(Behavior::QuotaExhausted) => Decision::Quota,
             Some(Behavior::Outage) => Decision::Unavailable,
             Some(b @ (Behavior::Ok | Behavior::Slow(_))) => {
-                let entry = state
-                    .keys
-                    .get_mut(key.unwrap_or_default())
-                    .expect("known key");
-                let reset = entry.window.refresh(now, DAY);
-                entry.window.used += 1;
-                let used = entry.window.used;
+                let (used, reset, k) = window(Counted::Requests, DAY);
+                let used = used + 1;
+                spend = Some((k, 1));
                 Decision::Serve {
                     extra_delay: match b {
                         Behavior::Slow(d) => d,
@@ -463,39 +534,73 @@ impl FakeProvider {
                         limit: REQUESTS_PER_DAY,
                         remaining: REQUESTS_PER_DAY.saturating_sub(used).max(1),
                         reset,
+                        tokens: None,
                     },
                 }
             }
-            Some(Behavior::RateLimited { requests, window }) => {
-                let entry = state
-                    .keys
-                    .get_mut(key.unwrap_or_default())
-                    .expect("known key");
-                let reset = entry.window.refresh(now, window);
+            Some(Behavior::RateLimited {
+                requests,
+                window: length,
+            }) => {
+                let (used, reset, k) = window(Counted::Requests, length);
                 let limit = u64::from(requests);
-                if entry.window.used >= limit {
+                if used >= limit {
                     Decision::Limited {
                         limits: Limits {
                             limit,
                             remaining: 0,
                             reset,
+                            tokens: None,
                         },
-                        used: entry.window.used,
-                        daily: window >= DAY,
+                        used,
+                        daily: length >= DAY,
+                        tokens: None,
                     }
                 } else {
-                    entry.window.used += 1;
+                    spend = Some((k, 1));
                     Decision::Serve {
                         extra_delay: Duration::ZERO,
                         limits: Limits {
                             limit,
-                            remaining: limit - entry.window.used,
+                            remaining: limit - used - 1,
                             reset,
+                            tokens: None,
                         },
                     }
                 }
             }
+            Some(Behavior::TokenLimited {
+                tokens,
+                window: length,
+            }) => {
+                let cost = request.cost();
+                let (used, reset, k) = window(Counted::Tokens, length);
+                let limits = |used: u64| Limits {
+                    limit: REQUESTS_PER_DAY,
+                    remaining: REQUESTS_PER_DAY - 1,
+                    reset: DAY,
+                    tokens: Some((tokens, tokens.saturating_sub(used), reset)),
+                };
+                if used + cost > tokens {
+                    Decision::Limited {
+                        limits: limits(used),
+                        used,
+                        daily: length >= DAY,
+                        tokens: Some(cost),
+                    }
+                } else {
+                    spend = Some((k, cost));
+                    Decision::Serve {
+                        extra_delay: Duration::ZERO,
+                        limits: limits(used + cost),
+                    }
+                }
+            }
         };
+        if let Some((k, n)) = spend {
+            windows.entry(k).or_default().used += n;
+        }
+        state.windows = windows;
         let stats = state.stats.entry(key.unwrap_or("").to_owned()).or_default();
         stats.requests += 1;
         match &decision {
@@ -557,19 +662,24 @@ impl FakeProvider {
                 limits,
                 used,
                 daily,
+                tokens,
             } => {
-                let window = if daily {
-                    "requests per day (RPD)"
-                } else {
-                    "requests per minute (RPM)"
+                let (kind, window, limit, requested, reset) = match (tokens, limits.tokens) {
+                    (Some(requested), Some((limit, _, reset))) => {
+                        let w = if daily { "tokens per day (TPD)" } else { "tokens per minute (TPM)" };
+                        ("tokens", w, limit, requested, reset)
+                    }
+                    _ => {
+                        let w = if daily { "requests per day (RPD)" } else { "requests per minute (RPM)" };
+                        ("requests", w, limits.limit, 1, limits.reset)
+                    }
                 };
                 let message = format!(
-                    "Rate limit reached for model `{model}` in organization `{ORGANIZATION}` service tier `on_demand` on {window}: Limit {}, Used {used}, Requested 1. Please try again in {}. Visit https://console.groq.com/docs/rate-limits for more information.",
-                    limits.limit,
-                    go_duration(limits.reset),
+                    "Rate limit reached for model `{model}` in organization `{ORGANIZATION}` service tier `on_demand` on {window}: Limit {limit}, Used {used}, Requested {requested}. Please try again in {}. Visit https://console.groq.com/docs/rate-limits for more information.",
+                    go_duration(reset),
                 );
                 let body = format!(
-                    r#"{{"error":{{"message":"{message}","type":"requests","code":"rate_limit_exceeded"}}}}"#
+                    r#"{{"error":{{"message":"{message}","type":"{kind}","code":"rate_limit_exceeded"}}}}"#
                 );
                 (StatusCode::TOO_MANY_REQUESTS, body, Some(limits))
             }
@@ -605,7 +715,8 @@ impl FakeProvider {
             HeaderValue::from_static("application/json"),
         );
         if let Some(limits) = limits {
-            let wait = limits.reset.as_secs() + u64::from(limits.reset.subsec_nanos() > 0);
+            let reset = limits.tokens.map_or(limits.reset, |t| t.2);
+            let wait = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(wait.max(1)));
             rate_limit_headers(headers, &limits, 0);
         }
@@ -686,6 +797,8 @@ struct Limits {
     limit: u64,
     remaining: u64,
     reset: Duration,
+    /// A token window's limit, remaining and reset, when the key has one.
+    tokens: Option<(u64, u64, Duration)>,
 }
 
 enum Decision {
@@ -697,6 +810,8 @@ enum Decision {
         limits: Limits,
         used: u64,
         daily: bool,
+        /// The tokens requested, when the token window refused it.
+        tokens: Option<u64>,
     },
     Quota,
     Unauthorized,
@@ -710,6 +825,7 @@ struct ChatRequest {
     model: Option<String>,
     stream: bool,
     prompt_tokens: u64,
+    max_tokens: u64,
 }
 
 impl ChatRequest {
@@ -723,7 +839,20 @@ impl ChatRequest {
                 .map(str::to_owned),
             stream: json_value(text, "stream").is_some_and(|v| v.starts_with("true")),
             prompt_tokens: (body.len() as u64).div_ceil(4).max(1),
+            max_tokens: ["max_completion_tokens", "max_tokens"]
+                .iter()
+                .find_map(|name| {
+                    let v = json_value(text, name)?;
+                    let digits = v.split(|c: char| !c.is_ascii_digit()).next()?;
+                    digits.parse().ok()
+                })
+                .unwrap_or(0),
         }
+    }
+
+    /// What the request spends of a token window before it runs.
+    fn cost(&self) -> u64 {
+        self.prompt_tokens + self.max_tokens
     }
 }
 
@@ -776,6 +905,10 @@ fn rate_limit_headers(headers: &mut HeaderMap, limits: &Limits, tokens: u64) {
     let tokens = tokens.min(TOKENS_PER_MINUTE);
     // Tokens come back at TOKENS_PER_MINUTE a minute: this request's are back after this.
     let tokens_reset = Duration::from_millis(tokens * 60_000 / TOKENS_PER_MINUTE);
+    let (tokens_limit, tokens_left, tokens_reset) =
+        limits
+            .tokens
+            .unwrap_or((TOKENS_PER_MINUTE, TOKENS_PER_MINUTE - tokens, tokens_reset));
     insert(
         headers,
         "x-ratelimit-limit-requests",
@@ -784,7 +917,7 @@ fn rate_limit_headers(headers: &mut HeaderMap, limits: &Limits, tokens: u64) {
     insert(
         headers,
         "x-ratelimit-limit-tokens",
-        &TOKENS_PER_MINUTE.to_string(),
+        &tokens_limit.to_string(),
     );
     insert(
         headers,
@@ -794,7 +927,7 @@ fn rate_limit_headers(headers: &mut HeaderMap, limits: &Limits, tokens: u64) {
     insert(
         headers,
         "x-ratelimit-remaining-tokens",
-        &(TOKENS_PER_MINUTE - tokens).to_string(),
+        &tokens_left.to_string(),
     );
     insert(
         headers,
