@@ -73,8 +73,14 @@ impl Dim {
         (remaining != UNKNOWN && self.reset.load(SeqCst) > now.get()).then_some((remaining, ticket))
     }
 
-    /// Takes a report seen by the request with `ticket`, unless a later one is current.
-    fn apply(&self, w: &Window, ticket: u64, now: u64) -> bool {
+    /// Takes a report. `base` is how many requests had ended when it came (this one not
+    /// yet): every request sent beyond that is taken as not counted in it, those still in
+    /// flight included, since the provider may have seen them after this one. Within a
+    /// window the report that leaves less wins, so an answer that comes back late never
+    /// raises the budget again: for requests, counting what was sent since each report
+    /// (`by_base`); for tokens, whose costs in flight are reserved apart, the lower count.
+    /// Past its reset, or with none, the report is taken as it is.
+    fn apply(&self, w: &Window, base: u64, by_base: bool, now: u64) -> bool {
         let Some(remaining) = w.remaining else {
             return false;
         };
@@ -83,15 +89,21 @@ impl Dim {
         }
         let mut cur = self.word.load(SeqCst);
         loop {
-            let (r0, t0) = unpack(cur);
+            let (r0, b0) = unpack(cur);
             let stale = r0 == UNKNOWN || self.reset.load(SeqCst) <= now;
-            let newer = since(ticket, t0) != 0 && since(ticket, t0) < 1 << 31;
-            if !stale && !newer {
+            // What each leaves for a later request: `remaining - (ticket - base)`.
+            let ahead = since(base, b0);
+            let tighter = match (by_base, ahead < 1 << 31) {
+                (false, _) => remaining < r0,
+                (true, true) => remaining.saturating_add(ahead) < r0,
+                (true, false) => remaining < r0.saturating_add(since(b0, base)),
+            };
+            if !stale && !tighter {
                 return false;
             }
             match self
                 .word
-                .compare_exchange(cur, pack(remaining, ticket), SeqCst, SeqCst)
+                .compare_exchange(cur, pack(remaining, base), SeqCst, SeqCst)
             {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
@@ -272,8 +284,10 @@ pub(crate) struct Lanes {
 /// Pairs of keys (by index) seen spending one limit, how often; and the pairs told.
 type Sightings = (HashMap<(usize, usize), u32>, Vec<(usize, usize)>);
 
-/// How often two keys must be seen spending one limit before the pool says so.
-const SHARED_SEEN: u32 = 2;
+/// How often two keys must be seen spending one limit before the pool says so: the first
+/// report of a key's window already spent beyond its own requests in flight, while the other
+/// key's window of the same limit is current, is strong enough.
+const SHARED_SEEN: u32 = 1;
 
 impl std::fmt::Debug for Lanes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -427,16 +441,30 @@ impl Lanes {
     ) -> Option<usize> {
         let o = self.owner[key];
         let b = &lane.budgets[o];
+        // The report is taken before the request counts as done, so that no claim in
+        // between sees one request fewer in flight and the report not yet in.
+        let found = report.and_then(|r| self.take_report(lane, o, t, r, now()));
         b.done.fetch_add(1, SeqCst);
         if t.cost > 0 {
             b.reserved.fetch_sub(t.cost, SeqCst);
         }
-        let report = report?;
-        let now = now();
+        found
+    }
+
+    fn take_report(
+        &self,
+        lane: &Lane,
+        o: usize,
+        t: Ticket,
+        report: &Report,
+        now: u64,
+    ) -> Option<usize> {
+        let b = &lane.budgets[o];
         // Before the report replaces the last one: did more go than this key sent?
         let spent_by_others = self.spent_by_others(o, b, &report.requests, t.ticket, now);
-        let taken = b.requests.apply(&report.requests, t.ticket, now)
-            | b.tokens.apply(&report.tokens, t.ticket, now);
+        let base = b.done.load(SeqCst);
+        let taken = b.requests.apply(&report.requests, base, true, now)
+            | b.tokens.apply(&report.tokens, base, false, now);
         if let Some(limit) = report.requests.limit {
             lane.seen_limit.fetch_max(limit, SeqCst);
         }
@@ -444,12 +472,15 @@ impl Lanes {
             self.sync(lane, o, now);
         }
         let other = lane.last_reporter.swap(o as u64 + 1, SeqCst);
-        match other.checked_sub(1) {
-            Some(other) if spent_by_others && other as usize != o => {
-                self.seen_sharing(o, other as usize)
-            }
-            _ => None,
-        }
+        let other = other.checked_sub(1).map(|k| k as usize)?;
+        // The other key's own window must be current and of the same limit.
+        let same = |k: usize| {
+            let d = &lane.budgets[k].requests;
+            d.current(now).is_some() && Some(d.limit.load(SeqCst)) == report.requests.limit
+        };
+        (spent_by_others && other != o && same(other))
+            .then(|| self.seen_sharing(o, other))
+            .flatten()
     }
 
     /// Whether a report says the key's window went down by more than its own requests: the
@@ -466,7 +497,8 @@ impl Lanes {
                 own < 1 << 31 && last.saturating_sub(remaining) > own
             }
             None => {
-                let in_flight = b.sent.load(SeqCst).wrapping_sub(b.done.load(SeqCst)) + 1;
+                // This request is still counted in flight: its end is counted after this.
+                let in_flight = b.sent.load(SeqCst).wrapping_sub(b.done.load(SeqCst));
                 w.limit
                     .is_some_and(|limit| limit.saturating_sub(remaining) > in_flight)
             }

@@ -213,6 +213,7 @@ pub struct FakeProviderBuilder {
     stream_interval: Option<Duration>,
     per_model: bool,
     shared: Vec<Vec<String>>,
+    hide_limits: bool,
 }
 
 impl FakeProviderBuilder {
@@ -245,6 +246,13 @@ impl FakeProviderBuilder {
     /// Anthropic's limits are: a key limited on one model still serves the others.
     pub fn per_model(mut self) -> Self {
         self.per_model = true;
+        self
+    }
+
+    /// Sends no `x-ratelimit-*` headers (a 429 keeps its `retry-after`), as some
+    /// OpenAI-compatible servers do: a client then learns of limits only from 429s.
+    pub fn without_rate_limit_headers(mut self) -> Self {
+        self.hide_limits = true;
         self
     }
 
@@ -299,6 +307,7 @@ impl FakeProviderBuilder {
                     windows: HashMap::new(),
                 }),
                 per_model: self.per_model,
+                hide_limits: self.hide_limits,
                 latency: self.latency,
                 stream_interval: self.stream_interval.unwrap_or(Duration::from_millis(5)),
                 next_id: AtomicU64::new(1),
@@ -353,6 +362,7 @@ pub struct FakeProvider {
 struct Inner {
     state: Mutex<State>,
     per_model: bool,
+    hide_limits: bool,
     latency: Duration,
     stream_interval: Duration,
     next_id: AtomicU64,
@@ -654,7 +664,9 @@ impl FakeProvider {
                         HeaderValue::from_static("application/json"),
                     );
                 }
-                rate_limit_headers(headers, &limits, tokens);
+                if !self.inner.hide_limits {
+                    rate_limit_headers(headers, &limits, tokens);
+                }
                 insert(headers, "x-request-id", &request_id);
                 return res;
             }
@@ -718,7 +730,9 @@ impl FakeProvider {
             let reset = limits.tokens.map_or(limits.reset, |t| t.2);
             let wait = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(wait.max(1)));
-            rate_limit_headers(headers, &limits, 0);
+            if !self.inner.hide_limits {
+                rate_limit_headers(headers, &limits, 0);
+            }
         }
         insert(headers, "x-request-id", &request_id);
         res
