@@ -984,7 +984,10 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
             "invalid_path",
         );
     };
-    let mut upstream_req = http::Request::new(Full::new(body));
+    let mut upstream_req = http::Request::new(Full::new(body.clone()));
+    // The request's model is its rate-limit bucket, and its `max_tokens` and length its
+    // token cost: the pool passes over a key whose budget for that model cannot take it.
+    tower_key_fallback::annotate_openai_json(&mut upstream_req, &body);
     *upstream_req.method_mut() = parts.method.clone();
     *upstream_req.uri_mut() = uri;
     *upstream_req.version_mut() = Version::HTTP_11;

@@ -11,6 +11,21 @@ use std::time::Duration;
 mod demo;
 
 #[tokio::test]
+async fn the_demos_default_run_wastes_at_most_five_calls() {
+    let opts = demo::Options::default();
+    let mut out = Vec::new();
+    let summary = demo::run(&opts, demo::Display::Plain, &mut out)
+        .await
+        .unwrap();
+    println!(
+        "demo, 120 requests, 6 in flight: {} wasted upstream calls",
+        summary.wasted
+    );
+    assert!(summary.all_served(), "{summary:#?}");
+    assert!(summary.wasted <= 5, "{summary:#?}");
+}
+
+#[tokio::test]
 async fn the_demo_serves_every_request_of_a_burst_bigger_than_a_window() {
     let opts = demo::Options {
         requests: 70,
@@ -46,6 +61,10 @@ async fn the_demo_serves_every_request_of_a_burst_bigger_than_a_window() {
     assert_eq!(summary.wasted, summary.rate_limited);
     assert_eq!(summary.upstream_calls, 70 + summary.wasted);
     assert!(summary.switches <= summary.wasted);
+
+    // The keys report what they have left, and the pool spends no call on a key that said it
+    // is spent: before budgets the demo's default run spent 35 upstream 429s.
+    assert!(summary.wasted <= 5, "{summary:#?}");
 
     // Plain lines, no escape codes, and the summary.
     assert!(!text.contains('\x1b'), "{text}");

@@ -1723,3 +1723,57 @@ async fn serve_stops_when_told() {
         .unwrap();
     assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
 }
+
+/// The gateway names each request's bucket from its `"model"`: a key limited on one model
+/// keeps serving another, and a model whose limit is spent costs no further upstream call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_limited_on_one_model_serves_the_others_through_the_gateway() {
+    let provider = FakeProvider::builder()
+        .key(
+            "gsk_models",
+            Behavior::RateLimited {
+                requests: 2,
+                window: Duration::from_secs(60),
+            },
+        )
+        .per_model()
+        .build();
+    let upstream = provider.serve_ephemeral().await.unwrap();
+    let layer = KeyFallbackLayer::builder(
+        KeySet::from_vars("GROQ_API_KEY", [("GROQ_API_KEY", "gsk_models")]).unwrap(),
+    )
+    .exhausted_response(true)
+    .build();
+    let handle = layer.handle();
+    let base = gateway::parse_upstream(&upstream.url("")).unwrap();
+    let setup = Setup {
+        provider,
+        _upstream: upstream,
+        gateway: serve(gateway::app(base, layer, &settings())).await,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    };
+    let body = |model: &str| full(format!(r#"{{"model":"{model}","messages":[]}}"#));
+    for _ in 0..2 {
+        let (status, _, text) = setup.call("POST", CHAT, body("busy")).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    // The second answer said none is left for "busy": the next is refused here, unsent.
+    let (status, _, text) = setup.call("POST", CHAT, body("busy")).await;
+    assert_eq!(status, 429, "{text}");
+    assert_eq!(setup.provider.stats().total().rate_limited, 0);
+    let (status, _, text) = setup.call("POST", CHAT, body("quiet")).await;
+    assert_eq!(status, 200, "{text}");
+    let status = handle.status();
+    let buckets: Vec<_> = status.keys[0]
+        .buckets
+        .iter()
+        .map(|b| (b.bucket.clone(), b.requests_remaining.map(|r| r.0)))
+        .collect();
+    assert_eq!(
+        buckets,
+        [
+            (Some("busy".to_owned()), Some(0)),
+            (Some("quiet".to_owned()), Some(1))
+        ]
+    );
+}
