@@ -324,8 +324,12 @@ impl Driver {
     }
 
     /// The error when no key was usable at all, so nothing was sent.
-    pub(crate) fn give_up_unsent(shared: &Shared) -> Exhausted {
-        exhausted(shared, &shared.pool.lanes.default, 0, None, None)
+    pub(crate) fn give_up_unsent(shared: &Shared, ext: &http::Extensions) -> Exhausted {
+        let lane = ext
+            .get::<Bucket>()
+            .map(|b| shared.pool.lanes.lane(b.name()));
+        let lane = lane.as_deref().unwrap_or(&shared.pool.lanes.default);
+        exhausted(shared, lane, 0, None, None)
     }
 }
 

@@ -67,7 +67,7 @@ pin_project! {
         // Driving the service clone to readiness before replaying with the next key.
         Readying,
         // No key is usable: answer on the first poll.
-        Unsent,
+        Unsent { exhausted: Option<Box<Exhausted>> },
         Done,
     }
 }
@@ -86,7 +86,9 @@ where
     {
         let Some(mut driver) = Driver::start(shared, req.extensions()) else {
             return ResponseFuture {
-                state: State::Unsent,
+                state: State::Unsent {
+                    exhausted: Some(Box::new(Driver::give_up_unsent(shared, req.extensions()))),
+                },
                 shared: shared.clone(),
                 driver: None,
                 svc: None,
@@ -214,9 +216,10 @@ where
                     let fut = svc.call(req);
                     this.state.set(State::Calling { fut });
                 }
-                StateProj::Unsent => {
+                StateProj::Unsent { exhausted } => {
+                    let exhausted = *exhausted.take().expect("polled once");
                     this.state.set(State::Done);
-                    return Poll::Ready(give_up(shared, Driver::give_up_unsent(shared)));
+                    return Poll::Ready(give_up(shared, exhausted));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }

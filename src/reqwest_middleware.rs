@@ -207,7 +207,7 @@ impl Middleware for KeyFallbackMiddleware {
         let shared = &*self.shared;
         let url = req.url().clone();
         let Some(driver) = Driver::start(shared, extensions) else {
-            return give_up(shared, Driver::give_up_unsent(shared), url);
+            return give_up(shared, Driver::give_up_unsent(shared, extensions), url);
         };
         // Gives the attempt's claim on its key's budget back if this future is dropped.
         let mut walk = Walk { shared, driver };

@@ -271,25 +271,27 @@ async fn forwards_falls_back_streams_caps_and_reports() {
     let (status, _, body) = setup.call("POST", CHAT, full(exact)).await;
     assert_eq!(status, 200, "{body}");
 
-    // The status: key 1 cooling for its rate limit, key 2 serving, counts as the provider
-    // saw them.
+    // The status: key 1 passed over for its rate limit in the request's bucket (its model;
+    // the gateway names it), so still active for other models; key 2 serving; counts as
+    // the provider saw them.
     let keys = setup.keys(&[limited, ok]).await;
-    assert_eq!(keys["available"], 1, "{keys}");
+    assert_eq!(keys["available"], 2, "{keys}");
     let first = &keys["keys"][0];
     assert_eq!(first["label"], "GROQ_API_KEY");
-    assert_eq!(first["state"], "cooling_down");
-    assert_eq!(first["reason"], "rate_limited");
-    let remaining = first["remaining_ms"].as_u64().unwrap();
+    assert_eq!(first["state"], "active");
+    let bucket = &first["buckets"][0];
+    assert_eq!(bucket["bucket"], "llama-3.1-8b-instant", "{keys}");
+    let remaining = bucket["passed_over_ms"].as_u64().unwrap();
     assert!(remaining > 0 && remaining <= 30_000, "{remaining}");
-    assert_eq!(first["requests"], 1);
+    // Its 429, and the `GET /openai/v1/models` above (no model: not in that bucket).
+    assert_eq!(first["requests"], 2);
     assert_eq!(first["rate_limited"], 1);
-    assert_eq!(first["available"], false);
     assert!(first["fingerprint"].as_str().unwrap().starts_with("fp:"));
     let second = &keys["keys"][1];
     assert_eq!(second["label"], "GROQ_API_KEY_2");
     assert_eq!(second["state"], "active");
     assert_eq!(second["reason"], Value::Null);
-    assert_eq!(second["requests"], 4);
+    assert_eq!(second["requests"], 3);
     assert_eq!(second["errors"], 0);
 
     // Reset: every key active again, and the answer is the new status.
@@ -360,11 +362,15 @@ async fn all_keys_exhausted_is_a_429_with_retry_after() {
     );
     assert_eq!(setup.provider.stats().total().requests, 2);
 
+    // Each key said it has none left for the model: passed over in that bucket.
     let keys = setup.keys(&[one, two]).await;
-    assert_eq!(keys["available"], 0, "{keys}");
     for key in keys["keys"].as_array().unwrap() {
-        assert_eq!(key["state"], "cooling_down", "{keys}");
-        assert_eq!(key["reason"], "limit_reached", "{keys}");
+        let bucket = &key["buckets"][0];
+        assert_eq!(bucket["requests_remaining"], 0, "{keys}");
+        assert!(
+            bucket["passed_over_ms"].as_u64().is_some_and(|ms| ms > 0),
+            "{keys}"
+        );
         assert_eq!(key["successes"], 1, "{keys}");
     }
 
@@ -380,7 +386,10 @@ async fn all_keys_exhausted_is_a_429_with_retry_after() {
     assert_eq!(stats.key(two).rate_limited, 1);
     let keys = setup.keys(&[one, two]).await;
     for key in keys["keys"].as_array().unwrap() {
-        assert_eq!(key["reason"], "rate_limited", "{keys}");
+        assert!(
+            key["buckets"][0]["passed_over_ms"].as_u64().is_some(),
+            "{keys}"
+        );
         assert_eq!(key["rate_limited"], 1, "{keys}");
     }
 }
@@ -1117,10 +1126,11 @@ async fn cross_site_requests_are_refused_before_the_body_is_read() {
             assert!(!res.body.contains("fp:"), "{res:?}");
         }
     }
-    // Nothing was forwarded, nothing reset: key 1 is still cooling down.
+    // Nothing was forwarded, nothing reset: key 1 is still passed over for the model.
     assert_eq!(setup.provider.stats().total().requests, before);
     let keys = setup.keys(&[limited, ok]).await;
-    assert_eq!(keys["keys"][0]["state"], "cooling_down", "{keys}");
+    let passed_over = &keys["keys"][0]["buckets"][0]["passed_over_ms"];
+    assert!(passed_over.as_u64().is_some_and(|ms| ms > 0), "{keys}");
 
     // Same origin, a page on a served host, a typed-in URL, and no browser at all pass.
     let port = setup.gateway.port();
