@@ -12,7 +12,9 @@
 //!   ([`DefaultClassifier`]);
 //! - on a failure that is the key's, replays the same request with the next usable key;
 //! - keeps per-key state: a cooldown until the provider's own reset time, error counts with a
-//!   temporary set-aside after too many, a lasting disable for dead keys, recovery by itself.
+//!   temporary set-aside after too many, a lasting disable for dead keys, recovery by itself;
+//! - keeps, per key and [`Bucket`] (model), what the provider reported the key has left, less
+//!   the requests sent since, and passes over a key whose budget is spent.
 //!
 //! Success bodies, server-sent event streams included, pass through untouched.
 //!
@@ -60,7 +62,9 @@
 //! | `keys` | [`KeySet`], fingerprints, credential header values, [`KeyInUse`] | `error` |
 //! | `config` | [`Credential`] and the one cooldown policy: what a verdict does to a key | `classify`, `status`, `keys` |
 //! | `events` | [`KeyEvents`], [`KeyEvent`], [`TracingEvents`] | `classify`, `status` |
-//! | `pool` | per-key state in atomics, key choice, export and import | `config`, `events`, `keys`, `status` |
+//! | `capacity` | [`Bucket`], [`TokenCost`], [`Limits`], and what an answer's headers report of a key's allowance | `parse`, `errorbody` |
+//! | `budget` | per key (or group) and bucket: the provider's remaining counts less what was sent since, bucket cooldowns, shared limits noticed | `capacity` |
+//! | `pool` | per-key state in atomics, key choice, export and import | `budget`, `capacity`, `config`, `events`, `keys`, `status` |
 //! | `body` | [`TryCloneBody`], [`SendOnce`], [`KeyFallbackBody`], [`InspectedBody`], the bounded peek | `error` |
 //! | `answer` | [`Exhausted`] and the proxy's 429 and 502 | `body`, `error` |
 //! | `driver` | one request's walk over the keys, as decisions without I/O | all of the above |
@@ -77,6 +81,7 @@
 //! - **a store's reader** (state learned by other processes): [`KeyHandle::import`], with
 //!   [`KeyHandle::export`] on the other side;
 //! - **a cooldown rule**: `config` (`Config::outcome`);
+//! - **a provider's rate-limit headers**: `capacity` (`Report::from_headers`);
 //! - **another client library**: a new adapter beside `future` and `reqwest_middleware`,
 //!   doing the I/O and asking the `driver` what to do.
 //!

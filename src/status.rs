@@ -22,7 +22,7 @@ pub enum CooldownReason {
     Drained,
     /// Too many errors in a row (5xx, timeouts, transport errors).
     Errors,
-    /// Set aside through [`KeyHandle::cool_down`].
+    /// Set aside through [`KeyHandle::cool_down`](crate::KeyHandle::cool_down).
     Manual,
 }
 
@@ -74,7 +74,7 @@ impl CooldownReason {
 pub enum DisableReason {
     /// The provider rejected the key (401, 403, an invalid-key body).
     InvalidKey,
-    /// Disabled through [`KeyHandle::disable`].
+    /// Disabled through [`KeyHandle::disable`](crate::KeyHandle::disable).
     Manual,
 }
 
