@@ -205,8 +205,10 @@ impl Budget {
 /// A request's place in a lane: its ticket and reserved cost, handed back when it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ticket {
-    ticket: u64,
-    cost: u64,
+    /// The request's number in its (owner, lane), mod 2^32 as reports keep it.
+    ticket: u32,
+    /// Its reserved token cost, at most `u32::MAX`.
+    cost: u32,
 }
 
 /// What a lane says to a key for one request.
@@ -406,7 +408,7 @@ impl Lanes {
                 }
             }
         }
-        let cost = cost.unwrap_or(0);
+        let cost = cost.unwrap_or(0).min(u64::from(u32::MAX));
         if cost > 0 {
             if declared.tokens.is_some() {
                 b.tokens.declare(declared.tokens, ticket, now.get());
@@ -426,7 +428,10 @@ impl Lanes {
                 b.reserved.fetch_add(cost, SeqCst);
             }
         }
-        Claim::Yes(Ticket { ticket, cost })
+        Claim::Yes(Ticket {
+            ticket: ticket as u32,
+            cost: cost as u32,
+        })
     }
 
     /// Ends a request that `claim` let through, with what its answer reported. Returns the
@@ -446,7 +451,7 @@ impl Lanes {
         let found = report.and_then(|r| self.take_report(lane, o, t, r, now()));
         b.done.fetch_add(1, SeqCst);
         if t.cost > 0 {
-            b.reserved.fetch_sub(t.cost, SeqCst);
+            b.reserved.fetch_sub(u64::from(t.cost), SeqCst);
         }
         found
     }
@@ -461,7 +466,7 @@ impl Lanes {
     ) -> Option<usize> {
         let b = &lane.budgets[o];
         // Before the report replaces the last one: did more go than this key sent?
-        let spent_by_others = self.spent_by_others(o, b, &report.requests, t.ticket, now);
+        let spent_by_others = self.spent_by_others(o, b, &report.requests, u64::from(t.ticket), now);
         let base = b.done.load(SeqCst);
         let taken = b.requests.apply(&report.requests, base, true, now)
             | b.tokens.apply(&report.tokens, base, false, now);
@@ -554,7 +559,7 @@ impl Lanes {
         let b = &lane.budgets[self.owner[key]];
         b.sent.fetch_sub(1, SeqCst);
         if t.cost > 0 {
-            b.reserved.fetch_sub(t.cost, SeqCst);
+            b.reserved.fetch_sub(u64::from(t.cost), SeqCst);
         }
     }
 

@@ -93,14 +93,14 @@ impl Word {
 /// whichever is current (for changes made through the handle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Generation {
-    Of(u64),
+    Of(u32),
     Current,
 }
 
 impl Generation {
     fn matches(self, word: Word) -> bool {
         match self {
-            Generation::Of(g) => g & GEN_MASK == word.generation(),
+            Generation::Of(g) => u64::from(g) & GEN_MASK == word.generation(),
             Generation::Current => true,
         }
     }
@@ -137,7 +137,7 @@ pub(crate) struct Cred {
 impl Cred {
     /// The generation an attempt sent with this credential records its outcome against.
     pub(crate) fn generation(&self) -> Generation {
-        Generation::Of(self.generation)
+        Generation::Of(self.generation as u32)
     }
 }
 
