@@ -80,7 +80,7 @@ impl Dim {
     /// raises the budget again: for requests, counting what was sent since each report
     /// (`by_base`); for tokens, whose costs in flight are reserved apart, the lower count.
     /// Past its reset, or with none, the report is taken as it is.
-    fn apply(&self, w: &Window, base: u64, by_base: bool, now: u64) -> bool {
+    fn apply(&self, w: &Window, base: u64, by_base: bool, now: u64, cap: Duration) -> bool {
         let Some(remaining) = w.remaining else {
             return false;
         };
@@ -109,7 +109,9 @@ impl Dim {
                 Err(actual) => cur = actual,
             }
         }
-        let reset = w.reset.unwrap_or(DEFAULT_RESET);
+        // A provider's reset is capped like every wait it gives (`max_cooldown`): one answer
+        // with `x-ratelimit-reset-requests: 99999h` sets a key aside for a day at most.
+        let reset = w.reset.unwrap_or(DEFAULT_RESET).min(cap);
         self.reset.store(now.saturating_add(ms(reset)), SeqCst);
         true
     }
@@ -279,6 +281,8 @@ pub(crate) struct Lanes {
     /// Owner → the keys that count against it.
     members: Box<[Box<[usize]>]>,
     declared: Box<[Limits]>,
+    /// The longest a report's reset is believed (`max_cooldown`).
+    max_wait: Duration,
     /// Pairs of keys seen spending one limit, and how often; and those told.
     pairs: Mutex<Sightings>,
 }
@@ -302,7 +306,12 @@ impl std::fmt::Debug for Lanes {
 impl Lanes {
     /// `groups` lists keys (by index) that share one limit; `declared` is per key (a group
     /// takes its first key's).
-    pub(crate) fn new(n: usize, groups: &[Vec<usize>], declared: Vec<Limits>) -> Lanes {
+    pub(crate) fn new(
+        n: usize,
+        groups: &[Vec<usize>],
+        declared: Vec<Limits>,
+        max_wait: Duration,
+    ) -> Lanes {
         let mut owner: Vec<usize> = (0..n).collect();
         for group in groups {
             if let Some(&first) = group.iter().min() {
@@ -321,6 +330,7 @@ impl Lanes {
             owner: owner.into(),
             members,
             declared: declared.into(),
+            max_wait,
             pairs: Mutex::new((HashMap::new(), Vec::new())),
         }
     }
@@ -424,13 +434,17 @@ impl Lanes {
                     undo();
                     return Claim::Skip;
                 }
-            } else {
-                b.reserved.fetch_add(cost, SeqCst);
+                return Claim::Yes(Ticket {
+                    ticket: ticket as u32,
+                    cost: cost as u32,
+                });
             }
         }
+        // No token report: nothing to reserve against (and nothing a client's estimate can
+        // hold back from other requests).
         Claim::Yes(Ticket {
             ticket: ticket as u32,
-            cost: cost as u32,
+            cost: 0,
         })
     }
 
@@ -466,10 +480,12 @@ impl Lanes {
     ) -> Option<usize> {
         let b = &lane.budgets[o];
         // Before the report replaces the last one: did more go than this key sent?
-        let spent_by_others = self.spent_by_others(o, b, &report.requests, u64::from(t.ticket), now);
+        let spent_by_others =
+            self.spent_by_others(o, b, &report.requests, u64::from(t.ticket), now);
         let base = b.done.load(SeqCst);
-        let taken = b.requests.apply(&report.requests, base, true, now)
-            | b.tokens.apply(&report.tokens, base, false, now);
+        let cap = self.max_wait;
+        let taken = b.requests.apply(&report.requests, base, true, now, cap)
+            | b.tokens.apply(&report.tokens, base, false, now, cap);
         if let Some(limit) = report.requests.limit {
             lane.seen_limit.fetch_max(limit, SeqCst);
         }

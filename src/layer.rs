@@ -332,7 +332,7 @@ impl KeyFallbackBuilder {
                 }
             }
         }
-        let lanes = Lanes::new(labels.len(), &groups, declared);
+        let lanes = Lanes::new(labels.len(), &groups, declared, self.config.max_cooldown);
         let config = self.config;
         let pool = Pool::new(
             self.keys.into_keys(),

@@ -248,7 +248,12 @@ impl Pool {
             epoch_wall: SystemTime::now(),
             events,
             policy,
-            lanes: Lanes::new(n, &[], vec![Default::default(); n]),
+            lanes: Lanes::new(
+                n,
+                &[],
+                vec![Default::default(); n],
+                Duration::from_secs(86_400),
+            ),
         }
     }
 

@@ -349,3 +349,37 @@ async fn keys_whose_counts_move_together_are_said_to_share_a_limit() {
     assert_eq!(shared[0].keys, ["key-1", "key-2"]);
     assert!(!shared[0].declared);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reported_reset_is_capped_like_every_wait() {
+    let layer = KeyFallbackLayer::builder(keys(1))
+        .max_cooldown(Duration::from_secs(3600))
+        .build();
+    let (mut svc, mut handle, keys) = setup(layer);
+    // A broken upstream: none left, whole again in 11 years. The key is passed over for the
+    // hour `max_cooldown` allows, in its bucket and as a drained key.
+    let (call, _, reply) = send(&mut svc, &mut handle, with(Some("m"), None)).await;
+    reply.send_response(response(
+        200,
+        &[
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "99999h"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "99999h"),
+        ],
+        "{}",
+    ));
+    call.await.unwrap().unwrap();
+    let status = keys.status();
+    let bucket = &status.keys[0].buckets[0];
+    assert_eq!(bucket.passed_over_for, Some(Duration::from_secs(3600)));
+    assert_eq!(
+        bucket.requests_remaining,
+        Some((0, Duration::from_secs(3600)))
+    );
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    let (call, key, reply) = send(&mut svc, &mut handle, with(Some("m"), None)).await;
+    assert_eq!(key, "Bearer gsk_key1");
+    reply.send_response(ok(3, "10s"));
+    call.await.unwrap().unwrap();
+}
