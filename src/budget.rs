@@ -33,8 +33,10 @@ use crate::sync::{ArcCell, AtomicU64, Mutex};
 const UNKNOWN: u64 = u32::MAX as u64;
 /// How long a report without a reset time holds.
 const DEFAULT_RESET: Duration = Duration::from_secs(60);
-/// Named buckets kept at most; requests for others use the default lane.
+/// Named buckets kept at most; requests for others share one overflow lane.
 pub(crate) const MAX_BUCKETS: usize = 64;
+/// The overflow lane's name in a status.
+const OVERFLOW: &str = "(other buckets)";
 
 fn pack(remaining: u64, ticket: u64) -> u64 {
     (remaining.min(UNKNOWN) << 32) | (ticket & 0xffff_ffff)
@@ -47,11 +49,30 @@ fn since(ticket: u64, reporter: u64) -> u64 {
     (ticket.wrapping_sub(reporter)) & 0xffff_ffff
 }
 
-/// One dimension's report: remaining and the reporter's ticket, reset (ms), limit.
+/// [`since`] for a count that cannot be negative: a `ticket` behind `reporter` (claims given
+/// back since) is none.
+fn sent_since(ticket: u64, reporter: u64) -> u64 {
+    match since(ticket, reporter) {
+        n if n >= 1 << 31 => 0,
+        n => n,
+    }
+}
+
+/// One dimension's report: remaining and the reporter's base, reset (ms), limit.
+///
+/// Readers take no lock. Writers (a report, a declared window) take `writing`, which is held
+/// for a few stores once per answer and never on the way to choosing a key, and store the
+/// reset before the word: a reader that sees a new word sees its reset, and one that sees the
+/// old word with a new reset holds the old report a moment longer.
 struct Dim {
     word: AtomicU64,
     reset: AtomicU64,
     limit: AtomicU64,
+    /// The current report's reset was the provider's own (not a default, not capped).
+    asserted: AtomicU64,
+    /// When the current report was taken (ms).
+    at: AtomicU64,
+    writing: Mutex<()>,
 }
 
 impl Dim {
@@ -60,17 +81,24 @@ impl Dim {
             word: AtomicU64::new(pack(UNKNOWN, 0)),
             reset: AtomicU64::new(0),
             limit: AtomicU64::new(0),
+            asserted: AtomicU64::new(0),
+            at: AtomicU64::new(0),
+            writing: Mutex::new(()),
         }
     }
 
-    /// The current report's remaining and ticket, if it has not reset by `now`.
+    /// The current report's remaining and base, if it has not reset by `now`.
     fn current(&self, now: u64) -> Option<(u64, u64)> {
         self.current_lazy(&Now::new(|| now))
     }
 
     fn current_lazy(&self, now: &Now<impl Fn() -> u64>) -> Option<(u64, u64)> {
-        let (remaining, ticket) = unpack(self.word.load(SeqCst));
-        (remaining != UNKNOWN && self.reset.load(SeqCst) > now.get()).then_some((remaining, ticket))
+        let (remaining, base) = unpack(self.word.load(SeqCst));
+        (remaining != UNKNOWN && self.reset.load(SeqCst) > now.get()).then_some((remaining, base))
+    }
+
+    fn write(&self) -> crate::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Takes a report. `base` is how many requests had ended when it came (this one not
@@ -79,61 +107,58 @@ impl Dim {
     /// window the report that leaves less wins, so an answer that comes back late never
     /// raises the budget again: for requests, counting what was sent since each report
     /// (`by_base`); for tokens, whose costs in flight are reserved apart, the lower count.
-    /// Past its reset, or with none, the report is taken as it is.
+    /// A report whose window ends more than a second sooner replaces the current one too (a
+    /// broken answer's long reset does not outlive correct ones). Past its reset, or with
+    /// none, the report is taken as it is. The reset is capped at `cap` (`max_cooldown`).
     fn apply(&self, w: &Window, base: u64, by_base: bool, now: u64, cap: Duration) -> bool {
         let Some(remaining) = w.remaining else {
             return false;
         };
+        let _one = self.write();
         if let Some(limit) = w.limit {
             self.limit.store(limit, SeqCst);
         }
-        let mut cur = self.word.load(SeqCst);
-        loop {
-            let (r0, b0) = unpack(cur);
-            let stale = r0 == UNKNOWN || self.reset.load(SeqCst) <= now;
-            // What each leaves for a later request: `remaining - (ticket - base)`.
-            let ahead = since(base, b0);
-            let tighter = match (by_base, ahead < 1 << 31) {
-                (false, _) => remaining < r0,
-                (true, true) => remaining.saturating_add(ahead) < r0,
-                (true, false) => remaining < r0.saturating_add(since(b0, base)),
-            };
-            if !stale && !tighter {
-                return false;
-            }
-            match self
-                .word
-                .compare_exchange(cur, pack(remaining, base), SeqCst, SeqCst)
-            {
-                Ok(_) => break,
-                Err(actual) => cur = actual,
-            }
+        let given = w.reset.unwrap_or(DEFAULT_RESET);
+        let reset = now.saturating_add(ms(given.min(cap)));
+        let (r0, b0) = unpack(self.word.load(SeqCst));
+        let reset0 = self.reset.load(SeqCst);
+        let stale = r0 == UNKNOWN || reset0 <= now;
+        // What each leaves for a later request: `remaining - (ticket - base)`.
+        let ahead = since(base, b0);
+        let tighter = match (by_base, ahead < 1 << 31) {
+            (false, _) => remaining < r0,
+            (true, true) => remaining.saturating_add(ahead) < r0,
+            (true, false) => remaining < r0.saturating_add(since(b0, base)),
+        };
+        let sooner = reset.saturating_add(1000) < reset0;
+        if !stale && !tighter && !sooner {
+            return false;
         }
-        // A provider's reset is capped like every wait it gives (`max_cooldown`): one answer
-        // with `x-ratelimit-reset-requests: 99999h` sets a key aside for a day at most.
-        let reset = w.reset.unwrap_or(DEFAULT_RESET).min(cap);
-        self.reset.store(now.saturating_add(ms(reset)), SeqCst);
+        let asserted = w.reset.is_some_and(|d| d <= cap);
+        self.asserted.store(u64::from(asserted), SeqCst);
+        self.at.store(now, SeqCst);
+        self.reset.store(reset, SeqCst);
+        self.word.store(pack(remaining, base), SeqCst);
         true
     }
 
-    /// Starts a declared window at `ticket` when no report is current.
-    fn declare(&self, declared: Option<(u64, Duration)>, ticket: u64, now: u64) {
+    /// Starts a declared window when no report is current. Its base is the count of ended
+    /// requests, as a report's is, so requests in flight count against it.
+    fn declare(&self, declared: Option<(u64, Duration)>, done: u64, now: u64) {
         let Some((n, window)) = declared else {
             return;
         };
         if self.current(now).is_some() {
             return;
         }
-        let cur = self.word.load(SeqCst);
-        let fresh = pack(n, ticket.wrapping_sub(1));
-        if self
-            .word
-            .compare_exchange(cur, fresh, SeqCst, SeqCst)
-            .is_ok()
-        {
-            self.reset.store(now.saturating_add(ms(window)), SeqCst);
-            self.limit.fetch_max(n, SeqCst);
+        let _one = self.write();
+        if self.current(now).is_some() {
+            return;
         }
+        self.asserted.store(0, SeqCst);
+        self.reset.store(now.saturating_add(ms(window)), SeqCst);
+        self.word.store(pack(n, done.wrapping_sub(1)), SeqCst);
+        self.limit.fetch_max(n, SeqCst);
     }
 }
 
@@ -192,7 +217,7 @@ impl Budget {
             return Some(until);
         }
         if let Some((remaining, reporter)) = self.requests.current(now) {
-            let sent = since(self.sent.load(SeqCst).wrapping_sub(1), reporter);
+            let sent = sent_since(self.sent.load(SeqCst).wrapping_sub(1), reporter);
             if sent >= remaining {
                 return Some(self.requests.reset.load(SeqCst));
             }
@@ -235,8 +260,6 @@ pub(crate) struct Lane {
     next_deadline: AtomicU64,
     /// The largest requests limit any key reported here: the prior of keys that have not.
     seen_limit: AtomicU64,
-    /// The owner that reported last, plus one (0: none yet).
-    last_reporter: AtomicU64,
 }
 
 impl std::fmt::Debug for Lane {
@@ -262,18 +285,31 @@ impl Lane {
             budgets: (0..n).map(|_| CachePadded::new(Budget::new())).collect(),
             next_deadline: AtomicU64::new(u64::MAX),
             seen_limit: AtomicU64::new(0),
-            last_reporter: AtomicU64::new(0),
         }
     }
 
     pub(crate) fn word(&self, w: usize) -> u64 {
         self.bits[w].load(SeqCst)
     }
+
+    /// Whether the lane holds nothing worth keeping: no request in flight, no current
+    /// report, no cooldown.
+    fn idle(&self, now: u64) -> bool {
+        self.budgets.iter().all(|b| {
+            b.sent.load(SeqCst) == b.done.load(SeqCst)
+                && b.until.load(SeqCst) <= now
+                && b.requests.current(now).is_none()
+                && b.tokens.current(now).is_none()
+        })
+    }
 }
 
 /// Every lane, and who owns whose budget.
 pub(crate) struct Lanes {
     pub(crate) default: Arc<Lane>,
+    /// Where requests for buckets past `MAX_BUCKETS` go: one lane for all of them, so that a
+    /// table filled by made-up names never merges real models into the default lane.
+    overflow: Arc<Lane>,
     named: ArcCell<HashMap<Arc<str>, Arc<Lane>>>,
     adding: Mutex<()>,
     /// Key → the key whose budget it counts against (itself, or its group's first key).
@@ -325,6 +361,7 @@ impl Lanes {
             .collect();
         Lanes {
             default: Arc::new(Lane::new(None, n)),
+            overflow: Arc::new(Lane::new(Some(OVERFLOW.into()), n)),
             named: ArcCell::from_pointee(HashMap::new()),
             adding: Mutex::new(()),
             owner: owner.into(),
@@ -344,8 +381,10 @@ impl Lanes {
         &self.members[self.owner[key]]
     }
 
-    /// The lane of a bucket, made at its first request; the default one past `MAX_BUCKETS`.
-    pub(crate) fn lane(&self, bucket: &str) -> Arc<Lane> {
+    /// The lane of a bucket, made at its first request. With `MAX_BUCKETS` kept, an idle one
+    /// (nothing in flight, no current report, no cooldown: nothing to forget) makes room;
+    /// when none is idle the request goes to the overflow lane.
+    pub(crate) fn lane(&self, bucket: &str, now: impl Fn() -> u64) -> Arc<Lane> {
         if let Some(lane) = self.named.load().get(bucket) {
             return lane.clone();
         }
@@ -354,21 +393,30 @@ impl Lanes {
         if let Some(lane) = map.get(bucket) {
             return lane.clone();
         }
-        if map.len() >= MAX_BUCKETS {
-            return self.default.clone();
+        let mut next: HashMap<Arc<str>, Arc<Lane>> = HashMap::clone(&map);
+        if next.len() >= MAX_BUCKETS {
+            let now = now();
+            let idle = next
+                .iter()
+                .find(|(_, lane)| lane.idle(now))
+                .map(|(name, _)| name.clone());
+            match idle {
+                Some(name) => next.remove(&name),
+                None => return self.overflow.clone(),
+            };
         }
         let name: Arc<str> = bucket.into();
         let lane = Arc::new(Lane::new(Some(name.clone()), self.owner.len()));
-        let mut next: HashMap<Arc<str>, Arc<Lane>> = HashMap::clone(&map);
         next.insert(name, lane.clone());
         self.named.store(Arc::new(next));
         lane
     }
 
-    /// The named lanes, by name.
+    /// The named lanes, by name, then the overflow lane.
     pub(crate) fn named(&self) -> Vec<Arc<Lane>> {
         let mut lanes: Vec<_> = self.named.load().values().cloned().collect();
         lanes.sort_by(|a, b| a.name.cmp(&b.name));
+        lanes.push(self.overflow.clone());
         lanes
     }
 
@@ -395,11 +443,12 @@ impl Lanes {
         };
         let declared = self.declared[o];
         if declared.requests.is_some() {
-            b.requests.declare(declared.requests, ticket, now.get());
+            b.requests
+                .declare(declared.requests, b.done.load(SeqCst), now.get());
         }
         match b.requests.current_lazy(&now) {
             Some((remaining, reporter)) => {
-                if since(ticket, reporter) > remaining {
+                if sent_since(ticket, reporter) > remaining {
                     undo();
                     return Claim::Block(b.requests.reset.load(SeqCst));
                 }
@@ -414,6 +463,7 @@ impl Lanes {
                 let in_flight = ticket.wrapping_sub(b.done.load(SeqCst)) + 1;
                 if strict && prior > 0 && in_flight > prior {
                     undo();
+                    self.resync(lane, key, now.get());
                     return Claim::Soft;
                 }
             }
@@ -421,18 +471,30 @@ impl Lanes {
         let cost = cost.unwrap_or(0).min(u64::from(u32::MAX));
         if cost > 0 {
             if declared.tokens.is_some() {
-                b.tokens.declare(declared.tokens, ticket, now.get());
+                b.tokens
+                    .declare(declared.tokens, b.done.load(SeqCst), now.get());
             }
             if let Some((remaining, _)) = b.tokens.current_lazy(&now) {
                 if remaining == 0 {
                     undo();
                     return Claim::Block(b.tokens.reset.load(SeqCst));
                 }
-                let reserved = b.reserved.fetch_add(cost, SeqCst);
-                if reserved.saturating_add(cost) > remaining {
-                    b.reserved.fetch_sub(cost, SeqCst);
-                    undo();
-                    return Claim::Skip;
+                // Reserved only if it fits: a cost too large for the key never holds back,
+                // even for a moment, the requests that would fit beside it.
+                let mut reserved = b.reserved.load(SeqCst);
+                loop {
+                    if reserved.saturating_add(cost) > remaining {
+                        undo();
+                        self.resync(lane, key, now.get());
+                        return Claim::Skip;
+                    }
+                    match b
+                        .reserved
+                        .compare_exchange(reserved, reserved + cost, SeqCst, SeqCst)
+                    {
+                        Ok(_) => break,
+                        Err(actual) => reserved = actual,
+                    }
                 }
                 return Claim::Yes(Ticket {
                     ticket: ticket as u32,
@@ -480,8 +542,14 @@ impl Lanes {
     ) -> Option<usize> {
         let b = &lane.budgets[o];
         // Before the report replaces the last one: did more go than this key sent?
-        let spent_by_others =
-            self.spent_by_others(o, b, &report.requests, u64::from(t.ticket), now);
+        let spent_by_others = self.spent_by_others(
+            o,
+            b,
+            &report.requests,
+            report.refused,
+            u64::from(t.ticket),
+            now,
+        );
         let base = b.done.load(SeqCst);
         let cap = self.max_wait;
         let taken = b.requests.apply(&report.requests, base, true, now, cap)
@@ -492,36 +560,65 @@ impl Lanes {
         if taken {
             self.sync(lane, o, now);
         }
-        let other = lane.last_reporter.swap(o as u64 + 1, SeqCst);
-        let other = other.checked_sub(1).map(|k| k as usize)?;
-        // The other key's own window must be current and of the same limit.
-        let same = |k: usize| {
-            let d = &lane.budgets[k].requests;
-            d.current(now).is_some() && Some(d.limit.load(SeqCst)) == report.requests.limit
-        };
-        (spent_by_others && other != o && same(other))
-            .then(|| self.seen_sharing(o, other))
-            .flatten()
+        if !spent_by_others {
+            return None;
+        }
+        // Whose requests: the owner that reported last among those whose window is current,
+        // of the same limit, with no less left than this one says (one counter, going down).
+        // Rare (a key's window spent by others), so a scan.
+        let r = report.requests.remaining?;
+        let other = (0..self.owner.len())
+            .filter(|&k| k != o && self.owner[k] == k)
+            .filter_map(|k| {
+                let d = &lane.budgets[k].requests;
+                let (left, _) = d.current(now)?;
+                let same = Some(d.limit.load(SeqCst)) == report.requests.limit && r <= left;
+                same.then(|| (d.at.load(SeqCst), k))
+            })
+            .max()?
+            .1;
+        self.seen_sharing(o, other)
     }
 
     /// Whether a report says the key's window went down by more than its own requests: the
     /// last report's count less the new one, against the requests sent between them (or, as
     /// the first report of a window, the limit less the count against those in flight).
-    fn spent_by_others(&self, o: usize, b: &Budget, w: &Window, ticket: u64, now: u64) -> bool {
+    fn spent_by_others(
+        &self,
+        o: usize,
+        b: &Budget,
+        w: &Window,
+        refused: bool,
+        ticket: u64,
+        now: u64,
+    ) -> bool {
         // A declared group spends one budget by design.
         let Some(remaining) = w.remaining.filter(|_| self.members[o].len() == 1) else {
             return false;
         };
+        // Refused with the window spent, by a key that has not sent the limit in all its
+        // life here: others spent it (or another process did before this one started, which
+        // the warning's "appear to" allows for).
+        let sent_here = b.sent.load(SeqCst);
+        if refused && remaining == 0 && w.limit.is_some_and(|limit| sent_here <= limit) {
+            return true;
+        }
         match b.requests.current(now) {
             Some((last, reporter)) => {
                 let own = since(ticket, reporter);
                 own < 1 << 31 && last.saturating_sub(remaining) > own
             }
+            // The first report of a window: only a new window of the provider's own (the last
+            // one ended at the reset the provider gave) already spent beyond what is in
+            // flight. A key merely used before this process started, or a window this
+            // process guessed, proves nothing.
             None => {
+                let provider_window = b.requests.asserted.load(SeqCst) == 1;
                 // This request is still counted in flight: its end is counted after this.
                 let in_flight = b.sent.load(SeqCst).wrapping_sub(b.done.load(SeqCst));
-                w.limit
-                    .is_some_and(|limit| limit.saturating_sub(remaining) > in_flight)
+                provider_window
+                    && w.limit
+                        .is_some_and(|limit| limit.saturating_sub(remaining) > in_flight)
             }
         }
     }
@@ -562,8 +659,11 @@ impl Lanes {
         for lane in std::iter::once(&self.default).chain(named.iter()) {
             let b = &lane.budgets[o];
             for dim in [&b.requests, &b.tokens] {
+                let _one = dim.write();
                 dim.word.store(pack(UNKNOWN, 0), SeqCst);
                 dim.reset.store(0, SeqCst);
+                dim.limit.store(0, SeqCst);
+                dim.asserted.store(0, SeqCst);
             }
             b.until.store(0, SeqCst);
             self.sync(lane, o, now);
@@ -571,11 +671,20 @@ impl Lanes {
     }
 
     /// Gives back a claim whose request was never sent.
-    pub(crate) fn release(&self, lane: &Lane, key: usize, t: Ticket) {
+    pub(crate) fn release(&self, lane: &Lane, key: usize, t: Ticket, now: u64) {
         let b = &lane.budgets[self.owner[key]];
         b.sent.fetch_sub(1, SeqCst);
         if t.cost > 0 {
             b.reserved.fetch_sub(u64::from(t.cost), SeqCst);
+        }
+        self.resync(lane, key, now);
+    }
+
+    /// After a claim was given back: a pick that raced with it may have cleared the key's bit
+    /// while the claim still counted, so the bit is made to agree with the budget again.
+    fn resync(&self, lane: &Lane, key: usize, now: u64) {
+        if lane.bits[key / 64].load(SeqCst) & (1 << (key % 64)) == 0 {
+            self.sync(lane, self.owner[key], now);
         }
     }
 
@@ -640,7 +749,7 @@ impl Lanes {
             })
         };
         BudgetView {
-            requests: left(&b.requests, &|reporter| since(last, reporter)),
+            requests: left(&b.requests, &|reporter| sent_since(last, reporter)),
             tokens: left(&b.tokens, &|_| b.reserved.load(SeqCst)),
             in_flight: b.sent.load(SeqCst).wrapping_sub(b.done.load(SeqCst)),
             blocked_ms: b.blocked_until(now).map_or(0, |at| at.saturating_sub(now)),

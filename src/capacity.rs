@@ -173,6 +173,8 @@ pub(crate) struct Window {
 pub(crate) struct Report {
     pub(crate) requests: Window,
     pub(crate) tokens: Window,
+    /// It came with a 429: the request was refused.
+    pub(crate) refused: bool,
 }
 
 impl Report {

@@ -86,7 +86,7 @@ impl Driver {
     pub(crate) fn start(shared: &Shared, ext: &http::Extensions) -> Option<Driver> {
         let lane = ext
             .get::<Bucket>()
-            .map(|b| shared.pool.lanes.lane(b.name()));
+            .map(|b| shared.pool.lanes.lane(b.name(), || shared.pool.now_ms()));
         let cost = ext.get::<TokenCost>().map(|c| c.0);
         let mut cursor = shared.pool.cursor();
         let default = &shared.pool.lanes.default;
@@ -131,9 +131,14 @@ impl Driver {
         if let Some((t, sent)) = self.ticket.take() {
             let lane = self.lane(shared);
             if sent {
-                shared.pool.finish(self.key, lane, t, report);
+                shared
+                    .pool
+                    .finish(self.key, self.generation, lane, t, report);
             } else {
-                shared.pool.lanes.release(lane, self.key, t);
+                shared
+                    .pool
+                    .lanes
+                    .release(lane, self.key, t, shared.pool.now_ms());
             }
         }
     }
@@ -228,7 +233,11 @@ impl Driver {
             status,
             verdict,
         });
-        self.finish(shared, Report::from_headers(headers).as_ref());
+        let report = Report::from_headers(headers).map(|r| Report {
+            refused: status == 429,
+            ..r
+        });
+        self.finish(shared, report.as_ref());
         if let Some(outcome) = shared.config.outcome(verdict) {
             let lane = self.lane.as_deref();
             shared.pool.record(self.key, self.generation, outcome, lane);
@@ -327,7 +336,7 @@ impl Driver {
     pub(crate) fn give_up_unsent(shared: &Shared, ext: &http::Extensions) -> Exhausted {
         let lane = ext
             .get::<Bucket>()
-            .map(|b| shared.pool.lanes.lane(b.name()));
+            .map(|b| shared.pool.lanes.lane(b.name(), || shared.pool.now_ms()));
         let lane = lane.as_deref().unwrap_or(&shared.pool.lanes.default);
         exhausted(shared, lane, 0, None, None)
     }

@@ -446,7 +446,16 @@ impl Pool {
     }
 
     /// Ends an attempt that `pick` let through, with what its answer reported.
-    pub(crate) fn finish(&self, i: usize, lane: &Lane, t: Ticket, report: Option<&Report>) {
+    /// A report of a credential rotated out since (`generation`) is dropped, as its outcome is.
+    pub(crate) fn finish(
+        &self,
+        i: usize,
+        generation: Generation,
+        lane: &Lane,
+        t: Ticket,
+        report: Option<&Report>,
+    ) {
+        let report = report.filter(|_| generation.matches(self.slots[i].word()));
         if let Some(other) = self.lanes.finish(lane, i, t, report, || self.now_ms()) {
             self.events.on_event(&KeyEvent::SharedLimit {
                 key: &self.slots[i].label,
@@ -699,6 +708,11 @@ impl Pool {
         // compare-exchange both be "last", which no processor does).
         slot.state.swap(Word::active(generation).0, SeqCst);
         slot.counters.consecutive.store(0, SeqCst);
+        // What the old credential's answers said of its budgets is not the new one's, unless
+        // the key shares a group's limit, which the group's other keys still report.
+        if self.lanes.members(i).len() == 1 {
+            self.lanes.reset(i, self.now_ms());
+        }
         self.events.on_event(&KeyEvent::Rotated {
             key: &slot.label,
             fingerprint,

@@ -13,13 +13,13 @@
 #[cfg(not(tkf_loom))]
 pub(crate) use std::sync::{
     atomic::{AtomicU32, AtomicU64, AtomicUsize},
-    Mutex,
+    Mutex, MutexGuard,
 };
 
 #[cfg(tkf_loom)]
 pub(crate) use loom::sync::{
     atomic::{AtomicU32, AtomicU64, AtomicUsize},
-    Mutex,
+    Mutex, MutexGuard,
 };
 
 /// A shared value that is read without a lock and replaced whole: `arc_swap::ArcSwap`.
