@@ -616,3 +616,46 @@ async fn an_unreachable_upstream_blames_no_key_and_comes_back_as_the_connect_err
     assert_eq!(s.keys[1].requests, 0);
     assert_eq!(s.available(), 2);
 }
+
+/// A `Bucket` given as a middleware extension scopes a rate limit to that bucket, as on the
+/// tower path: the key limited for one model is tried first for another.
+#[tokio::test]
+async fn a_bucket_extension_scopes_the_rate_limit() {
+    let (addr, up) = serve(&[("k1", Mode::RateLimited), ("k2", Mode::Ok)]).await;
+    let layer = KeyFallbackLayer::new(keys(&["k1", "k2"]));
+    let handle = layer.handle();
+    let client = client(&layer);
+    let send = |bucket: &'static str| {
+        client
+            .post(url(addr))
+            .header("content-type", "application/json")
+            .with_extension(tower_key_fallback::Bucket::new(bucket))
+            .body(CHAT)
+            .send()
+    };
+    assert_eq!(send("busy").await.unwrap().status(), 200);
+    assert_eq!(send("busy").await.unwrap().status(), 200);
+    assert_eq!(send("quiet").await.unwrap().status(), 200);
+    // busy: k1's 429, then k2; busy again: straight to k2; quiet: k1 first (its limit is
+    // busy's), then k2.
+    assert_eq!(
+        up.authorizations(),
+        [
+            "Bearer k1",
+            "Bearer k2",
+            "Bearer k2",
+            "Bearer k1",
+            "Bearer k2"
+        ]
+    );
+    let s = handle.status();
+    assert_eq!(s.keys[0].state, KeyState::Active);
+    let busy = s.keys[0]
+        .buckets
+        .iter()
+        .find(|b| b.bucket.as_deref() == Some("busy"))
+        .unwrap();
+    assert!(busy
+        .passed_over_for
+        .is_some_and(|d| d > Duration::from_secs(55)));
+}
