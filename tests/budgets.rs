@@ -3,16 +3,13 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use support::*;
 use tower::{Service, ServiceExt};
-use tower_key_fallback::{
-    Bucket, Exhausted, KeyEvent, KeyEvents, KeyFallbackLayer, KeyState, Limits, TokenCost,
-};
+use tower_key_fallback::{Bucket, Exhausted, KeyFallbackLayer, KeyState, Limits, TokenCost};
 
 fn ok(remaining: u64, reset: &str) -> Res {
     let remaining = remaining.to_string();
@@ -290,17 +287,6 @@ async fn a_reset_forgets_the_budgets() {
     assert_eq!(key, "Bearer gsk_key1");
     reply.send_response(ok(3, "10s"));
     call.await.unwrap().unwrap();
-}
-
-#[derive(Clone, Default)]
-struct Warnings(Arc<Mutex<Vec<String>>>);
-
-impl KeyEvents for Warnings {
-    fn on_event(&self, event: &KeyEvent<'_>) {
-        if let KeyEvent::SharedLimit { key, with } = event {
-            self.0.lock().unwrap().push(format!("{key}+{with}"));
-        }
-    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -2,12 +2,11 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
 use tower::{Service, ServiceExt};
-use tower_key_fallback::{Bucket, KeyEvent, KeyEvents, KeyFallbackLayer};
+use tower_key_fallback::{Bucket, KeyFallbackLayer};
 
 fn ok(limit: &str, remaining: &str, reset: Option<&str>) -> Res {
     let mut h = vec![
@@ -131,17 +130,6 @@ async fn made_up_bucket_names_cannot_merge_other_models_into_one_lane() {
                 call.await.unwrap().unwrap();
             }
             Err(e) => panic!("llama's rate limit took the key from another bucket: {e}"),
-        }
-    }
-}
-
-#[derive(Clone, Default)]
-struct Warnings(Arc<Mutex<Vec<String>>>);
-
-impl KeyEvents for Warnings {
-    fn on_event(&self, event: &KeyEvent<'_>) {
-        if let KeyEvent::SharedLimit { key, with } = event {
-            self.0.lock().unwrap().push(format!("{key}+{with}"));
         }
     }
 }

@@ -99,3 +99,15 @@ pub fn cooling(h: &KeyHandle, label: &str) -> (Duration, CooldownReason) {
         other => panic!("{label} is {other:?}, not cooling"),
     }
 }
+
+/// An observer that keeps the `SharedLimit` warnings, as `"key+with"`.
+#[derive(Clone, Default)]
+pub struct Warnings(pub std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tower_key_fallback::KeyEvents for Warnings {
+    fn on_event(&self, event: &tower_key_fallback::KeyEvent<'_>) {
+        if let tower_key_fallback::KeyEvent::SharedLimit { key, with } = event {
+            self.0.lock().unwrap().push(format!("{key}+{with}"));
+        }
+    }
+}
