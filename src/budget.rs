@@ -247,8 +247,8 @@ pub(crate) enum Claim {
     Soft,
     /// Not for this request (its cost does not fit); other requests may fit.
     Skip,
-    /// Not for any request until this deadline (ms).
-    Block(u64),
+    /// Not for any request until its budget's reset or cooldown ends.
+    Block,
 }
 
 /// The budgets and bucket cooldowns of every key for one bucket (or for requests that name
@@ -435,7 +435,7 @@ impl Lanes {
         let b = &lane.budgets[o];
         let until = b.until.load(SeqCst);
         if until != 0 && until > now.get() {
-            return Claim::Block(until);
+            return Claim::Block;
         }
         let ticket = b.sent.fetch_add(1, SeqCst);
         let undo = || {
@@ -450,7 +450,7 @@ impl Lanes {
             Some((remaining, reporter)) => {
                 if sent_since(ticket, reporter) > remaining {
                     undo();
-                    return Claim::Block(b.requests.reset.load(SeqCst));
+                    return Claim::Block;
                 }
             }
             None => {
@@ -477,7 +477,7 @@ impl Lanes {
             if let Some((remaining, _)) = b.tokens.current_lazy(&now) {
                 if remaining == 0 {
                     undo();
-                    return Claim::Block(b.tokens.reset.load(SeqCst));
+                    return Claim::Block;
                 }
                 // Reserved only if it fits: a cost too large for the key never holds back,
                 // even for a moment, the requests that would fit beside it.

@@ -84,9 +84,7 @@ impl Driver {
     /// The first key for a request with these extensions (its [`Bucket`] and
     /// [`TokenCost`]), or `None` when no key is usable.
     pub(crate) fn start(shared: &Shared, ext: &http::Extensions) -> Option<Driver> {
-        let lane = ext
-            .get::<Bucket>()
-            .map(|b| shared.pool.lanes.lane(b.name(), || shared.pool.now_ms()));
+        let lane = bucket_lane(shared, ext);
         let cost = ext.get::<TokenCost>().map(|c| c.0);
         let mut cursor = shared.pool.cursor();
         let default = &shared.pool.lanes.default;
@@ -334,12 +332,21 @@ impl Driver {
 
     /// The error when no key was usable at all, so nothing was sent.
     pub(crate) fn give_up_unsent(shared: &Shared, ext: &http::Extensions) -> Exhausted {
-        let lane = ext
-            .get::<Bucket>()
-            .map(|b| shared.pool.lanes.lane(b.name(), || shared.pool.now_ms()));
+        let lane = bucket_lane(shared, ext);
         let lane = lane.as_deref().unwrap_or(&shared.pool.lanes.default);
         exhausted(shared, lane, 0, None, None)
     }
+}
+
+/// The lane of the request's [`Bucket`], if it names one (`None`: the default lane).
+fn bucket_lane(shared: &Shared, ext: &http::Extensions) -> Option<Arc<Lane>> {
+    let bucket = ext.get::<Bucket>()?;
+    Some(
+        shared
+            .pool
+            .lanes
+            .lane(bucket.name(), || shared.pool.now_ms()),
+    )
 }
 
 /// The error when no key can serve, after `attempts` upstream calls.

@@ -427,9 +427,7 @@ impl Pool {
                         Claim::Yes(t) => return Some((i, t)),
                         Claim::Soft => soft = soft.or(Some((i, cur.offset))),
                         Claim::Skip => {}
-                        Claim::Block(_) => {
-                            self.lanes.sync(lane, self.lanes.owner(i), self.now_ms())
-                        }
+                        Claim::Block => self.lanes.sync(lane, self.lanes.owner(i), self.now_ms()),
                     }
                 }
                 None => cur.offset += end - real,
