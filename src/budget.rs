@@ -27,7 +27,7 @@ use std::time::Duration;
 use crossbeam_utils::CachePadded;
 
 use crate::capacity::{Limits, Report, Window};
-use crate::sync::{ArcCell, AtomicU64, Mutex};
+use crate::sync::{ArcCell, AtomicU64, AtomicUsize, Mutex};
 
 /// `remaining` of no report.
 const UNKNOWN: u64 = u32::MAX as u64;
@@ -182,7 +182,7 @@ impl<F: Fn() -> u64> Now<F> {
     }
 }
 
-fn ms(d: Duration) -> u64 {
+pub(crate) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2)
 }
 
@@ -196,7 +196,15 @@ struct Budget {
     reserved: AtomicU64,
     /// A cooldown in this lane only (ms since the pool's epoch).
     until: AtomicU64,
+    /// After that cooldown, the lane is half-open for the owner: `HALF_OPEN` (a probe may
+    /// go), the time its probe went (ms + 2), or 0 (open).
+    probe: AtomicU64,
+    /// The length of the last cooldown in this lane (ms), which a failed probe doubles.
+    last_cool: AtomicU64,
 }
+
+/// `Budget::probe` of a half-open lane whose probe has not gone.
+const HALF_OPEN: u64 = 1;
 
 impl Budget {
     fn new() -> Budget {
@@ -207,6 +215,8 @@ impl Budget {
             tokens: Dim::new(),
             reserved: AtomicU64::new(0),
             until: AtomicU64::new(0),
+            probe: AtomicU64::new(0),
+            last_cool: AtomicU64::new(0),
         }
     }
 
@@ -236,6 +246,8 @@ pub(crate) struct Ticket {
     ticket: u32,
     /// Its reserved token cost, at most `u32::MAX`.
     cost: u32,
+    /// It probes the lane after a cooldown in it.
+    probe: bool,
 }
 
 /// What a lane says to a key for one request.
@@ -260,6 +272,17 @@ pub(crate) struct Lane {
     next_deadline: AtomicU64,
     /// The largest requests limit any key reported here: the prior of keys that have not.
     seen_limit: AtomicU64,
+    /// Requests waiting for a key in this lane, served in turn.
+    pub(crate) waiters: Waiters,
+}
+
+/// A lane's queue of requests waiting for a key: the head waits for the pool to change or a
+/// key's deadline, the others for their turn (tokio's mutex is fair, so first come, first
+/// served; a waiter dropped leaves the queue).
+#[derive(Default)]
+pub(crate) struct Waiters {
+    pub(crate) turn: tokio::sync::Mutex<()>,
+    pub(crate) count: AtomicUsize,
 }
 
 impl std::fmt::Debug for Lane {
@@ -285,6 +308,7 @@ impl Lane {
             budgets: (0..n).map(|_| CachePadded::new(Budget::new())).collect(),
             next_deadline: AtomicU64::new(u64::MAX),
             seen_limit: AtomicU64::new(0),
+            waiters: Waiters::default(),
         }
     }
 
@@ -295,12 +319,13 @@ impl Lane {
     /// Whether the lane holds nothing worth keeping: no request in flight, no current
     /// report, no cooldown.
     fn idle(&self, now: u64) -> bool {
-        self.budgets.iter().all(|b| {
-            b.sent.load(SeqCst) == b.done.load(SeqCst)
-                && b.until.load(SeqCst) <= now
-                && b.requests.current(now).is_none()
-                && b.tokens.current(now).is_none()
-        })
+        self.waiters.count.load(SeqCst) == 0
+            && self.budgets.iter().all(|b| {
+                b.sent.load(SeqCst) == b.done.load(SeqCst)
+                    && b.until.load(SeqCst) <= now
+                    && b.requests.current(now).is_none()
+                    && b.tokens.current(now).is_none()
+            })
     }
 }
 
@@ -319,6 +344,8 @@ pub(crate) struct Lanes {
     declared: Box<[Limits]>,
     /// The longest a report's reset is believed (`max_cooldown`).
     max_wait: Duration,
+    /// How long a lane's probe has the key to itself (ms).
+    pub(crate) probe_wait: u64,
     /// Pairs of keys seen spending one limit, and how often; and those told.
     pairs: Mutex<Sightings>,
 }
@@ -368,6 +395,7 @@ impl Lanes {
             members,
             declared: declared.into(),
             max_wait,
+            probe_wait: 1000,
             pairs: Mutex::new((HashMap::new(), Vec::new())),
         }
     }
@@ -412,6 +440,14 @@ impl Lanes {
         lane
     }
 
+    /// Requests waiting for a key, in every lane.
+    pub(crate) fn waiting(&self) -> usize {
+        let named = self.named.load();
+        (named.values().chain([&self.default, &self.overflow]))
+            .map(|lane| lane.waiters.count.load(SeqCst))
+            .sum()
+    }
+
     /// The named lanes, by name, then the overflow lane.
     pub(crate) fn named(&self) -> Vec<Arc<Lane>> {
         let mut lanes: Vec<_> = self.named.load().values().cloned().collect();
@@ -434,12 +470,35 @@ impl Lanes {
         let o = self.owner[key];
         let b = &lane.budgets[o];
         let until = b.until.load(SeqCst);
-        if until != 0 && until > now.get() {
-            return Claim::Block;
+        let mut probe = false;
+        if until != 0 {
+            if until > now.get() {
+                return Claim::Block;
+            }
+            // Out of a cooldown in this lane: one request probes it, and the others pass it
+            // over until the probe answers or has had it for the probe wait.
+            match b.probe.load(SeqCst) {
+                0 => {}
+                HALF_OPEN => {
+                    let out = now.get() + 2;
+                    if b.probe
+                        .compare_exchange(HALF_OPEN, out, SeqCst, SeqCst)
+                        .is_err()
+                    {
+                        return Claim::Skip;
+                    }
+                    probe = true;
+                }
+                out if now.get().saturating_sub(out - 2) < self.probe_wait => return Claim::Skip,
+                _ => {}
+            }
         }
         let ticket = b.sent.fetch_add(1, SeqCst);
         let undo = || {
             b.sent.fetch_sub(1, SeqCst);
+            if probe {
+                b.probe.store(HALF_OPEN, SeqCst);
+            }
         };
         let declared = self.declared[o];
         if declared.requests.is_some() {
@@ -499,6 +558,7 @@ impl Lanes {
                 return Claim::Yes(Ticket {
                     ticket: ticket as u32,
                     cost: cost as u32,
+                    probe,
                 });
             }
         }
@@ -507,10 +567,12 @@ impl Lanes {
         Claim::Yes(Ticket {
             ticket: ticket as u32,
             cost: 0,
+            probe,
         })
     }
 
-    /// Ends a request that `claim` let through, with what its answer reported. Returns the
+    /// Ends a request that `claim` let through, with what its answer reported; `opened`
+    /// when the answer showed the key serving (a probe's success opens the lane). Returns the
     /// key (owner) newly seen sharing a limit with this one, once per pair.
     pub(crate) fn finish(
         &self,
@@ -518,10 +580,12 @@ impl Lanes {
         key: usize,
         t: Ticket,
         report: Option<&Report>,
+        opened: bool,
         now: impl Fn() -> u64,
     ) -> Option<usize> {
         let o = self.owner[key];
         let b = &lane.budgets[o];
+        self.end_probe(b, t, opened);
         // The report is taken before the request counts as done, so that no claim in
         // between sees one request fewer in flight and the report not yet in.
         let found = report.and_then(|r| self.take_report(lane, o, t, r, now()));
@@ -666,13 +730,44 @@ impl Lanes {
                 dim.asserted.store(0, SeqCst);
             }
             b.until.store(0, SeqCst);
+            b.probe.store(0, SeqCst);
+            b.last_cool.store(0, SeqCst);
             self.sync(lane, o, now);
         }
+    }
+
+    /// Ends a lane's probe: a success opens the lane; anything else that did not cool it
+    /// again (a failed call, a dropped request) lets the next request probe.
+    fn end_probe(&self, b: &Budget, t: Ticket, opened: bool) {
+        if !t.probe {
+            return;
+        }
+        let out = b.probe.load(SeqCst);
+        if out > HALF_OPEN {
+            let next = if opened { 0 } else { HALF_OPEN };
+            let _ = b.probe.compare_exchange(out, next, SeqCst, SeqCst);
+            if opened {
+                b.last_cool.store(0, SeqCst);
+            }
+        }
+    }
+
+    /// Whether key `key` is half-open in `lane`: just out of a cooldown there.
+    pub(crate) fn half_open(&self, lane: &Lane, key: usize, now: u64) -> bool {
+        let b = &lane.budgets[self.owner[key]];
+        let until = b.until.load(SeqCst);
+        until != 0 && until <= now && b.probe.load(SeqCst) != 0
+    }
+
+    /// The length of key `key`'s last cooldown in `lane` (ms).
+    pub(crate) fn last_cool(&self, lane: &Lane, key: usize) -> u64 {
+        lane.budgets[self.owner[key]].last_cool.load(SeqCst)
     }
 
     /// Gives back a claim whose request was never sent.
     pub(crate) fn release(&self, lane: &Lane, key: usize, t: Ticket, now: u64) {
         let b = &lane.budgets[self.owner[key]];
+        self.end_probe(b, t, false);
         b.sent.fetch_sub(1, SeqCst);
         if t.cost > 0 {
             b.reserved.fetch_sub(u64::from(t.cost), SeqCst);
@@ -691,7 +786,12 @@ impl Lanes {
     /// Cools key `key` (and the keys sharing its limit) in `lane` only, until `until` (ms).
     pub(crate) fn cool(&self, lane: &Lane, key: usize, until: u64, now: u64) {
         let o = self.owner[key];
-        lane.budgets[o].until.fetch_max(until, SeqCst);
+        let b = &lane.budgets[o];
+        if b.until.fetch_max(until, SeqCst) < until {
+            b.last_cool.store(until.saturating_sub(now), SeqCst);
+        }
+        // Out of it, one request probes first.
+        b.probe.store(HALF_OPEN, SeqCst);
         self.sync(lane, o, now);
     }
 
@@ -733,9 +833,20 @@ impl Lanes {
         }
     }
 
-    /// When key `key` can take a request in `lane` again (ms), if not now.
-    pub(crate) fn ready_at(&self, lane: &Lane, key: usize, now: u64) -> Option<u64> {
-        lane.budgets[self.owner[key]].blocked_until(now)
+    /// When key `key` can take a request in `lane` again (ms), if not now, and whether that
+    /// waits on a probe's answer (a probe out in the lane, which others pass over until the
+    /// probe wait).
+    pub(crate) fn ready_at(&self, lane: &Lane, key: usize, now: u64) -> Option<(u64, bool)> {
+        let b = &lane.budgets[self.owner[key]];
+        if let Some(at) = b.blocked_until(now) {
+            return Some((at, false));
+        }
+        let out = b.probe.load(SeqCst);
+        if out > HALF_OPEN && b.until.load(SeqCst) != 0 {
+            let open = (out - 2).saturating_add(self.probe_wait);
+            return (open > now).then_some((open, true));
+        }
+        None
     }
 
     /// What a status shows of key `key` in `lane`.

@@ -54,6 +54,10 @@ pub(crate) struct Config {
     pub(crate) quota_cooldown: Duration,
     pub(crate) quota_min_cooldown: Duration,
     pub(crate) max_cooldown: Duration,
+    /// How long a request may wait for a key when none can serve now (`None`: it does not).
+    pub(crate) wait_for_key: Option<Duration>,
+    /// How long a probe of a half-open key has it to itself.
+    pub(crate) probe_wait: Duration,
 }
 
 impl Default for Config {
@@ -75,6 +79,8 @@ impl Default for Config {
             quota_cooldown: Duration::from_secs(3600),
             quota_min_cooldown: Duration::from_secs(60),
             max_cooldown: Duration::from_secs(24 * 3600),
+            wait_for_key: None,
+            probe_wait: Duration::from_secs(1),
         }
     }
 }

@@ -5,11 +5,11 @@
 //! the per-request path is made here, once.
 
 use std::fmt;
+use std::sync::Arc;
 
 use http::HeaderMap;
 
-use std::sync::Arc;
-
+use crate::affinity::Affinity;
 use crate::answer::Exhausted;
 use crate::body::{Buffered, InspectedBody};
 use crate::budget::{Lane, Ticket};
@@ -19,7 +19,8 @@ use crate::config::{Config, Outcome, Strip};
 use crate::error::BoxError;
 use crate::events::KeyEvent;
 use crate::keys::KeyInUse;
-use crate::pool::{Cursor, Generation, Pool};
+use crate::pool::{Cursor, Generation, Pick, Pool};
+use std::sync::atomic::Ordering::SeqCst;
 
 /// What every service made by one layer shares: the pool, the classifier and the
 /// configuration. Aligned so that the `Arc`'s reference counts, written by every request,
@@ -55,12 +56,28 @@ pub(crate) enum Step {
     Replay,
     /// No key is left: give up with [`Driver::give_up`], carrying the answer or error.
     GiveUp,
+    /// No key can serve now, but one can soon: wait in turn (the `wait` module), which
+    /// ends in `Replay` (with the key the driver moved to) or `GiveUp`.
+    Wait,
+}
+
+/// How a request starts.
+#[derive(Debug)]
+pub(crate) enum Started {
+    /// With a key: send it.
+    Send(Driver),
+    /// No key now, one soon (or others wait before it): wait in turn, then send.
+    Wait(Driver),
+    /// No key is usable, and none will be soon.
+    Unsent(Exhausted),
 }
 
 /// The last answer of a request that no key could serve.
 pub(crate) enum Last {
     Response(Box<http::Response<Buffered>>),
     Error(BoxError),
+    /// None kept (dropped when a wait began).
+    None,
 }
 
 /// The keys one request has used and may still use.
@@ -78,31 +95,36 @@ pub(crate) struct Driver {
     /// The claim `pick` took on `key`'s budget, and whether its attempt was sent: ended
     /// when the attempt's answer or failure is recorded, or by `abandon`.
     ticket: Option<(Ticket, bool)>,
+    /// The probe this attempt holds on a half-open key (its state word), ended with it.
+    probe: Option<u64>,
+    /// The request's [`Affinity`], if it carries one.
+    affinity: Option<u64>,
+    /// When this request's waiting must end (ms on the pool's clock), from its first wait.
+    wait_limit: Option<u64>,
 }
 
 impl Driver {
-    /// The first key for a request with these extensions (its [`Bucket`] and
-    /// [`TokenCost`]), or `None` when no key is usable.
-    pub(crate) fn start(shared: &Shared, ext: &http::Extensions) -> Option<Driver> {
-        let lane = bucket_lane(shared, ext);
-        let cost = ext.get::<TokenCost>().map(|c| c.0);
-        let mut cursor = shared.pool.cursor();
-        let default = &shared.pool.lanes.default;
-        let (key, ticket) =
-            shared
-                .pool
-                .pick(&mut cursor, lane.as_deref().unwrap_or(default), cost)?;
-        Some(Driver {
-            cursor,
-            key,
-            generation: Generation::Current,
-            count: 0,
-            sent_once: false,
-            lost_once: false,
-            lane,
-            cost,
-            ticket: Some((ticket, false)),
-        })
+    /// How a request with these extensions (its [`Bucket`], [`TokenCost`] and
+    /// [`Affinity`]) starts: with a key, waiting for one, or unsent.
+    pub(crate) fn start(shared: &Shared, ext: &http::Extensions) -> Started {
+        let mut driver = Driver::done();
+        driver.lane = bucket_lane(shared, ext);
+        driver.cost = ext.get::<TokenCost>().map(|c| c.0);
+        driver.affinity = ext.get::<Affinity>().map(|a| a.hash());
+        driver.cursor = driver.new_cursor(shared);
+        // First come, first served: a request that finds others waiting for a key in its
+        // bucket waits behind them.
+        if driver.lane(shared).waiters.count.load(SeqCst) > 0 {
+            return Started::Wait(driver);
+        }
+        if driver.pick(shared) {
+            return Started::Send(driver);
+        }
+        if driver.should_wait(shared) {
+            return Started::Wait(driver);
+        }
+        let lane = driver.lane(shared);
+        Started::Unsent(exhausted(shared, lane, 0, None, None))
     }
 
     /// A driver with nothing left to do: what an inspection leaves in its place.
@@ -117,6 +139,121 @@ impl Driver {
             lane: None,
             cost: None,
             ticket: None,
+            probe: None,
+            affinity: None,
+            wait_limit: None,
+        }
+    }
+
+    /// A scan over every key: from the key the request's affinity ranks first among the
+    /// usable ones, else where the pool's order starts.
+    fn new_cursor(&self, shared: &Shared) -> Cursor {
+        match self.affinity {
+            Some(value) => shared.pool.cursor_for(value, self.lane(shared)),
+            None => shared.pool.cursor(),
+        }
+    }
+
+    /// Moves to the next key of the scan that can take the request; false when none can.
+    fn pick(&mut self, shared: &Shared) -> bool {
+        let lane: &Lane = match &self.lane {
+            Some(lane) => lane,
+            None => &shared.pool.lanes.default,
+        };
+        match shared.pool.pick(&mut self.cursor, lane, self.cost) {
+            Some(Pick { key, ticket, probe }) => {
+                self.key = key;
+                self.ticket = Some((ticket, false));
+                self.probe = probe;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// When the scan is over but a key can serve now (one it passed over while another
+    /// request probed it, whose probe has ended since): a new scan, once per attempt.
+    fn rescan(&mut self, shared: &Shared) -> bool {
+        let now = shared.pool.now_ms();
+        match shared.pool.soonest(self.lane(shared)) {
+            Some(soonest) if soonest.at_ms <= now => {
+                self.cursor = self.new_cursor(shared);
+                self.pick(shared)
+            }
+            _ => false,
+        }
+    }
+
+    /// With no key able to serve now: whether to wait for one. A request waits for a
+    /// probe's answer (at most the probe wait), and, with
+    /// [`wait_for_key`](crate::KeyFallbackBuilder::wait_for_key), for a key whose cooldown
+    /// or budget ends within it; never when every key is disabled. The limit counts from the
+    /// request's first wait.
+    fn should_wait(&mut self, shared: &Shared) -> bool {
+        let pool = &shared.pool;
+        let Some(soonest) = pool.soonest(self.lane(shared)) else {
+            return false;
+        };
+        let wait_for_key = shared.config.wait_for_key.map(crate::budget::ms);
+        let probe_out = soonest.probe_ms.is_some();
+        if !probe_out && wait_for_key.is_none() {
+            return false;
+        }
+        let now = pool.now_ms();
+        let for_probe = if probe_out { pool.probe_wait_ms() } else { 0 };
+        let allowed = wait_for_key.unwrap_or(0).max(for_probe);
+        let limit = *self.wait_limit.get_or_insert(now.saturating_add(allowed));
+        now < limit && (probe_out || soonest.at_ms <= limit)
+    }
+
+    /// After a wait's turn or wake-up: a new scan over every key (one tried before may be
+    /// usable again). `Replay` with a key, `Wait` again, or `GiveUp`.
+    pub(crate) fn after_wait(&mut self, shared: &Shared) -> Step {
+        if self.count >= shared.max_attempts {
+            return Step::GiveUp;
+        }
+        let from = self.count.checked_sub(1).map(|_| self.key);
+        self.cursor = self.new_cursor(shared);
+        if self.pick(shared) {
+            if let Some(from) = from {
+                shared.pool.events.on_event(&KeyEvent::Switched {
+                    from: shared.pool.label(from),
+                    to: shared.pool.label(self.key),
+                    reason: "waited",
+                });
+            }
+            return Step::Replay;
+        }
+        if self.should_wait(shared) {
+            Step::Wait
+        } else {
+            Step::GiveUp
+        }
+    }
+
+    /// When the head of the wait queue should look again (ms on the pool's clock): the
+    /// soonest key's time, at least a moment from now, within the request's limit.
+    pub(crate) fn wake_at(&self, shared: &Shared) -> u64 {
+        let pool = &shared.pool;
+        let now = pool.now_ms();
+        let limit = self.wait_limit.unwrap_or(now);
+        let Some(soonest) = pool.soonest(self.lane(shared)) else {
+            return limit;
+        };
+        // Due now but not taken (a token cost that does not fit yet, a claim that raced):
+        // look again when the pool changes, or in a moment.
+        let at = match soonest.at_ms {
+            at if at <= now => now + RECHECK_MS,
+            at => at,
+        };
+        at.min(soonest.probe_ms.unwrap_or(u64::MAX)).min(limit)
+    }
+
+    /// The request's lane, to wait in.
+    pub(crate) fn lane_arc(&self, shared: &Shared) -> Arc<Lane> {
+        match &self.lane {
+            Some(lane) => lane.clone(),
+            None => shared.pool.lanes.default.clone(),
         }
     }
 
@@ -124,26 +261,40 @@ impl Driver {
         self.lane.as_deref().unwrap_or(&shared.pool.lanes.default)
     }
 
-    /// Ends the attempt's claim on its key's budget, with what the answer reported.
-    fn finish(&mut self, shared: &Shared, report: Option<&Report>) {
+    /// Ends the attempt: records its outcome on the key, then ends its claim on the key's
+    /// budget with what the answer reported (`opened`: the answer showed the key serving),
+    /// then its probe, if it held one. In that order, so that no other request sees the
+    /// budget or the probe free before the verdict is in.
+    fn settle(
+        &mut self,
+        shared: &Shared,
+        report: Option<&Report>,
+        outcome: Option<Outcome>,
+        opened: bool,
+    ) {
+        let pool = &shared.pool;
+        if let Some(outcome) = outcome {
+            pool.record(self.key, self.generation, outcome, self.lane.as_deref());
+        }
         if let Some((t, sent)) = self.ticket.take() {
             let lane = self.lane(shared);
             if sent {
-                shared
-                    .pool
-                    .finish(self.key, self.generation, lane, t, report);
+                pool.finish(self.key, self.generation, lane, t, report, opened);
             } else {
-                shared
-                    .pool
-                    .lanes
-                    .release(lane, self.key, t, shared.pool.now_ms());
+                pool.lanes.release(lane, self.key, t, pool.now_ms());
             }
+        }
+        match self.probe.take() {
+            Some(word) => pool.end_probe(self.key, word),
+            None => pool.changed(),
         }
     }
 
-    /// For a request dropped before its attempt's answer: gives its claim back.
+    /// For a request dropped before its attempt's answer: gives its claim and probe back.
     pub(crate) fn abandon(&mut self, shared: &Shared) {
-        self.finish(shared, None);
+        if self.ticket.is_some() || self.probe.is_some() {
+            self.settle(shared, None, None, false);
+        }
     }
 
     /// Whether another key could still serve after the coming attempt, so that a copy of the
@@ -183,9 +334,17 @@ impl Driver {
         copy: impl FnOnce(&R) -> Option<R>,
     ) -> R {
         let kept = backup.as_ref().expect("a copy is kept for a replay");
-        match self.copy_wanted(shared).then(|| copy(kept)).flatten() {
+        let wanted = self.copy_wanted(shared);
+        match wanted.then(|| copy(kept)).flatten() {
             Some(copy) => copy,
-            None => backup.take().expect("a copy is kept for a replay"),
+            None => {
+                // The first attempt, after a wait: as `first_copy`, a body that cannot be
+                // copied makes the request one that is sent once.
+                if wanted && self.count == 0 {
+                    self.sent_once = true;
+                }
+                backup.take().expect("a copy is kept for a replay")
+            }
         }
     }
 
@@ -235,11 +394,9 @@ impl Driver {
             refused: status == 429,
             ..r
         });
-        self.finish(shared, report.as_ref());
-        if let Some(outcome) = shared.config.outcome(verdict) {
-            let lane = self.lane.as_deref();
-            shared.pool.record(self.key, self.generation, outcome, lane);
-        }
+        let outcome = shared.config.outcome(verdict);
+        let opened = matches!(verdict, Verdict::Success | Verdict::Drained { .. });
+        self.settle(shared, report.as_ref(), outcome, opened);
     }
 
     /// An answer came, with this verdict: records it and decides. `has_copy` tells whether
@@ -265,7 +422,11 @@ impl Driver {
     /// on to the next one.
     pub(crate) fn on_error(&mut self, shared: &Shared, error: &BoxError, has_copy: bool) -> Step {
         let verdict = shared.classifier.classify_error(&**error);
-        self.finish(shared, None);
+        let blamed = !matches!(
+            verdict,
+            ErrorVerdict::Unreachable | ErrorVerdict::ConnectionLost
+        );
+        self.settle(shared, None, blamed.then_some(Outcome::Error), false);
         shared.pool.events.on_event(&KeyEvent::CallFailed {
             key: shared.pool.label(self.key),
             error: &**error,
@@ -281,11 +442,7 @@ impl Driver {
                 }
             }
             ErrorVerdict::ConnectionLost => Step::HandBack,
-            _ => {
-                let outcome = Outcome::Error;
-                shared.pool.record(self.key, self.generation, outcome, None);
-                self.advance(shared, has_copy, "transport_error")
-            }
+            _ => self.advance(shared, has_copy, "transport_error"),
         }
     }
 
@@ -301,17 +458,19 @@ impl Driver {
         if self.count >= shared.max_attempts {
             return Step::GiveUp;
         }
-        let lane = self.lane.as_deref().unwrap_or(&shared.pool.lanes.default);
-        let Some((next, ticket)) = shared.pool.pick(&mut self.cursor, lane, self.cost) else {
-            return Step::GiveUp;
-        };
-        self.ticket = Some((ticket, false));
+        let from = self.key;
+        if !self.pick(shared) && !self.rescan(shared) {
+            return if self.should_wait(shared) {
+                Step::Wait
+            } else {
+                Step::GiveUp
+            };
+        }
         shared.pool.events.on_event(&KeyEvent::Switched {
-            from: shared.pool.label(self.key),
-            to: shared.pool.label(next),
+            from: shared.pool.label(from),
+            to: shared.pool.label(self.key),
             reason,
         });
-        self.key = next;
         Step::Replay
     }
 
@@ -320,6 +479,7 @@ impl Driver {
         let (last_response, last_error) = match last {
             Last::Response(res) => (Some(res.map(InspectedBody::new)), None),
             Last::Error(err) => (None, Some(err)),
+            Last::None => (None, None),
         };
         exhausted(
             shared,
@@ -329,14 +489,11 @@ impl Driver {
             last_error,
         )
     }
-
-    /// The error when no key was usable at all, so nothing was sent.
-    pub(crate) fn give_up_unsent(shared: &Shared, ext: &http::Extensions) -> Exhausted {
-        let lane = bucket_lane(shared, ext);
-        let lane = lane.as_deref().unwrap_or(&shared.pool.lanes.default);
-        exhausted(shared, lane, 0, None, None)
-    }
 }
+
+/// How long the head of a wait queue sleeps when a key is due but was not taken, unless the
+/// pool changes first.
+const RECHECK_MS: u64 = 50;
 
 /// The lane of the request's [`Bucket`], if it names one (`None`: the default lane).
 fn bucket_lane(shared: &Shared, ext: &http::Extensions) -> Option<Arc<Lane>> {

@@ -79,6 +79,48 @@ pub enum KeyEvent<'a> {
         /// Why it had been set aside.
         after: CooldownReason,
     },
+    /// A request probes a half-open key: the others pass the key over (or wait, for at most
+    /// the probe wait) until it answers.
+    Probing {
+        /// The key's label.
+        key: &'a str,
+        /// The cooldown the key came out of; `None`: not heard from yet (at start, after a
+        /// reset or a rotation).
+        after: Option<CooldownReason>,
+    },
+    /// A half-open key served: it is fully in service again.
+    Opened {
+        /// The key's label.
+        key: &'a str,
+        /// The key's fingerprint.
+        fingerprint: &'a str,
+        /// The cooldown it had come out of; `None`: it had not been heard from.
+        after: Option<CooldownReason>,
+    },
+    /// A probe ended without settling how the key stands (a server error, a failed call, a
+    /// dropped request): the next request probes the key again.
+    ProbeReleased {
+        /// The key's label.
+        key: &'a str,
+    },
+    /// No key can serve a request now but one can soon: the request waits its turn.
+    Waiting {
+        /// The request's bucket, if it named one.
+        bucket: Option<&'a str>,
+        /// Requests waiting in that bucket, this one included.
+        waiters: usize,
+        /// How long until the soonest key can serve, as the pool sees it now.
+        soonest: Duration,
+        /// Whether the wait is for a probe's answer (else for a cooldown or a budget).
+        for_probe: bool,
+    },
+    /// A request's wait ended.
+    Waited {
+        /// How long it waited.
+        waited: Duration,
+        /// Whether it got a key (else it gives up, with `Exhausted`).
+        got_key: bool,
+    },
     /// A key was made active again by a reset.
     Reset {
         /// The key's label.
@@ -220,6 +262,47 @@ impl KeyEvents for TracingEvents {
                 fingerprint,
                 after = after.as_str(),
                 "API key recovered from cooldown"
+            ),
+            KeyEvent::Probing { key, after } => match after {
+                Some(after) => tracing::info!(
+                    key,
+                    after = after.as_str(),
+                    "probing API key after its cooldown"
+                ),
+                None => tracing::debug!(key, "probing API key not heard from yet"),
+            },
+            KeyEvent::Opened {
+                key,
+                fingerprint,
+                after,
+            } => match after {
+                Some(after) => tracing::info!(
+                    key,
+                    fingerprint,
+                    after = after.as_str(),
+                    "API key back in service"
+                ),
+                None => tracing::debug!(key, fingerprint, "API key serving"),
+            },
+            KeyEvent::ProbeReleased { key } => {
+                tracing::debug!(key, "probe ended without a verdict; key probed again");
+            }
+            KeyEvent::Waiting {
+                bucket,
+                waiters,
+                soonest,
+                for_probe,
+            } => tracing::debug!(
+                bucket,
+                waiters,
+                soonest_ms = u64::try_from(soonest.as_millis()).unwrap_or(u64::MAX),
+                for_probe,
+                "no API key usable now; waiting"
+            ),
+            KeyEvent::Waited { waited, got_key } => tracing::debug!(
+                waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                got_key,
+                "wait for an API key ended"
             ),
             KeyEvent::Reset { key, fingerprint } => {
                 tracing::info!(key, fingerprint, "API key reset");

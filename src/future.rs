@@ -20,7 +20,7 @@ use crate::answer::{proxy_answer, unreachable_answer};
 use crate::body::{boxed, try_clone_request, Buffered, KeyFallbackBody, TryCloneBody};
 use crate::classify::HeadVerdict;
 use crate::driver::Shared;
-use crate::driver::{Driver, Last, Step};
+use crate::driver::{Driver, Last, Started, Step};
 use crate::error::BoxError;
 use crate::inspect::Inspection;
 
@@ -66,6 +66,9 @@ pin_project! {
         Inspecting { inspect: Option<Box<Inspection>> },
         // Driving the service clone to readiness before replaying with the next key.
         Readying,
+        // No key can serve now, one can soon: waiting in turn for it (`crate::wait`). The
+        // driver is inside; boxed, as only this path pays for it.
+        Waiting { wait: Pin<Box<dyn Future<Output = (Driver, Step)> + Send + Sync>> },
         // No key is usable: answer on the first poll.
         Unsent { exhausted: Option<Box<Exhausted>> },
         Done,
@@ -84,16 +87,32 @@ where
         S: Clone,
         B: TryCloneBody,
     {
-        let Some(mut driver) = Driver::start(shared, req.extensions()) else {
-            return ResponseFuture {
-                state: State::Unsent {
-                    exhausted: Some(Box::new(Driver::give_up_unsent(shared, req.extensions()))),
-                },
-                shared: shared.clone(),
-                driver: None,
-                svc: None,
-                backup: None,
-            };
+        let mut driver = match Driver::start(shared, req.extensions()) {
+            Started::Send(driver) => driver,
+            Started::Wait(driver) => {
+                // The request itself is the copy the first attempt takes after the wait, and
+                // a clone of the service is driven to readiness for it.
+                return ResponseFuture {
+                    state: State::Waiting {
+                        wait: Box::pin(crate::wait::wait(shared.clone(), driver)),
+                    },
+                    shared: shared.clone(),
+                    driver: None,
+                    svc: Some(inner.clone()),
+                    backup: Some(req),
+                };
+            }
+            Started::Unsent(exhausted) => {
+                return ResponseFuture {
+                    state: State::Unsent {
+                        exhausted: Some(Box::new(exhausted)),
+                    },
+                    shared: shared.clone(),
+                    driver: None,
+                    svc: None,
+                    backup: None,
+                };
+            }
         };
         let backup = driver.first_copy(shared, &req, try_clone_request);
         let svc = backup.as_ref().map(|_| inner.clone());
@@ -144,6 +163,14 @@ where
                                     this.state.set(State::Readying);
                                     continue;
                                 }
+                                Step::Wait => {
+                                    let driver = this.driver.take().expect("a driver");
+                                    let wait = crate::wait::wait(this.shared.clone(), driver);
+                                    this.state.set(State::Waiting {
+                                        wait: Box::pin(wait),
+                                    });
+                                    continue;
+                                }
                                 Step::HandBack if shared.config.exhausted_response => {
                                     let res = unreachable_answer(&*err);
                                     return Poll::Ready(Ok(res.map(KeyFallbackBody::full)));
@@ -178,6 +205,13 @@ where
                         // The response is moot: dropping it frees the connection (or
                         // closes it, if the body was not read whole).
                         Step::Replay => this.state.set(State::Readying),
+                        Step::Wait => {
+                            let driver = this.driver.take().expect("a driver");
+                            let wait = crate::wait::wait(this.shared.clone(), driver);
+                            this.state.set(State::Waiting {
+                                wait: Box::pin(wait),
+                            });
+                        }
                         Step::GiveUp => {
                             let res = res.map(|b| Buffered::rest(boxed(b)));
                             let exhausted = driver.give_up(shared, Last::Response(Box::new(res)));
@@ -196,6 +230,13 @@ where
                             return Poll::Ready(Ok(res.map(KeyFallbackBody::buffered)));
                         }
                         Step::Replay => this.state.set(State::Readying),
+                        Step::Wait => {
+                            let driver = this.driver.take().expect("a driver");
+                            let wait = crate::wait::wait(this.shared.clone(), driver);
+                            this.state.set(State::Waiting {
+                                wait: Box::pin(wait),
+                            });
+                        }
                         Step::GiveUp => {
                             let exhausted = driver.give_up(shared, Last::Response(Box::new(res)));
                             return Poll::Ready(give_up(shared, exhausted));
@@ -215,6 +256,20 @@ where
                     }
                     let fut = svc.call(req);
                     this.state.set(State::Calling { fut });
+                }
+                StateProj::Waiting { wait } => {
+                    let (driver, step) = ready!(wait.as_mut().poll(cx));
+                    let driver = this.driver.insert(driver);
+                    match step {
+                        Step::Replay => this.state.set(State::Readying),
+                        _ => {
+                            this.state.set(State::Done);
+                            // The last answer, if any, was dropped when the wait began, so as
+                            // not to hold its connection for the wait.
+                            let exhausted = driver.give_up(shared, Last::None);
+                            return Poll::Ready(give_up(shared, exhausted));
+                        }
+                    }
                 }
                 StateProj::Unsent { exhausted } => {
                     let exhausted = *exhausted.take().expect("polled once");

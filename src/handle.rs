@@ -54,6 +54,7 @@ impl KeyHandle {
         PoolStatus {
             keys: (0..pool.len()).map(|i| pool.status(i)).collect(),
             shared_limits: pool.shared_limits(),
+            waiting: pool.lanes.waiting(),
         }
     }
 

@@ -290,6 +290,45 @@ impl KeyFallbackBuilder {
         self
     }
 
+    /// Lets a request that no key can serve now wait, up to `max` in all, for a key whose
+    /// cooldown or budget ends within `max`, instead of failing at once with
+    /// [`Exhausted`](crate::Exhausted). Waiters are served first come, first served, per
+    /// bucket; a request dropped while it waits leaves the queue. When every key is disabled,
+    /// or the soonest key is further off than `max`, the request fails at once, as without
+    /// this option.
+    ///
+    /// The service also shows it in `poll_ready`: while every key is set aside and one comes
+    /// back within `max`, it is not ready (tower's backpressure, so that `LoadShed` sheds and
+    /// `Buffer` and `ConcurrencyLimit` hold requests back); it is ready again when a key is.
+    /// Buckets and budgets are per request, so `poll_ready` judges the requests that name no
+    /// [`Bucket`](crate::Bucket); a request for a spent bucket waits in its future.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_key_fallback::{KeyFallbackLayer, KeySet};
+    ///
+    /// let layer = KeyFallbackLayer::builder(KeySet::new(["gsk_a", "gsk_b"])?)
+    ///     .wait_for_key(Duration::from_secs(30))
+    ///     .build();
+    /// # Ok::<(), tower_key_fallback::ConfigError>(())
+    /// ```
+    pub fn wait_for_key(mut self, max: Duration) -> Self {
+        self.config.wait_for_key = Some(max);
+        self
+    }
+
+    /// How long a probe has a half-open key to itself (default 1 s). A key that comes out of
+    /// a cooldown, or that the pool has not heard from (at start, after a reset or a
+    /// rotation), is half-open: the first request probes it, and the others use other keys,
+    /// or wait for the probe's answer when no other key can serve, for at most this long.
+    /// A probe that has not answered by then has not been refused (refusals come fast), so
+    /// the key is used as usual from then on. `Duration::ZERO` turns probing off: every
+    /// request may use a half-open key, as every request in flight then does.
+    pub fn probe_wait(mut self, wait: Duration) -> Self {
+        self.config.probe_wait = wait;
+        self
+    }
+
     /// Builds the layer.
     ///
     /// # Panics
@@ -341,7 +380,8 @@ impl KeyFallbackBuilder {
             config.errors,
             self.events,
         )
-        .with_lanes(lanes);
+        .with_lanes(lanes)
+        .with_probing(config.probe_wait, config.max_cooldown);
         Ok(KeyFallbackLayer {
             shared: Arc::new(Shared {
                 pool,

@@ -91,6 +91,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+mod affinity;
 mod answer;
 mod body;
 mod budget;
@@ -112,6 +113,7 @@ mod service;
 mod status;
 // The pool's atomics, mutex and credential cell: std's, or loom's in the model check.
 mod sync;
+mod wait;
 // Feature `serde`: `Serialize` for `PoolStatus`, `KeyStatus`, `KeyState` and the reasons.
 #[cfg(feature = "serde")]
 mod serialize;
@@ -126,6 +128,7 @@ mod reqwest_middleware;
 #[cfg(feature = "retry")]
 mod retry;
 
+pub use affinity::Affinity;
 pub use answer::Exhausted;
 pub use body::{InspectedBody, KeyFallbackBody, SendOnce, TryCloneBody};
 pub use capacity::{annotate_openai_json, Bucket, Limits, TokenCost};
@@ -146,7 +149,7 @@ pub use layer::{KeyFallbackBuilder, KeyFallbackLayer};
 pub use service::KeyFallback;
 pub use status::{
     BucketStatus, CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, PoolStatus,
-    RecordedState, SharedLimit,
+    Probing, RecordedState, SharedLimit,
 };
 
 #[cfg(feature = "dotenv")]

@@ -20,14 +20,14 @@ use std::time::{Duration, SystemTime};
 use crossbeam_utils::CachePadded;
 use tokio::time::Instant;
 
-use crate::budget::{Claim, Lane, Lanes, Ticket};
+use crate::budget::{ms, Claim, Lane, Lanes, Ticket};
 use crate::capacity::Report;
 use crate::config::{ErrorPolicy, Outcome};
 use crate::events::{KeyEvent, Observer};
 use crate::keys::{Key, Striped};
 use crate::status::{
-    BucketStatus, CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, RecordedState,
-    SharedLimit,
+    BucketStatus, CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, Probing,
+    RecordedState, SharedLimit,
 };
 // std's and arc-swap's; loom's in the model check (`scripts/loom.sh`).
 use crate::sync::{ArcCell, ArcGuard, AtomicU32, AtomicU64, AtomicUsize, Mutex};
@@ -35,6 +35,13 @@ use crate::sync::{ArcCell, ArcGuard, AtomicU32, AtomicU64, AtomicUsize, Mutex};
 const TAG_ACTIVE: u64 = 0;
 const TAG_COOLING: u64 = 1;
 const TAG_DISABLED: u64 = 2;
+/// Half-open: usable, but until an answer says how the key stands, one request at a time
+/// (the probe) is sent with it. The deadline field holds when the probe went (ms + 1), or 0
+/// while no probe is out; the reason field, the cooldown it came out of (`NOT_HEARD`: none).
+const TAG_PROBING: u64 = 3;
+/// The reason code of a half-open key the pool has not heard from (at start, after a reset
+/// or a rotation).
+const NOT_HEARD: u64 = 31;
 const CAPPED: u64 = 1 << 7;
 const GEN_BITS: u32 = 12;
 const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
@@ -44,7 +51,8 @@ const DEADLINE_MAX: u64 = (1 << (64 - DEADLINE_SHIFT)) - 1;
 const NO_DEADLINE: u64 = u64::MAX;
 
 /// One key's state, packed: bits 0-1 tag, 2-6 reason, 7 "the provider's wait was capped",
-/// 8-19 the credential's generation (mod 4096), 20-63 deadline (ms).
+/// 8-19 the credential's generation (mod 4096), 20-63 deadline (ms; for a half-open key,
+/// when its probe went).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Word(u64);
 
@@ -59,6 +67,16 @@ impl Word {
                 | if capped { CAPPED } else { 0 }
                 | (generation & GEN_MASK) << 8
                 | (until_ms.min(DEADLINE_MAX) << DEADLINE_SHIFT),
+        )
+    }
+    /// Half-open after `reason` (a cooldown's code, or `NOT_HEARD`), with the probe out since
+    /// `out - 1` ms, or no probe out (`out == 0`).
+    fn probing(reason: u64, out: u64, generation: u64) -> Word {
+        Word(
+            TAG_PROBING
+                | (reason & 0b1_1111) << 2
+                | (generation & GEN_MASK) << 8
+                | (out.min(DEADLINE_MAX) << DEADLINE_SHIFT),
         )
     }
     fn disabled(reason: DisableReason, generation: u64) -> Word {
@@ -82,11 +100,43 @@ impl Word {
     /// Usable now: active, or cooling with a deadline already passed.
     fn usable(self, now_ms: u64) -> bool {
         match self.tag() {
-            TAG_ACTIVE => true,
+            TAG_ACTIVE | TAG_PROBING => true,
             TAG_COOLING => self.until() <= now_ms,
             _ => false,
         }
     }
+    /// For a half-open key: the cooldown it came out of (`None`: not heard from yet).
+    fn after(self) -> Option<CooldownReason> {
+        (self.reason() != NOT_HEARD).then(|| CooldownReason::from_code(self.reason()))
+    }
+}
+
+/// What the key-level check of a key offered by the bitmap says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Took {
+    /// Not usable now.
+    No,
+    /// Usable.
+    Open,
+    /// Half-open: this request is its probe (the state word it set).
+    Probe(u64),
+}
+
+/// A key `pick` chose for one attempt: its claim on the lane's budget and, when the attempt
+/// probes a half-open key, the probe's state word (given back by [`Pool::end_probe`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pick {
+    pub(crate) key: usize,
+    pub(crate) ticket: Ticket,
+    pub(crate) probe: Option<u64>,
+}
+
+/// When the soonest key can serve again, and when the soonest probe out (if one is) lets
+/// others use its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Soonest {
+    pub(crate) at_ms: u64,
+    pub(crate) probe_ms: Option<u64>,
 }
 
 /// Which credential of a key an outcome belongs to: the one an attempt was sent with, or
@@ -109,6 +159,8 @@ impl Generation {
 /// One key: read-mostly fields first, then what every request writes, each on its own lines.
 pub(crate) struct Slot {
     pub(crate) label: Arc<str>,
+    /// The label's hash, for affinity (rendezvous hashing): stable across rotations.
+    label_hash: u64,
     state: AtomicU64,
     /// The credential: replaced whole by a rotation, read without a lock.
     cred: ArcCell<Cred>,
@@ -124,6 +176,8 @@ struct Counters {
     rate_limited: AtomicU64,
     consecutive: AtomicU32,
     window_start_ms: AtomicU64,
+    /// The length of the key's last cooldown (ms), which a failed probe doubles.
+    last_cool_ms: AtomicU64,
 }
 
 /// One credential of a key. The header value's bytes are zeroed once the last request that
@@ -158,6 +212,14 @@ pub(crate) struct Cursor {
 }
 
 impl Cursor {
+    /// A scan over every key, from the first.
+    fn all() -> Cursor {
+        Cursor {
+            start: 0,
+            offset: 0,
+        }
+    }
+
     /// A scan with nothing left in it.
     pub(crate) fn empty() -> Cursor {
         Cursor {
@@ -183,6 +245,12 @@ pub(crate) struct Pool {
     policy: ErrorPolicy,
     /// Budgets and bucket cooldowns, and which keys share a limit.
     pub(crate) lanes: Lanes,
+    /// How long a probe has the key to itself before others may use the key too (ms).
+    probe_wait_ms: u64,
+    max_cooldown_ms: u64,
+    /// Requests waiting for a key, and the signal that one may have become usable.
+    pub(crate) waiting: AtomicUsize,
+    pub(crate) changed: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -215,8 +283,9 @@ impl Pool {
                     fingerprint: k.fingerprint().into(),
                     generation: 0,
                 }),
+                label_hash: crate::affinity::hash(k.label().as_bytes()),
                 label: k.label().into(),
-                state: AtomicU64::new(Word::active(0).0),
+                state: AtomicU64::new(Word::probing(NOT_HEARD, 0, 0).0),
                 counters: CachePadded::new(Counters {
                     requests: AtomicU64::new(0),
                     successes: AtomicU64::new(0),
@@ -224,6 +293,7 @@ impl Pool {
                     rate_limited: AtomicU64::new(0),
                     consecutive: AtomicU32::new(0),
                     window_start_ms: AtomicU64::new(0),
+                    last_cool_ms: AtomicU64::new(0),
                 }),
             })
             .collect();
@@ -254,6 +324,36 @@ impl Pool {
                 vec![Default::default(); n],
                 Duration::from_secs(86_400),
             ),
+            probe_wait_ms: 1000,
+            max_cooldown_ms: 86_400_000,
+            waiting: AtomicUsize::new(0),
+            changed: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// The same pool with this probe wait and cap on cooldowns.
+    pub(crate) fn with_probing(mut self, probe_wait: Duration, max_cooldown: Duration) -> Pool {
+        self.probe_wait_ms = ms(probe_wait);
+        self.lanes.probe_wait = ms(probe_wait);
+        self.max_cooldown_ms = ms(max_cooldown);
+        self
+    }
+
+    /// How long a probe has a half-open key to itself (ms).
+    pub(crate) fn probe_wait_ms(&self) -> u64 {
+        self.probe_wait_ms
+    }
+
+    /// An instant on tokio's clock, from milliseconds since the epoch.
+    pub(crate) fn instant(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    /// Wakes the requests waiting for a key, if any: something that may make one usable
+    /// happened (an answer, a probe's end, a reset). One load when nobody waits.
+    pub(crate) fn changed(&self) {
+        if self.waiting.load(SeqCst) > 0 {
+            self.changed.notify_waiters();
         }
     }
 
@@ -351,12 +451,14 @@ impl Pool {
         self.next_deadline.fetch_min(soonest, SeqCst);
     }
 
-    /// Moves a key whose cooldown has passed back to active. Returns whether it is usable.
+    /// Moves a key whose cooldown has passed to half-open: usable, one probe at a time.
+    /// Returns whether it is usable.
     fn recover(&self, i: usize, seen: Word, now: u64) -> bool {
         let slot = &self.slots[i];
+        let half_open = Word::probing(seen.reason(), 0, seen.generation());
         if slot
             .state
-            .compare_exchange(seen.0, Word::active(seen.generation()).0, SeqCst, SeqCst)
+            .compare_exchange(seen.0, half_open.0, SeqCst, SeqCst)
             .is_ok()
         {
             slot.counters.consecutive.store(0, SeqCst);
@@ -375,7 +477,7 @@ impl Pool {
         let (word, bit) = (i / 64, 1u64 << (i % 64));
         loop {
             let w = self.slots[i].word();
-            if w.tag() == TAG_ACTIVE {
+            if w.tag() == TAG_ACTIVE || w.tag() == TAG_PROBING {
                 self.usable[word].fetch_or(bit, SeqCst);
             } else {
                 self.usable[word].fetch_and(!bit, SeqCst);
@@ -403,13 +505,9 @@ impl Pool {
 
     /// Takes the next usable key in this request's scan, each key at most once, with room
     /// in `lane` for a request of `cost` tokens. A key over its prior only (see
-    /// `crate::budget`) is taken when no key in the scan is within its budget.
-    pub(crate) fn pick(
-        &self,
-        cur: &mut Cursor,
-        lane: &Lane,
-        cost: Option<u64>,
-    ) -> Option<(usize, Ticket)> {
+    /// `crate::budget`) is taken when no key in the scan is within its budget. A half-open key
+    /// whose probe is out is passed over (until the probe has had it for the probe wait).
+    pub(crate) fn pick(&self, cur: &mut Cursor, lane: &Lane, cost: Option<u64>) -> Option<Pick> {
         self.maybe_recover();
         self.lanes.maybe_recover(lane, || self.now_ms());
         let n = self.slots.len();
@@ -420,30 +518,86 @@ impl Pool {
             match self.find_in(real, end, lane) {
                 Some(i) => {
                     cur.offset += i - real + 1;
-                    if !self.claim(i) {
+                    let took = self.claim(i);
+                    if took == Took::No {
                         continue;
                     }
                     match self.lanes.claim(lane, i, cost, true, || self.now_ms()) {
-                        Claim::Yes(t) => return Some((i, t)),
+                        Claim::Yes(ticket) => return Some(self.picked(i, ticket, took)),
                         Claim::Soft => soft = soft.or(Some((i, cur.offset))),
                         Claim::Skip => {}
                         Claim::Block => self.lanes.sync(lane, self.lanes.owner(i), self.now_ms()),
+                    }
+                    // Not taken after all: a probe taken for it is given back.
+                    if let Took::Probe(word) = took {
+                        self.give_back_probe(i, word);
                     }
                 }
                 None => cur.offset += end - real,
             }
         }
         let (i, offset) = soft?;
+        let took = self.claim(i);
+        if took == Took::No {
+            return None;
+        }
         match self.lanes.claim(lane, i, cost, false, || self.now_ms()) {
-            Claim::Yes(t) => {
+            Claim::Yes(ticket) => {
                 cur.offset = offset;
-                Some((i, t))
+                Some(self.picked(i, ticket, took))
             }
-            _ => None,
+            _ => {
+                if let Took::Probe(word) = took {
+                    self.give_back_probe(i, word);
+                }
+                None
+            }
         }
     }
 
-    /// Ends an attempt that `pick` let through, with what its answer reported.
+    fn picked(&self, i: usize, ticket: Ticket, took: Took) -> Pick {
+        let probe = match took {
+            Took::Probe(word) => {
+                self.events.on_event(&KeyEvent::Probing {
+                    key: &self.slots[i].label,
+                    after: Word(word).after(),
+                });
+                Some(word)
+            }
+            _ => None,
+        };
+        Pick {
+            key: i,
+            ticket,
+            probe,
+        }
+    }
+
+    /// A scan for a request with this affinity: it starts at the usable key that ranks
+    /// highest for the value (rendezvous hashing), so that the value lands on the same key
+    /// while that key is usable, and losing a key moves only the values it ranked first for.
+    pub(crate) fn cursor_for(&self, affinity: u64, lane: &Lane) -> Cursor {
+        self.maybe_recover();
+        let mut best: Option<(u64, usize)> = None;
+        for w in 0..self.usable.len() {
+            let mut bits = self.usable[w].load(SeqCst) & lane.word(w);
+            while bits != 0 {
+                let i = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let score = crate::affinity::score(affinity, self.slots[i].label_hash);
+                if best.is_none_or(|(b, _)| score > b) {
+                    best = Some((score, i));
+                }
+            }
+        }
+        match best {
+            Some((_, start)) => Cursor { start, offset: 0 },
+            None => self.cursor(),
+        }
+    }
+
+    /// Ends an attempt that `pick` let through, with what its answer reported (`opened`: it
+    /// showed the key serving).
     /// A report of a credential rotated out since (`generation`) is dropped, as its outcome is.
     pub(crate) fn finish(
         &self,
@@ -452,14 +606,32 @@ impl Pool {
         lane: &Lane,
         t: Ticket,
         report: Option<&Report>,
+        opened: bool,
     ) {
         let report = report.filter(|_| generation.matches(self.slots[i].word()));
-        if let Some(other) = self.lanes.finish(lane, i, t, report, || self.now_ms()) {
+        if let Some(other) = self
+            .lanes
+            .finish(lane, i, t, report, opened, || self.now_ms())
+        {
             self.events.on_event(&KeyEvent::SharedLimit {
                 key: &self.slots[i].label,
                 with: &self.slots[other].label,
             });
         }
+    }
+
+    /// When no key can serve a request that names no bucket now, but one can within `max`:
+    /// that key's time (ms). `None` when a key can serve now, or none will within `max`.
+    pub(crate) fn blocked_until(&self, max: Duration) -> Option<u64> {
+        let lane = &self.lanes.default;
+        self.maybe_recover();
+        self.lanes.maybe_recover(lane, || self.now_ms());
+        if self.has_next(&Cursor::all(), lane) {
+            return None;
+        }
+        let soonest = self.soonest(lane)?;
+        let now = self.now_ms();
+        (soonest.at_ms > now && soonest.at_ms - now <= ms(max)).then_some(soonest.at_ms)
     }
 
     /// Whether the scan has a key believed usable left, without moving it.
@@ -477,23 +649,94 @@ impl Pool {
         false
     }
 
-    /// Checks a key the bitmap offered; mends the bit if it was stale.
-    fn claim(&self, i: usize) -> bool {
-        let w = self.slots[i].word();
-        match w.tag() {
-            TAG_ACTIVE => true,
-            TAG_COOLING => {
-                let now = self.now_ms();
-                if w.until() <= now {
-                    self.recover(i, w, now)
-                } else {
+    /// Checks a key the bitmap offered; mends the bit if it was stale. A half-open key gives
+    /// its probe to the first request that asks (a compare-and-swap), and is passed over while
+    /// the probe is out, until the probe has had it for the probe wait.
+    fn claim(&self, i: usize) -> Took {
+        let mut w = self.slots[i].word();
+        loop {
+            match w.tag() {
+                TAG_ACTIVE => return Took::Open,
+                TAG_PROBING => {
+                    let now = self.now_ms();
+                    if w.until() != 0 {
+                        let since = w.until() - 1;
+                        let open = now.saturating_sub(since) >= self.probe_wait_ms;
+                        return if open { Took::Open } else { Took::No };
+                    }
+                    let probe = Word::probing(w.reason(), now + 1, w.generation());
+                    match self.slots[i]
+                        .state
+                        .compare_exchange(w.0, probe.0, SeqCst, SeqCst)
+                    {
+                        Ok(_) => return Took::Probe(probe.0),
+                        Err(actual) => w = Word(actual),
+                    }
+                }
+                TAG_COOLING => {
+                    let now = self.now_ms();
+                    if w.until() > now || !self.recover(i, w, now) {
+                        self.sync_bit(i);
+                        return Took::No;
+                    }
+                    w = self.slots[i].word();
+                }
+                _ => {
                     self.sync_bit(i);
-                    false
+                    return Took::No;
                 }
             }
-            _ => {
-                self.sync_bit(i);
-                false
+        }
+    }
+
+    /// Gives back a probe that was taken but not sent.
+    fn give_back_probe(&self, i: usize, word: u64) {
+        let w = Word(word);
+        let free = Word::probing(w.reason(), 0, w.generation());
+        let _ = self.slots[i]
+            .state
+            .compare_exchange(word, free.0, SeqCst, SeqCst);
+    }
+
+    /// Ends a probe (its state word `word`) after its outcome was recorded: if the outcome
+    /// left the key half-open (an answer that settles nothing, a failed call, a dropped
+    /// request), the next request may probe it.
+    pub(crate) fn end_probe(&self, i: usize, word: u64) {
+        let w = Word(word);
+        let free = Word::probing(w.reason(), 0, w.generation());
+        if self.slots[i]
+            .state
+            .compare_exchange(word, free.0, SeqCst, SeqCst)
+            .is_ok()
+        {
+            self.events.on_event(&KeyEvent::ProbeReleased {
+                key: &self.slots[i].label,
+            });
+        }
+        self.changed();
+    }
+
+    /// Opens a half-open key after a success.
+    fn open(&self, i: usize, mut seen: Word) {
+        let slot = &self.slots[i];
+        let generation = seen.generation();
+        while seen.tag() == TAG_PROBING && seen.generation() == generation {
+            let active = Word::active(generation);
+            match slot
+                .state
+                .compare_exchange(seen.0, active.0, SeqCst, SeqCst)
+            {
+                Ok(_) => {
+                    slot.counters.last_cool_ms.store(0, SeqCst);
+                    self.events.on_event(&KeyEvent::Opened {
+                        key: &slot.label,
+                        fingerprint: &slot.fingerprint(),
+                        after: seen.after(),
+                    });
+                    self.changed();
+                    return;
+                }
+                Err(actual) => seen = Word(actual),
             }
         }
     }
@@ -516,7 +759,8 @@ impl Pool {
         lane: Option<&Lane>,
     ) {
         let slot = &self.slots[i];
-        if !generation.matches(slot.word()) {
+        let seen = slot.word();
+        if !generation.matches(seen) {
             tracing::debug!(key = %slot.label, "outcome of a rotated-out credential dropped");
             return;
         }
@@ -526,8 +770,37 @@ impl Pool {
                 if slot.counters.consecutive.load(SeqCst) != 0 {
                     slot.counters.consecutive.store(0, SeqCst);
                 }
+                if seen.tag() == TAG_PROBING {
+                    self.open(i, seen);
+                }
             }
             Outcome::Cool(reason, d, capped) => {
+                // Refused again right after a cooldown: the provider's window had not ended
+                // (a clock skew, a reset rounded down). The key waits at least twice as long
+                // as last time, up to `max_cooldown`.
+                let refused = matches!(
+                    reason,
+                    CooldownReason::RateLimited | CooldownReason::QuotaExhausted
+                );
+                let after_cooldown = match lane {
+                    Some(lane) if reason != CooldownReason::QuotaExhausted => {
+                        self.lanes.half_open(lane, i, self.now_ms())
+                    }
+                    _ => seen.tag() == TAG_PROBING && seen.after().is_some(),
+                };
+                let d = if refused && after_cooldown {
+                    let last = match lane {
+                        Some(lane) if reason != CooldownReason::QuotaExhausted => {
+                            self.lanes.last_cool(lane, i)
+                        }
+                        _ => slot.counters.last_cool_ms.load(SeqCst),
+                    };
+                    d.max(Duration::from_millis(
+                        last.saturating_mul(2).min(self.max_cooldown_ms),
+                    ))
+                } else {
+                    d
+                };
                 if reason == CooldownReason::RateLimited || reason == CooldownReason::QuotaExhausted
                 {
                     slot.counters.rate_limited.fetch_add(1, SeqCst);
@@ -539,6 +812,7 @@ impl Pool {
                 }
                 let now = self.now_ms();
                 let until = self.deadline(now, d);
+                slot.counters.last_cool_ms.store(ms(d), SeqCst);
                 match lane {
                     // A bucket's limit holds in that bucket: the key serves the others.
                     Some(lane) if reason != CooldownReason::QuotaExhausted => {
@@ -672,24 +946,28 @@ impl Pool {
     pub(crate) fn reset(&self, i: usize) {
         let slot = &self.slots[i];
         let mut cur = slot.word();
-        while let Err(actual) =
-            slot.state
-                .compare_exchange(cur.0, Word::active(cur.generation()).0, SeqCst, SeqCst)
+        // Not heard from since: half-open, as at start.
+        let fresh = |w: Word| Word::probing(NOT_HEARD, 0, w.generation());
+        while let Err(actual) = slot
+            .state
+            .compare_exchange(cur.0, fresh(cur).0, SeqCst, SeqCst)
         {
             cur = Word(actual);
         }
         slot.counters.consecutive.store(0, SeqCst);
+        slot.counters.last_cool_ms.store(0, SeqCst);
         self.lanes.reset(i, self.now_ms());
-        if cur.tag() != TAG_ACTIVE {
+        if cur.tag() == TAG_COOLING || cur.tag() == TAG_DISABLED {
             self.events.on_event(&KeyEvent::Reset {
                 key: &slot.label,
                 fingerprint: &slot.fingerprint(),
             });
         }
         self.sync_bit(i);
+        self.changed();
     }
 
-    /// Replaces key `i`'s credential and makes it active under a new generation. Requests in
+    /// Replaces key `i`'s credential and makes it half-open under a new generation. Requests in
     /// flight finish with the old credential; what they come to is dropped.
     pub(crate) fn rotate(&self, i: usize, value: Striped, fingerprint: &str) {
         let slot = &self.slots[i];
@@ -704,8 +982,10 @@ impl Pool {
         // store: the same instruction on x86-64, and loom then orders it after an outcome's
         // compare-exchange it raced with (loom can let a plain store and a concurrent
         // compare-exchange both be "last", which no processor does).
-        slot.state.swap(Word::active(generation).0, SeqCst);
+        slot.state
+            .swap(Word::probing(NOT_HEARD, 0, generation).0, SeqCst);
         slot.counters.consecutive.store(0, SeqCst);
+        slot.counters.last_cool_ms.store(0, SeqCst);
         // What the old credential's answers said of its budgets is not the new one's, unless
         // the key shares a group's limit, which the group's other keys still report.
         if self.lanes.members(i).len() == 1 {
@@ -716,24 +996,51 @@ impl Pool {
             fingerprint,
         });
         self.sync_bit(i);
+        self.changed();
     }
 
     /// Time until the earliest cooling key is usable again; `None` when no key is cooling
     /// (all disabled), zero when one is usable now.
     pub(crate) fn earliest(&self, lane: &Lane) -> Option<Duration> {
         let now = self.now_ms();
-        let mut best: Option<u64> = None;
+        self.soonest(lane)
+            .map(|s| Duration::from_millis(s.at_ms.saturating_sub(now)))
+    }
+
+    /// When the soonest key can take a request in `lane` (ms), and when the soonest probe
+    /// out lets others use its key; `None` when every key is disabled.
+    pub(crate) fn soonest(&self, lane: &Lane) -> Option<Soonest> {
+        let now = self.now_ms();
+        let mut best: Option<Soonest> = None;
         for (i, slot) in self.slots.iter().enumerate() {
             let w = slot.word();
-            let at = match w.tag() {
-                TAG_ACTIVE => now,
-                TAG_COOLING => w.until().max(now),
+            let (mut at, mut probe) = match w.tag() {
+                TAG_ACTIVE => (now, None),
+                TAG_COOLING => (w.until().max(now), None),
+                TAG_PROBING if w.until() == 0 => (now, None),
+                TAG_PROBING => {
+                    let open = (w.until() - 1).saturating_add(self.probe_wait_ms);
+                    (open.max(now), (open > now).then_some(open))
+                }
                 _ => continue,
             };
-            let at = at.max(self.lanes.ready_at(lane, i, now).unwrap_or(0));
-            best = Some(best.map_or(at, |b| b.min(at)));
+            if let Some((lane_at, lane_probe)) = self.lanes.ready_at(lane, i, now) {
+                at = at.max(lane_at);
+                if lane_probe {
+                    probe = Some(probe.map_or(lane_at, |p| p.max(lane_at)));
+                }
+            }
+            let b = best.get_or_insert(Soonest {
+                at_ms: at,
+                probe_ms: probe,
+            });
+            b.at_ms = b.at_ms.min(at);
+            b.probe_ms = match (b.probe_ms, probe) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
-        best.map(|at| Duration::from_millis(at - now))
+        best
     }
 
     /// Key `i`'s state as it can leave the process: wall-clock deadlines, the stable
@@ -846,7 +1153,12 @@ impl Pool {
                 slot.counters.consecutive.load(SeqCst)
             };
         let capped = matches!(state, KeyState::CoolingDown { .. }) && w.capped();
+        let probing = (w.tag() == TAG_PROBING).then(|| Probing {
+            after: w.after(),
+            probe_in_flight: w.until() != 0,
+        });
         KeyStatus {
+            probing,
             label: slot.label.to_string(),
             fingerprint: slot.fingerprint().to_string(),
             cooldown_capped: capped,
@@ -876,11 +1188,13 @@ mod tests {
             crate::config::Config::default().errors,
             Observer::Tracing,
         )
+        // Probes are tested on their own: here every half-open key is open to all.
+        .with_probing(Duration::ZERO, Duration::from_secs(86_400))
     }
 
     fn all(p: &Pool) -> Vec<usize> {
         let mut c = p.cursor();
-        std::iter::from_fn(|| p.pick(&mut c, &p.lanes.default, None).map(|(i, _)| i)).collect()
+        std::iter::from_fn(|| p.pick(&mut c, &p.lanes.default, None).map(|p| p.key)).collect()
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::answer::Exhausted;
 use crate::body::{boxed, Buffered, InspectedBody};
 use crate::classify::{HeadVerdict, Verdict};
 use crate::driver::Shared;
-use crate::driver::{Driver, Last, Step};
+use crate::driver::{Driver, Last, Started, Step};
 use crate::error::BoxError;
 use crate::handle::KeyHandle;
 use crate::inspect::Inspection;
@@ -206,14 +206,28 @@ impl Middleware for KeyFallbackMiddleware {
     ) -> Result<Response> {
         let shared = &*self.shared;
         let url = req.url().clone();
-        let Some(driver) = Driver::start(shared, extensions) else {
-            return give_up(shared, Driver::give_up_unsent(shared, extensions), url);
+        let (driver, waits) = match Driver::start(shared, extensions) {
+            Started::Send(driver) => (driver, false),
+            Started::Wait(driver) => (driver, true),
+            Started::Unsent(exhausted) => return give_up(shared, exhausted, url),
         };
         // Gives the attempt's claim on its key's budget back if this future is dropped.
         let mut walk = Walk { shared, driver };
-        // Keep a copy only when another key could serve if this one fails.
-        let mut backup = walk.driver.first_copy(shared, &req, Request::try_clone);
-        let mut req = req;
+        let (mut req, mut backup) = if waits {
+            // The request itself is the copy the first attempt takes after the wait.
+            let mut backup = Some(req);
+            if walk.wait(&self.shared).await != Step::Replay {
+                return give_up(shared, walk.driver.give_up(shared, Last::None), url);
+            }
+            let req = walk
+                .driver
+                .next_request(shared, &mut backup, Request::try_clone);
+            (req, backup)
+        } else {
+            // Keep a copy only when another key could serve if this one fails.
+            let backup = walk.driver.first_copy(shared, &req, Request::try_clone);
+            (req, backup)
+        };
         loop {
             let driver = &mut walk.driver;
             if let Some(key) = driver.prepare(shared, req.headers_mut()) {
@@ -227,7 +241,7 @@ impl Middleware for KeyFallbackMiddleware {
                     *driver = back;
                     let status = raw.status().as_u16();
                     let step = driver.on_answer(shared, status, raw.headers(), verdict, has_copy);
-                    (step, raw)
+                    (step, Some(raw))
                 }
                 Err(err) => {
                     if !shared.config.fallback_on_transport_errors {
@@ -246,18 +260,26 @@ impl Middleware for KeyFallbackMiddleware {
                         Step::GiveUp => {
                             return give_up(shared, driver.give_up(shared, Last::Error(err)), url)
                         }
+                        Step::Wait => (Step::Wait, None),
                     }
                 }
             };
-            match step {
-                Step::HandBack => return Ok(raw.into_response(url)),
-                // The response is moot: dropping it frees the connection (or closes it, if
-                // the body was not read whole).
-                Step::Replay => req = driver.next_request(shared, &mut backup, Request::try_clone),
-                Step::GiveUp => {
+            // A moot response is dropped: that frees the connection (or closes it, if the
+            // body was not read whole).
+            let step = match (step, raw) {
+                (Step::HandBack, Some(raw)) => return Ok(raw.into_response(url)),
+                (Step::GiveUp, Some(raw)) => {
                     return give_up(shared, driver.give_up(shared, raw.into_last()), url)
                 }
+                (Step::Wait, _) => walk.wait(&self.shared).await,
+                (step, _) => step,
+            };
+            if step != Step::Replay {
+                return give_up(shared, walk.driver.give_up(shared, Last::None), url);
             }
+            req = walk
+                .driver
+                .next_request(shared, &mut backup, Request::try_clone);
         }
     }
 }
@@ -282,6 +304,16 @@ async fn classify(shared: &Arc<Shared>, driver: Driver, res: Response) -> (Raw, 
 struct Walk<'a> {
     shared: &'a Shared,
     driver: Driver,
+}
+
+impl Walk<'_> {
+    /// Waits in turn for a key (`crate::wait`): `Replay` with one, or `GiveUp`.
+    async fn wait(&mut self, shared: &Arc<Shared>) -> Step {
+        let driver = std::mem::replace(&mut self.driver, Driver::done());
+        let (driver, step) = crate::wait::wait(shared.clone(), driver).await;
+        self.driver = driver;
+        step
+    }
 }
 
 impl Drop for Walk<'_> {

@@ -69,6 +69,16 @@ struct KeyView<'a> {
     available: bool,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     buckets: Vec<BucketView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probing: Option<ProbingView>,
+}
+
+/// A half-open key: `{"after":"rate_limited","probe_in_flight":true}` (`after` is `null`
+/// for a key not heard from yet).
+#[derive(Serialize)]
+struct ProbingView {
+    after: Option<&'static str>,
+    probe_in_flight: bool,
 }
 
 /// A key's standing in one bucket; present only for buckets the key has served or reported
@@ -91,6 +101,12 @@ struct PoolView<'a> {
     available: usize,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     shared_limits: Vec<SharedView<'a>>,
+    #[serde(skip_serializing_if = "is_zero")]
+    waiting: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Keys that share one limit: `{"keys":["A","B"],"declared":true}`.
@@ -134,6 +150,10 @@ impl Serialize for KeyStatus {
                     passed_over_ms: b.passed_over_for.map(millis),
                 })
                 .collect(),
+            probing: self.probing.map(|p| ProbingView {
+                after: p.after.map(crate::status::CooldownReason::as_str),
+                probe_in_flight: p.probe_in_flight,
+            }),
         }
         .serialize(serializer)
     }
@@ -151,6 +171,7 @@ impl Serialize for PoolStatus {
                     declared: s.declared,
                 })
                 .collect(),
+            waiting: self.waiting,
         }
         .serialize(serializer)
     }
@@ -173,6 +194,7 @@ mod tests {
             rate_limited: 2,
             consecutive_errors: 0,
             buckets: Vec::new(),
+            probing: None,
         }
     }
 
@@ -200,6 +222,7 @@ mod tests {
                 ),
             ],
             shared_limits: Vec::new(),
+            waiting: 0,
         };
         assert_eq!(
             json(&status),
@@ -214,7 +237,8 @@ mod tests {
         assert_eq!(
             json(&PoolStatus {
                 keys: Vec::new(),
-                shared_limits: Vec::new()
+                shared_limits: Vec::new(),
+                waiting: 0,
             }),
             r#"{"keys":[],"available":0}"#
         );

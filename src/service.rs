@@ -1,8 +1,13 @@
 //! The service: [`KeyFallback`] wraps an HTTP client service.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -24,11 +29,70 @@ use crate::handle::KeyHandle;
 pub struct KeyFallback<S> {
     inner: S,
     shared: Arc<Shared>,
+    /// While no key can serve (with `wait_for_key`): the wake-up for `poll_ready`.
+    not_ready: Option<Pin<Box<NotReady>>>,
+}
+
+pin_project! {
+    /// What a service that is not ready waits for: a key's time, or a change in the pool
+    /// (counted as a waiter, so that the pool signals changes).
+    struct NotReady {
+        #[pin]
+        sleep: tokio::time::Sleep,
+        #[pin]
+        changed: tokio::sync::futures::OwnedNotified,
+        counted: Counted,
+    }
+}
+
+/// One waiter in the pool's count while it lives.
+struct Counted(Arc<Shared>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.pool.waiting.fetch_sub(1, SeqCst);
+    }
 }
 
 impl<S> KeyFallback<S> {
     pub(crate) fn from_shared(inner: S, shared: Arc<Shared>) -> Self {
-        KeyFallback { inner, shared }
+        KeyFallback {
+            inner,
+            shared,
+            not_ready: None,
+        }
+    }
+
+    /// Whether a key can serve a request that names no bucket, or none will within
+    /// `wait_for_key` (a call then fails at once): tower's backpressure. Pending, with a
+    /// wake-up at the soonest key's time or a change in the pool, otherwise.
+    fn poll_keys(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(max) = self.shared.config.wait_for_key else {
+            return Poll::Ready(());
+        };
+        let pool = &self.shared.pool;
+        loop {
+            let Some(at) = pool.blocked_until(max) else {
+                self.not_ready = None;
+                return Poll::Ready(());
+            };
+            let shared = &self.shared;
+            let not_ready = self.not_ready.get_or_insert_with(|| {
+                shared.pool.waiting.fetch_add(1, SeqCst);
+                Box::pin(NotReady {
+                    sleep: tokio::time::sleep_until(pool.instant(at)),
+                    changed: pool.changed.clone().notified_owned(),
+                    counted: Counted(shared.clone()),
+                })
+            });
+            let mut this = not_ready.as_mut().project();
+            this.sleep.as_mut().reset(pool.instant(at));
+            this.changed.as_mut().enable();
+            if this.sleep.poll(cx).is_pending() && this.changed.poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.not_ready = None;
+        }
     }
 
     /// A handle on this service's key pool.
@@ -59,6 +123,7 @@ impl<S: Clone> Clone for KeyFallback<S> {
         KeyFallback {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            not_ready: None,
         }
     }
 }
@@ -85,6 +150,7 @@ where
     type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        std::task::ready!(self.poll_keys(cx));
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 

@@ -149,6 +149,22 @@ pub struct KeyStatus {
     /// named no [`Bucket`](crate::Bucket) first, as `bucket: None`); only buckets the key has
     /// served or reported in.
     pub buckets: Vec<BucketStatus>,
+    /// Whether the key is half-open: usable, but the pool has not heard from it since it
+    /// came out of a cooldown (or since the start, a reset or a rotation), so one request
+    /// at a time probes it. `None` once an answer showed it serving.
+    pub probing: Option<Probing>,
+}
+
+/// A half-open key: one request probes it, and the others use other keys (or wait, for at
+/// most the [probe wait](crate::KeyFallbackBuilder::probe_wait)) until the probe answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Probing {
+    /// The cooldown the key came out of; `None` when the pool has not heard from the key
+    /// (at start, after a reset or a rotation).
+    pub after: Option<CooldownReason>,
+    /// Whether a probe is in flight now.
+    pub probe_in_flight: bool,
 }
 
 /// A key's standing in one bucket: its budget as the pool counts it and any cooldown that
@@ -186,6 +202,9 @@ pub struct PoolStatus {
     /// [`group`](crate::KeyFallbackBuilder::group), or seen spending one another's budget
     /// (the provider's remaining count of one moved with the requests of another).
     pub shared_limits: Vec<SharedLimit>,
+    /// Requests waiting for a key now: for a probe's answer, or for a cooldown or budget
+    /// to end ([`wait_for_key`](crate::KeyFallbackBuilder::wait_for_key)).
+    pub waiting: usize,
 }
 
 /// Keys that share one limit.

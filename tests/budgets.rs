@@ -88,7 +88,12 @@ async fn requests_in_flight_count_against_what_the_provider_reported() {
 
 #[tokio::test(start_paused = true)]
 async fn an_answer_that_comes_back_late_does_not_raise_the_budget() {
-    let (mut svc, mut handle, _) = setup(KeyFallbackLayer::new(keys(2)));
+    // Two requests in flight on one key that has not answered yet: without probing, which
+    // would send the second to key 2 (tests/recovery.rs).
+    let layer = KeyFallbackLayer::builder(keys(2))
+        .probe_wait(Duration::ZERO)
+        .build();
+    let (mut svc, mut handle, _) = setup(layer);
     let (first, _, reply_first) = send(&mut svc, &mut handle, request()).await;
     let (second, key, reply_second) = send(&mut svc, &mut handle, request()).await;
     assert_eq!(key, "Bearer gsk_key1");
@@ -137,6 +142,7 @@ async fn a_spent_budget_holds_until_its_reset() {
 async fn declared_limits_pace_from_the_first_request() {
     let layer = KeyFallbackLayer::builder(keys(2))
         .limits(Limits::new().requests(2, Duration::from_secs(60)))
+        .probe_wait(Duration::ZERO)
         .build();
     let (mut svc, mut handle, _) = setup(layer);
     // The answers report nothing: the declared limits alone decide.
@@ -227,7 +233,10 @@ async fn a_group_is_cooled_together_and_counts_one_budget() {
 
 #[tokio::test(start_paused = true)]
 async fn token_costs_pass_over_a_key_without_tokens_for_them() {
-    let (mut svc, mut handle, _) = setup(KeyFallbackLayer::new(keys(2)));
+    let layer = KeyFallbackLayer::builder(keys(2))
+        .probe_wait(Duration::ZERO)
+        .build();
+    let (mut svc, mut handle, _) = setup(layer);
     let (call, _, reply) = send(&mut svc, &mut handle, with(None, Some(100))).await;
     reply.send_response(response(
         200,

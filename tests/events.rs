@@ -52,6 +52,12 @@ impl KeyEvents for Recorder {
                 format!("rotated {key}")
             }
             KeyEvent::Exhausted { attempts, .. } => format!("exhausted {attempts}"),
+            KeyEvent::Probing { key, after } => match after {
+                Some(after) => format!("probing {key} after {}", after.as_str()),
+                None => format!("probing {key}"),
+            },
+            KeyEvent::Opened { key, .. } => format!("opened {key}"),
+            KeyEvent::ProbeReleased { key } => format!("probe released {key}"),
             _ => "other".to_owned(),
         };
         self.0.lock().unwrap().push(line);
@@ -78,12 +84,16 @@ async fn the_observer_sees_every_step_in_order() {
     assert_eq!(
         events.take(),
         [
+            // Neither key has been heard from: each is probed once, and opens when it serves.
+            "probing key-1",
             "attempt key-1 1",
             "answered key-1 429",
             "cooled key-1 rate_limited 9s capped=false",
+            "probing key-2",
             "switched key-1 key-2 rate_limited",
             "attempt key-2 2",
             "answered key-2 200",
+            "opened key-2",
         ]
     );
 
@@ -116,9 +126,15 @@ async fn the_observer_sees_every_step_in_order() {
     .await
     .unwrap();
     assert_eq!(
-        events.take()[0],
-        "recovered key-1 rate_limited",
-        "the first request after the deadline restores the key"
+        events.take(),
+        [
+            "recovered key-1 rate_limited",
+            "probing key-1 after rate_limited",
+            "attempt key-1 1",
+            "answered key-1 200",
+            "opened key-1",
+        ],
+        "the first request after the deadline probes the key, and its success opens it"
     );
     keys.reset("key-2").unwrap();
     keys.rotate("key-1", "gsk_new").unwrap();
