@@ -31,8 +31,18 @@ use crate::keys::KeySet;
 const HOUR: Duration = Duration::from_secs(3600);
 const HOUR_MS: u64 = 3_600_000;
 
-/// A pool of `n` keys `k0`, `k1`, … in priority order, its clock frozen at 0 ms.
+/// A pool of `n` keys `k0`, `k1`, … in priority order that have all answered (active), its
+/// clock frozen at 0 ms; a half-open key is open to all (probing has a model of its own).
 fn pool(n: usize) -> Arc<Pool> {
+    let p = pool_probing(n, Duration::ZERO);
+    for slot in p.slots.iter() {
+        slot.state.store(Word::active(0).0, SeqCst);
+    }
+    p
+}
+
+/// A pool of `n` keys not heard from yet (half-open), with this probe wait.
+fn pool_probing(n: usize, probe_wait: Duration) -> Arc<Pool> {
     let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
     let mut p = Pool::new(
         KeySet::new(keys).unwrap().into_keys(),
@@ -40,7 +50,8 @@ fn pool(n: usize) -> Arc<Pool> {
         false,
         crate::config::Config::default().errors,
         crate::events::Observer::Tracing,
-    );
+    )
+    .with_probing(probe_wait, Duration::from_secs(86_400));
     p.epoch = Instant::now() + Duration::from_secs(86_400);
     assert_eq!(p.now_ms(), 0);
     Arc::new(p)
@@ -107,7 +118,7 @@ fn spawn<T: Send + 'static>(
 /// recorded against that credential's generation. Returns the key, if there was one.
 fn request(p: &Pool, outcome: Outcome) -> Option<usize> {
     let mut cur = p.cursor();
-    let i = p.pick(&mut cur, &p.lanes.default, None)?.0;
+    let i = p.pick(&mut cur, &p.lanes.default, None)?.key;
     let generation = p.begin(i).generation();
     p.record(i, generation, outcome, None);
     Some(i)
@@ -127,7 +138,7 @@ fn assert_settled(p: &Pool) {
         let bit = (p.usable[i / 64].load(SeqCst) >> (i % 64)) & 1 == 1;
         assert_eq!(
             bit,
-            w.tag() == TAG_ACTIVE,
+            w.tag() == TAG_ACTIVE || w.tag() == TAG_PROBING,
             "key {i}: bit {bit} disagrees with its state {w:?}"
         );
         if w.tag() == TAG_COOLING {
@@ -143,7 +154,7 @@ fn assert_settled(p: &Pool) {
     }
     let mut cur = p.cursor();
     let found: Vec<usize> =
-        std::iter::from_fn(|| p.pick(&mut cur, &p.lanes.default, None).map(|(i, _)| i)).collect();
+        std::iter::from_fn(|| p.pick(&mut cur, &p.lanes.default, None).map(|p| p.key)).collect();
     assert_eq!(
         found, usable,
         "a new scan missed a usable key or took another"
@@ -177,7 +188,7 @@ fn claim_cool_scan() {
             let t2 = spawn(&p, move |p| request(p, hour));
             let t3 = spawn(&p, |p| {
                 p.pick(&mut p.cursor(), &p.lanes.default, None)
-                    .map(|(i, _)| i)
+                    .map(|p| p.key)
             });
             // Only one key is ever out for long, so the first two always had one.
             let zero_key = t1.join().unwrap().expect("a key for the first request");
@@ -274,7 +285,7 @@ fn rotation_racing_a_request() {
             let req = spawn(&p, |p| {
                 let i = p
                     .pick(&mut p.cursor(), &p.lanes.default, None)
-                    .map(|(i, _)| i)
+                    .map(|p| p.key)
                     .expect("both keys are active");
                 let cred = p.begin(i);
                 let seen = (i, cred.value.get().clone(), cred.generation());
@@ -298,13 +309,15 @@ fn rotation_racing_a_request() {
                 (1, &b"new"[..])
             );
             assert_eq!(w.generation(), 1, "{w:?}");
+            // A rotated key is half-open: not heard from under its new credential.
+            let fresh = Word::probing(NOT_HEARD, 0, 1);
             let reached = if generation == Generation::Of(0) {
-                assert_eq!(w, Word::active(1), "the old key's 401 disabled the new key");
+                assert_eq!(w, fresh, "the old key's 401 disabled the new key");
                 "sent with the old credential"
             } else if w == Word::disabled(DisableReason::InvalidKey, 1) {
                 "sent with the new credential, disabled"
             } else {
-                assert_eq!(w, Word::active(1));
+                assert_eq!(w, fresh);
                 "sent with the new credential, outcome dropped"
             };
             assert_settled(&p);
@@ -315,14 +328,14 @@ fn rotation_racing_a_request() {
 
 /// A reset racing a cooldown and a request: key 0 starts cooling (over at once); the handle
 /// resets it while a rate limit of an hour lands for it and another request picks. The key
-/// ends active (the reset came last) or cooling for the hour (the cooldown came last), and
-/// the pool is settled either way.
+/// ends half-open and not heard from (the reset came last; the picker may hold its probe) or
+/// cooling for the hour (the cooldown came last), and the pool is settled either way.
 #[test]
 fn reset_racing_a_cool() {
     check(
         "reset_racing_a_cool",
         Some(4),
-        &["ends active", "ends cooling for the hour"],
+        &["ends reset (half-open)", "ends cooling for the hour"],
         || {
             let p = pool(2);
             let zero = Duration::ZERO;
@@ -337,7 +350,7 @@ fn reset_racing_a_cool() {
             let cooler = spawn(&p, move |p| p.record(0, Generation::Of(0), hour, None));
             let picker = spawn(&p, |p| {
                 p.pick(&mut p.cursor(), &p.lanes.default, None)
-                    .map(|(i, _)| i)
+                    .map(|p| p.key)
             });
             let resetter = spawn(&p, |p| p.reset(0));
             cooler.join().unwrap();
@@ -347,8 +360,9 @@ fn reset_racing_a_cool() {
                 "key 1 was active throughout"
             );
             let w = p.slots[0].word();
-            let reached = if w == Word::active(0) {
-                "ends active"
+            let reached = if w.tag() == TAG_PROBING {
+                assert_eq!((w.after(), w.generation()), (None, 0), "{w:?}");
+                "ends reset (half-open)"
             } else {
                 let cooling = Word::cooling(CooldownReason::QuotaExhausted, HOUR_MS, false, 0);
                 assert_eq!(w, cooling);
@@ -358,4 +372,43 @@ fn reset_racing_a_cool() {
             vec![reached]
         },
     );
+}
+
+/// A half-open key's probe is a token: two requests pick the one key at once, with a probe
+/// wait, and exactly one of them takes the probe while the other finds no key. Once the
+/// probe ends (its answer settled nothing), the next request takes it again.
+#[test]
+fn one_probe_per_half_open_key() {
+    check(
+        "one_probe_per_half_open_key",
+        None,
+        &["the first picker probed", "the second picker probed"],
+        || {
+            let p = pool_probing(1, Duration::from_secs(1));
+            let pick = |p: &Pool| p.pick(&mut p.cursor(), &p.lanes.default, None);
+            let a = spawn(&p, move |p| pick(p).map(|x| x.probe));
+            let b = spawn(&p, move |p| pick(p).map(|x| x.probe));
+            let (a, b) = (a.join().unwrap(), b.join().unwrap());
+            let (winner, reached) = match (a, b) {
+                (Some(Some(w)), None) => (w, "the first picker probed"),
+                (None, Some(Some(w))) => (w, "the second picker probed"),
+                other => panic!("not exactly one probe: {other:?}"),
+            };
+            assert_eq!(p.slots[0].word().0, winner);
+            p.end_probe(0, winner);
+            let again = pick(&p).and_then(|x| x.probe);
+            assert!(again.is_some(), "the probe was given back");
+            assert_settled_bits(&p);
+            vec![reached]
+        },
+    );
+}
+
+/// Every key's bit agrees with its state word.
+fn assert_settled_bits(p: &Pool) {
+    for i in 0..p.len() {
+        let w = p.slots[i].word();
+        let bit = (p.usable[i / 64].load(SeqCst) >> (i % 64)) & 1 == 1;
+        assert_eq!(bit, w.tag() == TAG_ACTIVE || w.tag() == TAG_PROBING);
+    }
 }

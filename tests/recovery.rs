@@ -1,0 +1,546 @@
+//! Half-open probes, waiting for a key, backpressure and affinity, on tower-test mocks and a
+//! paused clock: which requests reach the upstream, with which key, and when.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use support::*;
+use tokio::time::Instant;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_key_fallback::{
+    Affinity, Bucket, Exhausted, KeyFallback, KeyFallbackLayer, KeyHandle, KeyState,
+};
+use tower_test::mock::SendResponse;
+
+type Call = tokio::task::JoinHandle<
+    Result<
+        http::Response<tower_key_fallback::KeyFallbackBody<Full<Bytes>>>,
+        tower_key_fallback::BoxError,
+    >,
+>;
+
+fn ok() -> Res {
+    response(200, &[], "{}")
+}
+
+fn limited(retry_after: &str) -> Res {
+    response(429, &[("retry-after", retry_after)], GROQ_429)
+}
+
+/// A request tagged `tag` (in `x-request-tag`), to see which one an upstream call is.
+fn tagged(tag: &str) -> Req {
+    let mut req = request();
+    req.headers_mut()
+        .insert("x-request-tag", tag.parse().unwrap());
+    req
+}
+
+fn tag(req: &Req) -> String {
+    req.headers()["x-request-tag"].to_str().unwrap().to_owned()
+}
+
+/// A service over the mock that lets any number of calls through.
+fn service(layer: KeyFallbackLayer) -> (KeyFallback<Mock>, MockHandle, KeyHandle) {
+    let (svc, mut handle, keys) = setup(layer);
+    handle.allow(u64::MAX);
+    (svc, handle, keys)
+}
+
+async fn spawn(svc: &mut KeyFallback<Mock>, req: Req) -> Call {
+    svc.ready().await.unwrap();
+    tokio::spawn(svc.call(req))
+}
+
+/// The next upstream call: (its key, its tag, the reply).
+async fn upstream(handle: &mut MockHandle) -> (String, String, SendResponse<Res>) {
+    let (req, reply) = next(handle).await;
+    (bearer(&req), tag(&req), reply)
+}
+
+/// Asserts that no upstream call comes while everything else is idle (the paused clock
+/// moves on by a millisecond).
+async fn no_upstream_call(handle: &mut MockHandle) {
+    let call = tokio::time::timeout(Duration::from_millis(1), handle.next_request()).await;
+    assert!(
+        call.is_err(),
+        "an upstream call came: {:?}",
+        call.map(|c| c.map(|(r, _)| tag(&r)))
+    );
+}
+
+/// Runs one request to completion with `key` answering `res`: the key is then heard from.
+async fn serve(svc: &mut KeyFallback<Mock>, handle: &mut MockHandle, key: &str, res: Res) {
+    let call = spawn(svc, request()).await;
+    let (bearer, _, reply) = upstream(handle).await;
+    assert_eq!(bearer, format!("Bearer {key}"));
+    reply.send_response(res);
+    call.await.unwrap().unwrap();
+}
+
+fn probing(keys: &KeyHandle, label: &str) -> Option<tower_key_fallback::Probing> {
+    keys.status().get(label).unwrap().probing
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_out_of_its_cooldown_is_probed_by_one_request_and_a_failed_probe_backs_off() {
+    let (mut svc, mut handle, keys) = service(KeyFallbackLayer::new(support::keys(2)));
+    // Key 1 is limited for 5 s; key 2 serves (and is then known good).
+    let call = spawn(&mut svc, request()).await;
+    let (_, _, reply) = upstream(&mut handle).await;
+    reply.send_response(limited("5"));
+    let (bearer, _, reply) = upstream(&mut handle).await;
+    assert_eq!(bearer, "Bearer gsk_key2");
+    reply.send_response(ok());
+    call.await.unwrap().unwrap();
+    assert!(probing(&keys, "key-2").is_none(), "key 2 answered: open");
+
+    tokio::time::advance(Duration::from_secs(5)).await;
+    // Out of its cooldown, key 1 gets one request; the next two go to key 2 meanwhile.
+    let probe = spawn(&mut svc, tagged("probe")).await;
+    let (bearer, t, probe_reply) = upstream(&mut handle).await;
+    assert_eq!((bearer.as_str(), t.as_str()), ("Bearer gsk_key1", "probe"));
+    let p = probing(&keys, "key-1").expect("half-open");
+    assert!(p.probe_in_flight);
+    let mut others = Vec::new();
+    for i in 0..2 {
+        let call = spawn(&mut svc, tagged(&format!("other-{i}"))).await;
+        let (bearer, _, reply) = upstream(&mut handle).await;
+        assert_eq!(
+            bearer, "Bearer gsk_key2",
+            "a request in flight beside the probe"
+        );
+        others.push((call, reply));
+    }
+    // The provider still limits key 1: it waits twice its last cooldown, not the 1 s asked.
+    probe_reply.send_response(limited("1"));
+    let (bearer, _, reply) = upstream(&mut handle).await;
+    assert_eq!(bearer, "Bearer gsk_key2", "the probe moves on to key 2");
+    reply.send_response(ok());
+    probe.await.unwrap().unwrap();
+    assert_eq!(cooling(&keys, "key-1").0, Duration::from_secs(10));
+    for (call, reply) in others {
+        reply.send_response(ok());
+        call.await.unwrap().unwrap();
+    }
+
+    // Ten seconds on, the next probe succeeds and opens key 1 to every request again.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    serve(&mut svc, &mut handle, "gsk_key1", ok()).await;
+    assert!(probing(&keys, "key-1").is_none());
+    let a = spawn(&mut svc, request()).await;
+    let b = spawn(&mut svc, request()).await;
+    for _ in 0..2 {
+        let (bearer, _, reply) = upstream(&mut handle).await;
+        assert_eq!(bearer, "Bearer gsk_key1", "open: both in flight on key 1");
+        reply.send_response(ok());
+    }
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_backoff_of_failed_probes_stops_at_max_cooldown() {
+    let layer = KeyFallbackLayer::builder(support::keys(1))
+        .max_cooldown(Duration::from_secs(25))
+        .build();
+    let (mut svc, mut handle, keys) = service(layer);
+    let mut last = Duration::from_secs(0);
+    // 10 s, then 20, then 25 (twice 20, capped), then 25 again.
+    for want in [10, 20, 25, 25] {
+        tokio::time::advance(last).await;
+        let call = spawn(&mut svc, request()).await;
+        let (_, _, reply) = upstream(&mut handle).await;
+        reply.send_response(limited("10"));
+        assert!(call.await.unwrap().is_err());
+        last = cooling(&keys, "key-1").0;
+        assert_eq!(last, Duration::from_secs(want));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_probe_gives_the_probe_back() {
+    let (mut svc, mut handle, keys) = service(KeyFallbackLayer::new(support::keys(1)));
+    let call = spawn(&mut svc, tagged("dropped")).await;
+    let (_, t, reply) = upstream(&mut handle).await;
+    assert_eq!(t, "dropped");
+    assert!(probing(&keys, "key-1").unwrap().probe_in_flight);
+    call.abort();
+    let _ = call.await;
+    drop(reply);
+    let p = probing(&keys, "key-1").expect("still not heard from");
+    assert!(
+        !p.probe_in_flight,
+        "the dropped request's probe was given back"
+    );
+    // The next request probes at once: no wait for a probe that will never answer.
+    let start = Instant::now();
+    serve(&mut svc, &mut handle, "gsk_key1", ok()).await;
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_burst_probes_each_key_once_and_the_rest_wait_for_the_first_good_answer() {
+    let (mut svc, mut handle, keys) = service(KeyFallbackLayer::new(support::keys(3)));
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        calls.push(spawn(&mut svc, tagged(&format!("r{i}"))).await);
+    }
+    // One probe per key, in priority order; the other three wait.
+    let mut probes = Vec::new();
+    for want in ["gsk_key1", "gsk_key2", "gsk_key3"] {
+        let (bearer, _, reply) = upstream(&mut handle).await;
+        assert_eq!(bearer, format!("Bearer {want}"));
+        probes.push(reply);
+    }
+    no_upstream_call(&mut handle).await;
+    assert_eq!(keys.status().waiting, 3);
+    // Key 1 is invalid, key 2 out of quota, key 3 good.
+    let mut probes = probes.into_iter();
+    probes
+        .next()
+        .unwrap()
+        .send_response(response(401, &[], INVALID_401));
+    probes
+        .next()
+        .unwrap()
+        .send_response(response(429, &[], QUOTA_429));
+    no_upstream_call(&mut handle).await;
+    probes.next().unwrap().send_response(ok());
+    // The two refused requests and the three waiting go to key 3: two wasted calls in all.
+    for _ in 0..5 {
+        let (bearer, _, reply) = upstream(&mut handle).await;
+        assert_eq!(bearer, "Bearer gsk_key3");
+        reply.send_response(ok());
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(keys.status().waiting, 0);
+    assert!(matches!(state(&keys, "key-1"), KeyState::Disabled { .. }));
+    assert!(matches!(
+        state(&keys, "key-2"),
+        KeyState::CoolingDown { .. }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_request_waits_for_a_probe_while_a_known_good_key_can_serve() {
+    let (mut svc, mut handle, keys) = service(KeyFallbackLayer::new(support::keys(2)));
+    // Key 2 is known good; key 1 was reset, so it is not heard from.
+    keys.disable("key-1").unwrap();
+    serve(&mut svc, &mut handle, "gsk_key2", ok()).await;
+    keys.reset("key-1").unwrap();
+    let probe = spawn(&mut svc, tagged("probe")).await;
+    let (bearer, _, probe_reply) = upstream(&mut handle).await;
+    assert_eq!(bearer, "Bearer gsk_key1");
+    // While the probe is out, a request goes to key 2 at once.
+    let start = Instant::now();
+    let other = spawn(&mut svc, tagged("other")).await;
+    let (bearer, t, reply) = upstream(&mut handle).await;
+    assert_eq!((bearer.as_str(), t.as_str()), ("Bearer gsk_key2", "other"));
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    reply.send_response(ok());
+    other.await.unwrap().unwrap();
+    probe_reply.send_response(ok());
+    probe.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_has_not_answered_within_the_probe_wait_lets_the_others_in() {
+    let layer = KeyFallbackLayer::builder(support::keys(1))
+        .probe_wait(Duration::from_millis(300))
+        .build();
+    let (mut svc, mut handle, _keys) = service(layer);
+    let slow = spawn(&mut svc, tagged("slow")).await;
+    let (_, _, slow_reply) = upstream(&mut handle).await;
+    let start = Instant::now();
+    let waiting = spawn(&mut svc, tagged("waiting")).await;
+    let (_, t, reply) = upstream(&mut handle).await;
+    assert_eq!(t, "waiting");
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    reply.send_response(ok());
+    waiting.await.unwrap().unwrap();
+    slow_reply.send_response(ok());
+    slow.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn probe_wait_zero_sends_a_cold_burst_as_before() {
+    let layer = KeyFallbackLayer::builder(support::keys(2))
+        .probe_wait(Duration::ZERO)
+        .build();
+    let (mut svc, mut handle, _keys) = service(layer);
+    let a = spawn(&mut svc, request()).await;
+    let b = spawn(&mut svc, request()).await;
+    for _ in 0..2 {
+        let (bearer, _, reply) = upstream(&mut handle).await;
+        assert_eq!(bearer, "Bearer gsk_key1");
+        reply.send_response(ok());
+    }
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+}
+
+/// A pool of one key, heard from, then limited for `secs` seconds.
+async fn one_key_limited(
+    wait: Option<Duration>,
+    secs: &str,
+) -> (KeyFallback<Mock>, MockHandle, KeyHandle) {
+    let mut builder = KeyFallbackLayer::builder(support::keys(1));
+    if let Some(max) = wait {
+        builder = builder.wait_for_key(max);
+    }
+    let (mut svc, mut handle, keys) = service(builder.build());
+    serve(&mut svc, &mut handle, "gsk_key1", ok()).await;
+    let call = spawn(&mut svc, request()).await;
+    let (_, _, reply) = upstream(&mut handle).await;
+    reply.send_response(limited(secs));
+    assert!(call.await.unwrap().is_err());
+    (svc, handle, keys)
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_get_the_key_in_turn_when_it_comes_back() {
+    let wait = Some(Duration::from_secs(30));
+    let (svc, mut handle, keys) = one_key_limited(wait, "10").await;
+    let start = Instant::now();
+    // poll_ready is pending while no key can serve: these calls skip it, as a caller that
+    // raced with the cooldown would.
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        let mut svc = svc.clone();
+        calls.push(tokio::spawn(async move {
+            svc.call(tagged(&format!("w{i}"))).await
+        }));
+        tokio::task::yield_now().await;
+    }
+    no_upstream_call(&mut handle).await;
+    assert_eq!(keys.status().waiting, 3);
+    // At the key's return the first waiter probes it; on its success the others follow,
+    // first come, first served.
+    let (_, t, reply) = upstream(&mut handle).await;
+    assert_eq!(t, "w0");
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    reply.send_response(ok());
+    for want in ["w1", "w2"] {
+        let (_, t, reply) = upstream(&mut handle).await;
+        assert_eq!(t, want);
+        reply.send_response(ok());
+    }
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(keys.status().waiting, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_wait_for_key_a_request_fails_at_once_as_before() {
+    let (mut svc, _handle, _keys) = one_key_limited(None, "10").await;
+    let start = Instant::now();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request())
+        .await
+        .unwrap_err();
+    let exhausted = err.downcast::<Exhausted>().unwrap();
+    assert_eq!(exhausted.retry_after(), Some(Duration::from_secs(10)));
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_further_off_than_the_wait_or_none_at_all_fails_at_once() {
+    let wait = Some(Duration::from_secs(30));
+    let (mut svc, _handle, keys) = one_key_limited(wait, "60").await;
+    let start = Instant::now();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request())
+        .await
+        .unwrap_err();
+    assert!(err.is::<Exhausted>());
+    keys.disable("key-1").unwrap();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request())
+        .await
+        .unwrap_err();
+    assert_eq!(err.downcast::<Exhausted>().unwrap().retry_after(), None);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_dropped_leaves_the_queue_and_a_reset_wakes_the_rest() {
+    let wait = Some(Duration::from_secs(30));
+    let (svc, mut handle, keys) = one_key_limited(wait, "20").await;
+    let mut first = svc.clone();
+    let first = tokio::spawn(async move { first.call(tagged("dropped")).await });
+    tokio::task::yield_now().await;
+    let mut second = svc.clone();
+    let second = tokio::spawn(async move { second.call(tagged("kept")).await });
+    tokio::task::yield_now().await;
+    assert_eq!(keys.status().waiting, 2);
+    first.abort();
+    let _ = first.await;
+    assert_eq!(keys.status().waiting, 1);
+    // A reset makes the key usable before its cooldown ends: the waiter goes at once.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    keys.reset_all();
+    let (_, t, reply) = upstream(&mut handle).await;
+    assert_eq!(t, "kept");
+    reply.send_response(ok());
+    assert_eq!(second.await.unwrap().unwrap().status(), 200);
+    assert_eq!(keys.status().waiting, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn not_ready_while_no_key_can_serve_so_load_shed_sheds() {
+    let wait = Some(Duration::from_secs(30));
+    let (svc, mut handle, _keys) = one_key_limited(wait, "10").await;
+    let mut shed = ServiceBuilder::new().load_shed().service(svc.clone());
+    let shed_call = shed.ready().await.unwrap().call(request());
+    let err = tokio::time::timeout(Duration::from_secs(60), shed_call)
+        .await
+        .expect("shed at once, not sent to wait for the key")
+        .unwrap_err();
+    assert!(
+        err.is::<tower::load_shed::error::Overloaded>(),
+        "shed while no key can serve: {err}"
+    );
+    // A caller that waits for readiness is woken when the key is back.
+    let start = Instant::now();
+    let mut svc = svc;
+    svc.ready().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    let call = tokio::spawn(shed.ready().await.unwrap().call(request()));
+    let (_, _, reply) = upstream(&mut handle).await;
+    reply.send_response(ok());
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_bounds_a_wait_and_the_waiter_leaves_the_queue() {
+    // Key 1 is limited in bucket "m" only: the service is ready (requests naming no bucket
+    // can go), and a request for "m" waits in its future, which the timeout bounds.
+    let layer = KeyFallbackLayer::builder(support::keys(1))
+        .wait_for_key(Duration::from_secs(30))
+        .build();
+    let (svc, mut handle, keys) = service(layer);
+    let in_m = || {
+        let mut req = request();
+        req.extensions_mut().insert(Bucket::new("m"));
+        req
+    };
+    let mut plain = svc.clone();
+    serve(&mut plain, &mut handle, "gsk_key1", ok()).await;
+    let call = spawn(&mut plain, in_m()).await;
+    let (_, _, reply) = upstream(&mut handle).await;
+    reply.send_response(limited("10"));
+    assert!(call.await.unwrap().is_err());
+
+    let mut timed = ServiceBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .service(svc);
+    let start = Instant::now();
+    let err = timed.ready().await.unwrap().call(in_m()).await.unwrap_err();
+    assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+    assert_eq!(
+        keys.status().waiting,
+        0,
+        "the timed-out waiter left the queue"
+    );
+    // Under a longer timeout the request waits for the bucket and is served.
+    let mut timed = ServiceBuilder::new()
+        .timeout(Duration::from_secs(20))
+        .service(timed.into_inner());
+    let call = tokio::spawn(timed.ready().await.unwrap().call(in_m()));
+    let (_, _, reply) = upstream(&mut handle).await;
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    reply.send_response(ok());
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}
+
+/// The key each of `values` lands on, one request at a time.
+async fn landings(
+    svc: &mut KeyFallback<Mock>,
+    handle: &mut MockHandle,
+    values: &[String],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in values {
+        let mut req = request();
+        req.extensions_mut().insert(Affinity::new(v));
+        let call = spawn(svc, req).await;
+        let (bearer, _, reply) = upstream(handle).await;
+        reply.send_response(ok());
+        call.await.unwrap().unwrap();
+        out.push(bearer);
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn affinity_keeps_a_value_on_one_key_and_losing_a_key_moves_only_its_values() {
+    let (mut svc, mut handle, keys) = service(KeyFallbackLayer::new(support::keys(4)));
+    // A cold burst of four probes each key once: all are heard from, and open.
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        calls.push(spawn(&mut svc, request()).await);
+    }
+    for _ in 0..4 {
+        let (_, _, reply) = upstream(&mut handle).await;
+        reply.send_response(ok());
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert!(keys.status().keys.iter().all(|k| k.probing.is_none()));
+    let values: Vec<String> = (0..20).map(|i| format!("conversation-{i}")).collect();
+    let first = landings(&mut svc, &mut handle, &values).await;
+    let again = landings(&mut svc, &mut handle, &values).await;
+    assert_eq!(first, again, "each value lands on one key");
+    let used: std::collections::BTreeSet<_> = first.iter().collect();
+    assert!(used.len() >= 3, "values spread over the keys: {used:?}");
+    // Without the extension nothing changes: priority order.
+    serve(&mut svc, &mut handle, "gsk_key1", ok()).await;
+    // Key 3 lost: only its values move.
+    keys.disable("key-3").unwrap();
+    let after = landings(&mut svc, &mut handle, &values).await;
+    for (before, now) in first.iter().zip(&after) {
+        if before != "Bearer gsk_key3" {
+            assert_eq!(before, now, "a value of another key moved");
+        } else {
+            assert_ne!(now, "Bearer gsk_key3");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_key_ranked_first_for_an_affinity_is_probed_once() {
+    // Affinity on keys not heard from: the first request probes the value's key; a second
+    // with the same value meanwhile uses another key rather than wait.
+    let (mut svc, mut handle, _keys) = service(KeyFallbackLayer::new(support::keys(2)));
+    let with = |v: &str| {
+        let mut req = request();
+        req.extensions_mut().insert(Affinity::new(v));
+        req
+    };
+    let a = spawn(&mut svc, with("same")).await;
+    let (first, _, ra) = upstream(&mut handle).await;
+    let b = spawn(&mut svc, with("same")).await;
+    let (second, _, rb) = upstream(&mut handle).await;
+    assert_ne!(first, second, "the second went to the other key's probe");
+    ra.send_response(ok());
+    rb.send_response(ok());
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+}
