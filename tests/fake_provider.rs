@@ -606,3 +606,51 @@ async fn windows_and_delays_follow_a_paused_clock() {
     assert_eq!(call("gsk_slow").await.unwrap().status(), 200);
     assert_eq!(started.elapsed(), Duration::from_secs(30));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_understated_retry_after_ends_before_the_window_does() {
+    let provider = FakeProvider::builder()
+        .key(
+            "gsk_a",
+            Behavior::RateLimited {
+                requests: 1,
+                window: Duration::from_secs(10),
+            },
+        )
+        .understate_retry_after(Duration::from_millis(2500))
+        .build();
+    let call = || {
+        let req = Request::post("http://fake/openai/v1/chat/completions")
+            .header("authorization", "Bearer gsk_a")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        provider.clone().oneshot(req)
+    };
+    let served = call().await.unwrap();
+    assert_eq!(served.status(), 200);
+    // 10 s left in the window, 7.5 s announced.
+    assert_eq!(
+        header(&served, "x-ratelimit-reset-requests").unwrap(),
+        "7.5s"
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let refused = call().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    // 9 s left; 6.5 s announced, and retry-after rounds that up.
+    assert_eq!(
+        header(&refused, "x-ratelimit-reset-requests").unwrap(),
+        "6.5s"
+    );
+    assert_eq!(header(&refused, "retry-after").unwrap(), "7");
+    assert!(text(refused).await.contains("Please try again in 6.5s."));
+    // Coming back when told is too early: the window has 2 s left, and says 0.
+    tokio::time::advance(Duration::from_secs(7)).await;
+    let early = call().await.unwrap();
+    assert_eq!(early.status(), 429);
+    assert_eq!(header(&early, "x-ratelimit-reset-requests").unwrap(), "0s");
+    assert_eq!(header(&early, "retry-after").unwrap(), "1");
+    // At the real end the key serves again.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(call().await.unwrap().status(), 200);
+    assert_eq!(provider.stats().key("gsk_a").rate_limited, 2);
+}

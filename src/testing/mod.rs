@@ -48,7 +48,9 @@
 //! - The requests allowance of [`Behavior::RateLimited`] is a fixed window that starts with
 //!   the first request after the previous window ended. Its `x-ratelimit-*-requests` headers
 //!   report that window (Groq reports its daily allowance there). Refused requests do not
-//!   use up the allowance.
+//!   use up the allowance. With
+//!   [`understate_retry_after`](FakeProviderBuilder::understate_retry_after) its answers
+//!   announce the window's end earlier than it is.
 //! - Token headers are reported, never enforced: `x-ratelimit-limit-tokens` is 18000 and each
 //!   request spends about a quarter token per byte of its body plus the answer's tokens.
 //! - The request body is read only to find `"model"` and `"stream"`; it is not validated.
@@ -214,6 +216,7 @@ pub struct FakeProviderBuilder {
     per_model: bool,
     shared: Vec<Vec<String>>,
     hide_limits: bool,
+    understate: Duration,
 }
 
 impl FakeProviderBuilder {
@@ -253,6 +256,46 @@ impl FakeProviderBuilder {
     /// OpenAI-compatible servers do: a client then learns of limits only from 429s.
     pub fn without_rate_limit_headers(mut self) -> Self {
         self.hide_limits = true;
+        self
+    }
+
+    /// Makes every [`Behavior::RateLimited`] key announce the end of its window `by` earlier
+    /// than it really is, as a provider whose clock runs ahead or that rounds its reset down
+    /// does: the `x-ratelimit-reset-requests` header and the "try again in" of the 429's
+    /// body say the time left less `by` (at least zero), and `retry-after` is that rounded
+    /// up to whole seconds (at least 1, as always). The window itself is unchanged, so a
+    /// client that comes back when told is refused again until the real end. Default: zero.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use tower::ServiceExt;
+    /// use tower_key_fallback::testing::{Behavior, FakeProvider};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let provider = FakeProvider::builder()
+    ///     .key("gsk_a", Behavior::RateLimited { requests: 1, window: Duration::from_secs(10) })
+    ///     .understate_retry_after(Duration::from_secs(3))
+    ///     .build();
+    /// let call = || {
+    ///     let req = http::Request::post("http://fake/openai/v1/chat/completions")
+    ///         .header("authorization", "Bearer gsk_a")
+    ///         .body(Full::new(Bytes::from_static(b"{}")))
+    ///         .unwrap();
+    ///     provider.clone().oneshot(req)
+    /// };
+    /// assert_eq!(call().await?.status(), 200);
+    /// // The window has (nearly) 10 s left; the 429 says 7.
+    /// let limited = call().await?;
+    /// assert_eq!(limited.status(), 429);
+    /// assert_eq!(limited.headers()["retry-after"], "7");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn understate_retry_after(mut self, by: Duration) -> Self {
+        self.understate = by;
         self
     }
 
@@ -308,6 +351,7 @@ impl FakeProviderBuilder {
                 }),
                 per_model: self.per_model,
                 hide_limits: self.hide_limits,
+                understate: self.understate,
                 latency: self.latency,
                 stream_interval: self.stream_interval.unwrap_or(Duration::from_millis(5)),
                 next_id: AtomicU64::new(1),
@@ -363,6 +407,8 @@ struct Inner {
     state: Mutex<State>,
     per_model: bool,
     hide_limits: bool,
+    /// How much earlier than the real end a `RateLimited` key announces its window's end.
+    understate: Duration,
     latency: Duration,
     stream_interval: Duration,
     next_id: AtomicU64,
@@ -553,6 +599,8 @@ impl FakeProvider {
                 window: length,
             }) => {
                 let (used, reset, k) = window(Counted::Requests, length);
+                // What is announced: the real time left, less the understatement.
+                let reset = reset.saturating_sub(self.inner.understate);
                 let limit = u64::from(requests);
                 if used >= limit {
                     Decision::Limited {
