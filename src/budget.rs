@@ -33,6 +33,11 @@ use crate::sync::{ArcCell, AtomicU64, AtomicUsize, Mutex};
 const UNKNOWN: u64 = u32::MAX as u64;
 /// How long a report without a reset time holds.
 const DEFAULT_RESET: Duration = Duration::from_secs(60);
+/// How long a report whose reset is zero holds: "resets now" (`0s`, a time rounded down, a
+/// clock a moment ahead of the provider's) beside a count that is not whole again says the
+/// window has not quite ended; a report that held for no time would let every request in
+/// flight through on the strength of a limit the window no longer has.
+const ZERO_RESET: Duration = Duration::from_secs(1);
 /// Named buckets kept at most; requests for others share one overflow lane.
 pub(crate) const MAX_BUCKETS: usize = 64;
 /// The overflow lane's name in a status.
@@ -118,7 +123,11 @@ impl Dim {
         if let Some(limit) = w.limit {
             self.limit.store(limit, SeqCst);
         }
-        let given = w.reset.unwrap_or(DEFAULT_RESET);
+        let given = match w.reset {
+            None => DEFAULT_RESET,
+            Some(d) if d.is_zero() => ZERO_RESET,
+            Some(d) => d,
+        };
         let reset = now.saturating_add(ms(given.min(cap)));
         let (r0, b0) = unpack(self.word.load(SeqCst));
         let reset0 = self.reset.load(SeqCst);
@@ -201,6 +210,9 @@ struct Budget {
     probe: AtomicU64,
     /// The length of the last cooldown in this lane (ms), which a failed probe doubles.
     last_cool: AtomicU64,
+    /// When the window a report (or a declared limit) said was spent ends: the first claim
+    /// from then on makes the lane half-open.
+    spent_until: AtomicU64,
 }
 
 /// `Budget::probe` of a half-open lane whose probe has not gone.
@@ -217,6 +229,7 @@ impl Budget {
             until: AtomicU64::new(0),
             probe: AtomicU64::new(0),
             last_cool: AtomicU64::new(0),
+            spent_until: AtomicU64::new(0),
         }
     }
 
@@ -469,6 +482,18 @@ impl Lanes {
         let now = Now::new(now);
         let o = self.owner[key];
         let b = &lane.budgets[o];
+        // The first claim after a spent window's end turns it into the end of a cooldown, so
+        // that the probe below applies (its length is no cooldown to back off from).
+        let spent = b.spent_until.load(SeqCst);
+        if spent != 0
+            && spent <= now.get()
+            && b.spent_until
+                .compare_exchange(spent, 0, SeqCst, SeqCst)
+                .is_ok()
+        {
+            b.until.fetch_max(spent, SeqCst);
+            b.probe.store(HALF_OPEN, SeqCst);
+        }
         let until = b.until.load(SeqCst);
         let mut probe = false;
         if until != 0 {
@@ -732,6 +757,7 @@ impl Lanes {
             b.until.store(0, SeqCst);
             b.probe.store(0, SeqCst);
             b.last_cool.store(0, SeqCst);
+            b.spent_until.store(0, SeqCst);
             self.sync(lane, o, now);
         }
     }
@@ -797,7 +823,17 @@ impl Lanes {
 
     /// Makes owner `o`'s keys' bits in `lane` agree with its budget.
     pub(crate) fn sync(&self, lane: &Lane, o: usize, now: u64) {
-        let blocked = lane.budgets[o].blocked_until(now);
+        let b = &lane.budgets[o];
+        let blocked = b.blocked_until(now);
+        // A window the provider's count (or a declared limit) says is spent ends as a
+        // cooldown does: one request probes it first (see `claim`), so that a reset announced
+        // early costs one refusal, not one per request in flight. A block that clears before
+        // its end (a claim given back, a report of more) is no window's end.
+        match blocked {
+            Some(at) if b.until.load(SeqCst) < at => b.spent_until.store(at, SeqCst),
+            None if now < b.spent_until.load(SeqCst) => b.spent_until.store(0, SeqCst),
+            _ => {}
+        }
         for &k in self.members[o].iter() {
             let (w, bit) = (k / 64, 1u64 << (k % 64));
             match blocked {

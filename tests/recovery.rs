@@ -544,3 +544,64 @@ async fn a_cold_key_ranked_first_for_an_affinity_is_probed_once() {
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
 }
+
+fn reports(remaining: u64, reset: &str) -> Res {
+    let remaining = remaining.to_string();
+    response(
+        200,
+        &[
+            ("x-ratelimit-limit-requests", "5"),
+            ("x-ratelimit-remaining-requests", &remaining),
+            ("x-ratelimit-reset-requests", reset),
+        ],
+        "{}",
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_end_of_a_window_the_count_said_was_spent_is_probed_by_one_request() {
+    let (mut svc, mut handle, _keys) = service(KeyFallbackLayer::new(support::keys(2)));
+    serve(&mut svc, &mut handle, "gsk_key1", reports(2, "10s")).await;
+    // Two in flight take key 1's last two; a third goes to key 2.
+    let mut open = Vec::new();
+    for want in ["gsk_key1", "gsk_key1", "gsk_key2"] {
+        let call = spawn(&mut svc, request()).await;
+        let (bearer, _, reply) = upstream(&mut handle).await;
+        assert_eq!(bearer, format!("Bearer {want}"));
+        open.push((call, reply));
+    }
+    let (call, reply) = open.pop().unwrap();
+    reply.send_response(ok());
+    call.await.unwrap().unwrap();
+    // The window ends with two still in flight: one request probes key 1, the next goes to
+    // key 2 rather than follow it (the limit of 5 would let it).
+    tokio::time::advance(Duration::from_secs(10)).await;
+    for want in ["gsk_key1", "gsk_key2"] {
+        let call = spawn(&mut svc, request()).await;
+        let (bearer, _, reply) = upstream(&mut handle).await;
+        assert_eq!(bearer, format!("Bearer {want}"));
+        open.push((call, reply));
+    }
+    for (call, reply) in open {
+        reply.send_response(ok());
+        call.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_report_that_resets_now_holds_for_a_moment() {
+    let (mut svc, mut handle, _keys) = service(KeyFallbackLayer::new(support::keys(2)));
+    // "1 left, resets in 0s": the window has not quite ended (a reset rounded down).
+    serve(&mut svc, &mut handle, "gsk_key1", reports(1, "0s")).await;
+    let mut open = Vec::new();
+    for want in ["gsk_key1", "gsk_key2"] {
+        let call = spawn(&mut svc, request()).await;
+        let (bearer, _, reply) = upstream(&mut handle).await;
+        assert_eq!(bearer, format!("Bearer {want}"));
+        open.push((call, reply));
+    }
+    for (call, reply) in open {
+        reply.send_response(ok());
+        call.await.unwrap().unwrap();
+    }
+}
