@@ -297,11 +297,13 @@ impl Driver {
         }
     }
 
-    /// Whether another key could still serve after the coming attempt, so that a copy of the
-    /// request is worth keeping.
+    /// Whether another key could still serve after the coming attempt (or, with
+    /// `wait_for_key`, a key that is set aside now), so that a copy of the request is worth
+    /// keeping.
     fn copy_wanted(&self, shared: &Shared) -> bool {
         self.count + 1 < shared.max_attempts
-            && shared.pool.has_next(&self.cursor, self.lane(shared))
+            && (shared.config.wait_for_key.is_some()
+                || shared.pool.has_next(&self.cursor, self.lane(shared)))
     }
 
     /// A copy of the first request for a replay, made by `copy` when another key could still

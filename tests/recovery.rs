@@ -605,3 +605,23 @@ async fn a_report_that_resets_now_holds_for_a_moment() {
         call.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_request_waits_for_the_next_key_instead_of_failing() {
+    let layer = KeyFallbackLayer::builder(support::keys(2))
+        .wait_for_key(Duration::from_secs(30))
+        .build();
+    let (mut svc, mut handle, keys) = service(layer);
+    keys.cool_down("key-2", Duration::from_secs(5)).unwrap();
+    let start = Instant::now();
+    let call = spawn(&mut svc, request()).await;
+    let (bearer, _, reply) = upstream(&mut handle).await;
+    assert_eq!(bearer, "Bearer gsk_key1");
+    reply.send_response(limited("60"));
+    // Key 2 comes back in 5 s: the replay waits for it (a copy of the request was kept).
+    let (bearer, _, reply) = upstream(&mut handle).await;
+    assert_eq!(bearer, "Bearer gsk_key2");
+    assert_eq!(start.elapsed(), Duration::from_secs(5));
+    reply.send_response(ok());
+    assert_eq!(call.await.unwrap().unwrap().status(), 200);
+}

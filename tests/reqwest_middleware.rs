@@ -659,3 +659,42 @@ async fn a_bucket_extension_scopes_the_rate_limit() {
         .passed_over_for
         .is_some_and(|d| d > Duration::from_secs(55)));
 }
+
+#[tokio::test]
+async fn a_request_waits_for_a_key_and_a_replay_waits_too() {
+    let (addr, up) = serve(&[("k1", Mode::RateLimited), ("k2", Mode::Ok)]).await;
+    let layer = KeyFallbackLayer::builder(keys(&["k1", "k2"]))
+        .wait_for_key(Duration::from_secs(5))
+        .build();
+    let handle = layer.handle();
+    let client = client(&layer);
+    let label = |i: usize| handle.status().keys[i].label.clone();
+    // Key 2 is set aside for 300 ms; key 1 answers 429 (for 60 s): the replay waits for
+    // key 2 instead of failing.
+    handle
+        .cool_down(&label(1), Duration::from_millis(300))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let res = chat(&client, addr).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(up.authorizations(), ["Bearer k1", "Bearer k2"]);
+    // Both set aside, key 2 for 300 ms more: a new request waits before it is sent.
+    handle
+        .cool_down(&label(1), Duration::from_millis(300))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let res = chat(&client, addr).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(up.authorizations(), ["Bearer k1", "Bearer k2", "Bearer k2"]);
+    assert_eq!(handle.status().waiting, 0);
+}
