@@ -70,7 +70,8 @@ pub enum KeyEvent<'a> {
         /// Why.
         reason: DisableReason,
     },
-    /// A key's cooldown passed and it is back in service.
+    /// A key's cooldown passed and it is back, half-open: the next request probes it
+    /// ([`KeyEvent::Probing`]) and the others follow once it serves ([`KeyEvent::Opened`]).
     Recovered {
         /// The key's label.
         key: &'a str,

@@ -14,7 +14,11 @@
 //! - keeps per-key state: a cooldown until the provider's own reset time, error counts with a
 //!   temporary set-aside after too many, a lasting disable for dead keys, recovery by itself;
 //! - keeps, per key and [`Bucket`] (model), what the provider reported the key has left, less
-//!   the requests sent since, and passes over a key whose budget is spent.
+//!   the requests sent since, and passes over a key whose budget is spent;
+//! - probes a key that comes back from a cooldown (or that it has not heard from) with one
+//!   request before the others follow, can let requests wait in turn for a key
+//!   ([`KeyFallbackBuilder::wait_for_key`], with backpressure in `poll_ready`), and keeps a
+//!   request with an [`Affinity`] on one key.
 //!
 //! Success bodies, server-sent event streams included, pass through untouched.
 //!
@@ -57,20 +61,22 @@
 //! |---|---|---|
 //! | `error` | [`BoxError`], [`ConfigError`] | nothing |
 //! | `status` | the status types: [`KeyState`], [`KeyStatus`], [`PoolStatus`], the reasons, [`KeyRecord`] | nothing |
+//! | `affinity` | [`Affinity`] and the rendezvous ranking of keys | nothing |
 //! | `parse`, `errorbody` | parsers for reset times, and the scanner of providers' JSON error envelopes | nothing |
 //! | `classify` | [`Classify`], [`DefaultClassifier`], [`Verdict`], [`ErrorVerdict`]: what an answer means | `parse`, `errorbody` |
 //! | `keys` | [`KeySet`], fingerprints, credential header values, [`KeyInUse`] | `error` |
 //! | `config` | [`Credential`] and the one cooldown policy: what a verdict does to a key | `classify`, `status`, `keys` |
 //! | `events` | [`KeyEvents`], [`KeyEvent`], [`TracingEvents`] | `classify`, `status` |
 //! | `capacity` | [`Bucket`], [`TokenCost`], [`Limits`], and what an answer's headers report of a key's allowance | `parse`, `errorbody` |
-//! | `budget` | per key (or group) and bucket: the provider's remaining counts less what was sent since, bucket cooldowns, shared limits noticed | `capacity` |
-//! | `pool` | per-key state in atomics, key choice, export and import | `budget`, `capacity`, `config`, `events`, `keys`, `status` |
+//! | `budget` | per key (or group) and bucket: the provider's remaining counts less what was sent since, bucket cooldowns and probes, the wait queues, shared limits noticed | `capacity` |
+//! | `pool` | per-key state in atomics (half-open keys and their probe included), key choice, export and import | `affinity`, `budget`, `capacity`, `config`, `events`, `keys`, `status` |
 //! | `body` | [`TryCloneBody`], [`SendOnce`], [`KeyFallbackBody`], [`InspectedBody`], the bounded peek | `error` |
 //! | `answer` | [`Exhausted`] and the proxy's 429 and 502 | `body`, `error` |
-//! | `driver` | one request's walk over the keys, as decisions without I/O | all of the above |
+//! | `driver` | one request's walk over the keys, as decisions without I/O (when to wait included) | all of the above |
+//! | `wait` | waiting in turn for a key: the queue, the wake-ups | `driver`, `events` |
 //! | `handle` | [`KeyHandle`] | `driver`, `pool`, `keys`, `status` |
 //! | `inspect` | reading an error body for classification, with a time bound | `driver`, `body` |
-//! | `future`, `service` | the tower adapter: [`KeyFallback`], [`ResponseFuture`] | `driver`, `inspect`, `answer`, `body`, `handle` |
+//! | `future`, `service` | the tower adapter: [`KeyFallback`], [`ResponseFuture`], readiness | `driver`, `wait`, `inspect`, `answer`, `body`, `handle` |
 //! | `layer` | [`KeyFallbackLayer`], [`KeyFallbackBuilder`] | the above |
 //! | `reqwest_middleware`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
 //!
