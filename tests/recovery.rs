@@ -625,3 +625,13 @@ async fn a_refused_request_waits_for_the_next_key_instead_of_failing() {
     reply.send_response(ok());
     assert_eq!(call.await.unwrap().unwrap().status(), 200);
 }
+
+#[test]
+fn the_service_stays_send_and_sync_and_its_future_send() {
+    // The service keeps its readiness wake-up (with `wait_for_key`); the future its wait.
+    fn both<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    both::<KeyFallback<Mock>>();
+    both::<KeyFallbackLayer>();
+    send::<tower_key_fallback::ResponseFuture<Mock, Full<Bytes>>>();
+}
