@@ -113,12 +113,14 @@ fn probe_in_flight(keys: &KeyHandle, label: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
-// 1. `Driver::rescan` replays a request on the very key that just failed.
+// 1. A fault that leaves its key usable (a 5xx) is replayed on that very key.
 // ---------------------------------------------------------------------------------------
 
 /// Key 1 is open and key 2 half-open with its probe out. A request on key 1 gets a 500: it
-/// should wait for key 2's probe (or give up), not be sent to key 1 again. `rescan` finds
-/// "a key can serve now" (key 1 itself, still active after one 500) and starts a new scan.
+/// should wait for key 2's probe (or give up), not be sent to key 1 again at once. Both
+/// ways out of `Driver::advance` restart the scan from scratch: `rescan` ("a key can serve
+/// now": key 1 itself, still active after one 500), and without it the wait's first
+/// `after_wait`, which scans every key before waiting for anything.
 #[tokio::test(start_paused = true)]
 async fn a_server_error_is_not_replayed_on_the_key_that_just_failed() {
     let layer = KeyFallbackLayer::builder(support::keys(2))
@@ -449,4 +451,136 @@ async fn a_probe_from_before_a_reset_does_not_end_the_next_probe() {
     let (_, _, reply) = upstream(&mut handle).await;
     reply.send_response(ok());
     p3.await.unwrap().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Keys of one group (one shared limit) each get a probe of their own after the group's
+//    cooldown: one refusal per key, not one for the limit.
+// ---------------------------------------------------------------------------------------
+
+/// Keys 1 and 2 share one limit (`.group`). A 429 on key 1 cools both. When the cooldown
+/// ends, P1 probes key 1; P2 should wait for P1's answer (the limit they share is what is
+/// being probed), but each key is half-open on its own in `Pool` (the key-level probe is per
+/// key, not per owner as a bucket's is), so P2 probes key 2 at once: two requests on a limit
+/// that may still refuse both.
+#[tokio::test(start_paused = true)]
+async fn a_group_sharing_one_limit_is_probed_by_one_request() {
+    let layer = KeyFallbackLayer::builder(support::keys(2))
+        .group(["key-1", "key-2"])
+        .build();
+    let (mut svc, mut handle, keys) = service(layer);
+    // A cold burst: both keys probed and heard from.
+    let a = spawn(&mut svc, request()).await;
+    let b = spawn(&mut svc, request()).await;
+    for _ in 0..2 {
+        let (_, _, reply) = upstream(&mut handle).await;
+        reply.send_response(ok());
+    }
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    refused(&mut svc, &mut handle, request(), limited("5")).await;
+    assert!(matches!(cooling(&keys, "key-2").1, CooldownReason::RateLimited));
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let p1 = spawn(&mut svc, tagged("p1")).await;
+    let (bearer, _, p1_reply) = upstream(&mut handle).await;
+    assert_eq!(bearer, "Bearer gsk_key1");
+    let p2 = spawn(&mut svc, tagged("p2")).await;
+    // Wrong: P2 probes the same limit through key 2.
+    no_upstream_call(&mut handle).await;
+    p1_reply.send_response(ok());
+    p1.await.unwrap().unwrap();
+    let (_, t, reply) = upstream(&mut handle).await;
+    assert_eq!(t, "p2");
+    reply.send_response(ok());
+    p2.await.unwrap().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. The backoff's "last cooldown" is the last hint recorded, not the cooldown the key had.
+// ---------------------------------------------------------------------------------------
+
+/// Two requests in flight on key 1 are refused: one for 30 s, then one for 2 s. The key
+/// rightly stays out 30 s (a cooldown is never shortened), but `Pool::record` stores 2 s as
+/// its last cooldown. The probe at 30 s is refused again (2 s asked): the key should wait at
+/// least twice its last cooldown (60 s); it waits 4 s.
+#[tokio::test(start_paused = true)]
+async fn the_backoff_doubles_the_cooldown_the_key_had_not_the_last_hint() {
+    let (mut svc, mut handle, keys) = service(KeyFallbackLayer::new(support::keys(1)));
+    serve(&mut svc, &mut handle, "gsk_key1", ok()).await;
+    let a = spawn(&mut svc, request()).await;
+    let b = spawn(&mut svc, request()).await;
+    let (_, _, ra) = upstream(&mut handle).await;
+    let (_, _, rb) = upstream(&mut handle).await;
+    ra.send_response(limited("30"));
+    assert!(a.await.unwrap().is_err());
+    rb.send_response(limited("2"));
+    assert!(b.await.unwrap().is_err());
+    assert_eq!(cooling(&keys, "key-1").0, Duration::from_secs(30));
+    tokio::time::advance(Duration::from_secs(30)).await;
+    refused(&mut svc, &mut handle, request(), limited("2")).await;
+    let (left, _) = cooling(&keys, "key-1");
+    assert!(
+        left >= Duration::from_secs(60),
+        "refused right after a 30 s cooldown, the key waits only {left:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. `cursor_for` reads lane bits that `Lanes::maybe_recover` has not restored yet.
+// ---------------------------------------------------------------------------------------
+
+fn with_affinity(value: &str) -> Req {
+    let mut req = request();
+    req.extensions_mut()
+        .insert(tower_key_fallback::Affinity::new(value));
+    req
+}
+
+/// A value whose key is key 2. Key 2's window is spent (a success with `remaining 0`, reset
+/// in 10 s). At 10 s key 2 can serve again, and the value's next request should land on it
+/// (it probes the key); `Pool::cursor_for` recovers the key-level state but not the lane's
+/// bits, still cleared, so it ranks key 1 first and the value moves to key 1.
+#[tokio::test(start_paused = true)]
+async fn an_affinity_value_returns_to_its_key_when_the_keys_window_ends() {
+    let (mut svc, mut handle, _keys) = service(KeyFallbackLayer::new(support::keys(2)));
+    let a = spawn(&mut svc, request()).await;
+    let b = spawn(&mut svc, request()).await;
+    for _ in 0..2 {
+        let (_, _, reply) = upstream(&mut handle).await;
+        reply.send_response(ok());
+    }
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    let mut value = None;
+    for i in 0..64 {
+        let v = format!("conversation-{i}");
+        let call = spawn(&mut svc, with_affinity(&v)).await;
+        let (bearer, _, reply) = upstream(&mut handle).await;
+        reply.send_response(ok());
+        call.await.unwrap().unwrap();
+        if bearer == "Bearer gsk_key2" {
+            value = Some(v);
+            break;
+        }
+    }
+    let value = value.expect("a value ranked on key 2");
+    let call = spawn(&mut svc, with_affinity(&value)).await;
+    let (bearer, _, reply) = upstream(&mut handle).await;
+    assert_eq!(bearer, "Bearer gsk_key2");
+    reply.send_response(response(
+        200,
+        &[
+            ("x-ratelimit-limit-requests", "5"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "10s"),
+        ],
+        "{}",
+    ));
+    call.await.unwrap().unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let call = spawn(&mut svc, with_affinity(&value)).await;
+    let (bearer, _, reply) = upstream(&mut handle).await;
+    reply.send_response(ok());
+    call.await.unwrap().unwrap();
+    assert_eq!(bearer, "Bearer gsk_key2", "the value moved off its usable key");
 }
