@@ -492,6 +492,7 @@ impl Lanes {
                 .is_ok()
         {
             b.until.fetch_max(spent, SeqCst);
+            b.last_cool.store(0, SeqCst);
             b.probe.store(HALF_OPEN, SeqCst);
         }
         let until = b.until.load(SeqCst);
@@ -778,16 +779,17 @@ impl Lanes {
         }
     }
 
-    /// Whether key `key` is half-open in `lane`: just out of a cooldown there.
-    pub(crate) fn half_open(&self, lane: &Lane, key: usize, now: u64) -> bool {
+    /// For key `key` half-open in `lane` (just out of a cooldown there): the length of that
+    /// cooldown if it was a refusal (ms), which a refused probe backs off from; else 0.
+    pub(crate) fn last_refusal(&self, lane: &Lane, key: usize, now: u64) -> u64 {
         let b = &lane.budgets[self.owner[key]];
         let until = b.until.load(SeqCst);
-        until != 0 && until <= now && b.probe.load(SeqCst) != 0
-    }
-
-    /// The length of key `key`'s last cooldown in `lane` (ms).
-    pub(crate) fn last_cool(&self, lane: &Lane, key: usize) -> u64 {
-        lane.budgets[self.owner[key]].last_cool.load(SeqCst)
+        let half_open = until != 0 && until <= now && b.probe.load(SeqCst) != 0;
+        if half_open {
+            b.last_cool.load(SeqCst)
+        } else {
+            0
+        }
     }
 
     /// Gives back a claim whose request was never sent.
@@ -810,12 +812,14 @@ impl Lanes {
     }
 
     /// Cools key `key` (and the keys sharing its limit) in `lane` only, until `until` (ms).
-    pub(crate) fn cool(&self, lane: &Lane, key: usize, until: u64, now: u64) {
+    /// `refused`: a refusal (a 429), which a refused probe backs off from; a drained window is
+    /// none.
+    pub(crate) fn cool(&self, lane: &Lane, key: usize, until: u64, now: u64, refused: bool) {
         let o = self.owner[key];
         let b = &lane.budgets[o];
-        if b.until.fetch_max(until, SeqCst) < until {
-            b.last_cool.store(until.saturating_sub(now), SeqCst);
-        }
+        let kept = b.until.fetch_max(until, SeqCst).max(until);
+        let len = if refused { kept.saturating_sub(now) } else { 0 };
+        b.last_cool.store(len, SeqCst);
         // Out of it, one request probes first.
         b.probe.store(HALF_OPEN, SeqCst);
         self.sync(lane, o, now);

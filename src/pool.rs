@@ -775,25 +775,28 @@ impl Pool {
                 }
             }
             Outcome::Cool(reason, d, capped) => {
-                // Refused again right after a cooldown: the provider's window had not ended
-                // (a clock skew, a reset rounded down). The key waits at least twice as long
-                // as last time, up to `max_cooldown`.
                 let refused = matches!(
                     reason,
                     CooldownReason::RateLimited | CooldownReason::QuotaExhausted
                 );
-                let after_cooldown = match lane {
-                    Some(lane) if reason != CooldownReason::QuotaExhausted => {
-                        self.lanes.half_open(lane, i, self.now_ms())
-                    }
-                    _ => seen.tag() == TAG_PROBING && seen.after().is_some(),
-                };
-                let d = if refused && after_cooldown {
-                    let last = match lane {
-                        Some(lane) if reason != CooldownReason::QuotaExhausted => {
-                            self.lanes.last_cool(lane, i)
-                        }
-                        _ => slot.counters.last_cool_ms.load(SeqCst),
+                // A bucket's limit holds in that bucket: the key serves the others. The key's
+                // own limit, or its organization's quota, holds for every bucket.
+                let in_lane = lane.filter(|_| reason != CooldownReason::QuotaExhausted);
+                let now = self.now_ms();
+                // Refused right out of a cooldown that was itself a refusal: the provider's
+                // window had not ended (a clock skew, a reset rounded down). The key waits at
+                // least twice as long as it last did, up to `max_cooldown`.
+                let d = if refused {
+                    let last = match in_lane {
+                        Some(lane) => self.lanes.last_refusal(lane, i, now),
+                        None => match seen.after() {
+                            Some(CooldownReason::RateLimited | CooldownReason::QuotaExhausted)
+                                if seen.tag() == TAG_PROBING =>
+                            {
+                                slot.counters.last_cool_ms.load(SeqCst)
+                            }
+                            _ => 0,
+                        },
                     };
                     d.max(Duration::from_millis(
                         last.saturating_mul(2).min(self.max_cooldown_ms),
@@ -801,8 +804,7 @@ impl Pool {
                 } else {
                     d
                 };
-                if reason == CooldownReason::RateLimited || reason == CooldownReason::QuotaExhausted
-                {
+                if refused {
                     slot.counters.rate_limited.fetch_add(1, SeqCst);
                 }
                 if reason != CooldownReason::Drained {
@@ -810,17 +812,10 @@ impl Pool {
                 } else {
                     slot.counters.successes.fetch_add(1, SeqCst);
                 }
-                let now = self.now_ms();
                 let until = self.deadline(now, d);
-                slot.counters.last_cool_ms.store(ms(d), SeqCst);
-                match lane {
-                    // A bucket's limit holds in that bucket: the key serves the others.
-                    Some(lane) if reason != CooldownReason::QuotaExhausted => {
-                        self.lanes.cool(lane, i, until, now)
-                    }
-                    // The key's own limit, or its organization's quota: every key that
-                    // shares it is spent too.
-                    _ => {
+                match in_lane {
+                    Some(lane) => self.lanes.cool(lane, i, until, now, refused),
+                    None => {
                         for &k in self.lanes.members(i) {
                             let g = if k == i {
                                 generation
@@ -829,6 +824,15 @@ impl Pool {
                             };
                             self.cool_until(k, g, reason, until, capped);
                         }
+                        // What a refused probe backs off from: the cooldown the key has now (a
+                        // later one already set is kept); a drained window is no refusal.
+                        let kept = slot.word();
+                        let len = if refused && kept.tag() == TAG_COOLING {
+                            kept.until().saturating_sub(now)
+                        } else {
+                            0
+                        };
+                        slot.counters.last_cool_ms.store(len, SeqCst);
                     }
                 }
             }
