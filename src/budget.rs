@@ -876,10 +876,22 @@ impl Lanes {
     /// When key `key` can take a request in `lane` again (ms), if not now, and whether that
     /// waits on a probe's answer (a probe out in the lane, which others pass over until the
     /// probe wait).
-    pub(crate) fn ready_at(&self, lane: &Lane, key: usize, now: u64) -> Option<(u64, bool)> {
+    pub(crate) fn ready_at(
+        &self,
+        lane: &Lane,
+        key: usize,
+        now: u64,
+        cost: Option<u64>,
+    ) -> Option<(u64, bool)> {
         let b = &lane.budgets[self.owner[key]];
         if let Some(at) = b.blocked_until(now) {
             return Some((at, false));
+        }
+        // A cost that does not fit beside the reservations until the tokens' reset.
+        if let (Some(cost), Some((remaining, _))) = (cost.filter(|&c| c > 0), b.tokens.current(now)) {
+            if b.reserved.load(SeqCst).saturating_add(cost) > remaining {
+                return Some((b.tokens.reset.load(SeqCst), false));
+            }
         }
         let out = b.probe.load(SeqCst);
         if out > HALF_OPEN && b.until.load(SeqCst) != 0 {

@@ -20,7 +20,6 @@ use crate::error::BoxError;
 use crate::events::KeyEvent;
 use crate::keys::KeyInUse;
 use crate::pool::{Cursor, Generation, Pick, Pool};
-use std::sync::atomic::Ordering::SeqCst;
 
 /// What every service made by one layer shares: the pool, the classifier and the
 /// configuration. Aligned so that the `Arc`'s reference counts, written by every request,
@@ -99,8 +98,14 @@ pub(crate) struct Driver {
     probe: Option<u64>,
     /// The request's [`Affinity`], if it carries one.
     affinity: Option<u64>,
-    /// When this request's waiting must end (ms on the pool's clock), from its first wait.
+    /// When this request's waiting for a cooldown or budget must end (ms on the pool's
+    /// clock): `wait_for_key` from its first wait.
     wait_limit: Option<u64>,
+    /// When its waiting for probes' answers must end: the probe wait from the first.
+    probe_limit: Option<u64>,
+    /// A key that failed this request with an error that did not set it aside: later scans
+    /// of the request pass it over.
+    avoid: Option<usize>,
 }
 
 impl Driver {
@@ -112,11 +117,9 @@ impl Driver {
         driver.cost = ext.get::<TokenCost>().map(|c| c.0);
         driver.affinity = ext.get::<Affinity>().map(|a| a.hash());
         driver.cursor = driver.new_cursor(shared);
-        // First come, first served: a request that finds others waiting for a key in its
-        // bucket waits behind them.
-        if driver.lane(shared).waiters.count.load(SeqCst) > 0 {
-            return Started::Wait(driver);
-        }
+        // A request a key can serve now goes now; only one that must wait joins the queue
+        // (and is served in turn there), so that no request is held behind another whose
+        // bucket or token cost no key can take yet.
         if driver.pick(shared) {
             return Started::Send(driver);
         }
@@ -124,7 +127,7 @@ impl Driver {
             return Started::Wait(driver);
         }
         let lane = driver.lane(shared);
-        Started::Unsent(exhausted(shared, lane, 0, None, None))
+        Started::Unsent(exhausted(shared, lane, driver.cost, 0, None, None))
     }
 
     /// A driver with nothing left to do: what an inspection leaves in its place.
@@ -142,6 +145,8 @@ impl Driver {
             probe: None,
             affinity: None,
             wait_limit: None,
+            probe_limit: None,
+            avoid: None,
         }
     }
 
@@ -175,35 +180,45 @@ impl Driver {
     /// request probed it, whose probe has ended since): a new scan, once per attempt.
     fn rescan(&mut self, shared: &Shared) -> bool {
         let now = shared.pool.now_ms();
-        match shared.pool.soonest(self.lane(shared)) {
-            Some(soonest) if soonest.at_ms <= now => {
-                self.cursor = self.new_cursor(shared);
-                self.pick(shared)
-            }
+        match shared.pool.soonest(self.lane(shared), self.cost) {
+            Some(soonest) if soonest.at_ms <= now => self.new_scan(shared),
             _ => false,
         }
     }
 
-    /// With no key able to serve now: whether to wait for one. A request waits for a
-    /// probe's answer (at most the probe wait), and, with
+    /// A new scan over every key but the one to avoid; takes the first that can serve.
+    fn new_scan(&mut self, shared: &Shared) -> bool {
+        self.cursor = self.new_cursor(shared);
+        self.cursor.avoid = self.avoid.unwrap_or(usize::MAX);
+        self.pick(shared)
+    }
+
+    /// With no key able to serve now: whether to wait for one. A request waits for probes'
+    /// answers (for at most the probe wait in all), and, with
     /// [`wait_for_key`](crate::KeyFallbackBuilder::wait_for_key), for a key whose cooldown
-    /// or budget ends within it; never when every key is disabled. The limit counts from the
-    /// request's first wait.
+    /// or budget ends within it (counted from its first wait); never when every key is
+    /// disabled.
     fn should_wait(&mut self, shared: &Shared) -> bool {
         let pool = &shared.pool;
-        let Some(soonest) = pool.soonest(self.lane(shared)) else {
+        let Some(soonest) = pool.soonest(self.lane(shared), self.cost) else {
             return false;
         };
-        let wait_for_key = shared.config.wait_for_key.map(crate::budget::ms);
-        let probe_out = soonest.probe_ms.is_some();
-        if !probe_out && wait_for_key.is_none() {
-            return false;
-        }
         let now = pool.now_ms();
-        let for_probe = if probe_out { pool.probe_wait_ms() } else { 0 };
-        let allowed = wait_for_key.unwrap_or(0).max(for_probe);
-        let limit = *self.wait_limit.get_or_insert(now.saturating_add(allowed));
-        now < limit && (probe_out || soonest.at_ms <= limit)
+        if soonest.probe_ms.is_some() {
+            let limit = *self
+                .probe_limit
+                .get_or_insert(now.saturating_add(pool.probe_wait_ms()));
+            if now < limit {
+                return true;
+            }
+        }
+        let Some(max) = shared.config.wait_for_key else {
+            return false;
+        };
+        let limit = *self
+            .wait_limit
+            .get_or_insert(now.saturating_add(crate::budget::ms(max)));
+        now < limit && soonest.at_ms <= limit
     }
 
     /// After a wait's turn or wake-up: a new scan over every key (one tried before may be
@@ -213,8 +228,7 @@ impl Driver {
             return Step::GiveUp;
         }
         let from = self.count.checked_sub(1).map(|_| self.key);
-        self.cursor = self.new_cursor(shared);
-        if self.pick(shared) {
+        if self.new_scan(shared) {
             if let Some(from) = from {
                 shared.pool.events.on_event(&KeyEvent::Switched {
                     from: shared.pool.label(from),
@@ -236,8 +250,11 @@ impl Driver {
     pub(crate) fn wake_at(&self, shared: &Shared) -> u64 {
         let pool = &shared.pool;
         let now = pool.now_ms();
-        let limit = self.wait_limit.unwrap_or(now);
-        let Some(soonest) = pool.soonest(self.lane(shared)) else {
+        let limit = self
+            .wait_limit
+            .max(self.probe_limit)
+            .unwrap_or(now + RECHECK_MS);
+        let Some(soonest) = pool.soonest(self.lane(shared), self.cost) else {
             return limit;
         };
         // Due now but not taken (a token cost that does not fit yet, a claim that raced):
@@ -399,6 +416,9 @@ impl Driver {
         let outcome = shared.config.outcome(verdict);
         let opened = matches!(verdict, Verdict::Success | Verdict::Drained { .. });
         self.settle(shared, report.as_ref(), outcome, opened);
+        if outcome == Some(Outcome::Error) {
+            self.avoid = Some(self.key);
+        }
     }
 
     /// An answer came, with this verdict: records it and decides. `has_copy` tells whether
@@ -429,6 +449,9 @@ impl Driver {
             ErrorVerdict::Unreachable | ErrorVerdict::ConnectionLost
         );
         self.settle(shared, None, blamed.then_some(Outcome::Error), false);
+        if blamed {
+            self.avoid = Some(self.key);
+        }
         shared.pool.events.on_event(&KeyEvent::CallFailed {
             key: shared.pool.label(self.key),
             error: &**error,
@@ -486,6 +509,7 @@ impl Driver {
         exhausted(
             shared,
             self.lane(shared),
+            self.cost,
             self.count,
             last_response,
             last_error,
@@ -512,11 +536,12 @@ fn bucket_lane(shared: &Shared, ext: &http::Extensions) -> Option<Arc<Lane>> {
 fn exhausted(
     shared: &Shared,
     lane: &Lane,
+    cost: Option<u64>,
     attempts: u32,
     last_response: Option<http::Response<InspectedBody>>,
     last_error: Option<BoxError>,
 ) -> Exhausted {
-    let retry_after = shared.pool.earliest(lane);
+    let retry_after = shared.pool.earliest(lane, cost);
     shared.pool.events.on_event(&KeyEvent::Exhausted {
         keys: shared.pool.len(),
         attempts,

@@ -209,6 +209,9 @@ impl Slot {
 pub(crate) struct Cursor {
     start: usize,
     offset: usize,
+    /// A key this scan passes over (`usize::MAX`: none): one that just failed the request
+    /// with an error that did not set it aside.
+    pub(crate) avoid: usize,
 }
 
 impl Cursor {
@@ -217,6 +220,7 @@ impl Cursor {
         Cursor {
             start: 0,
             offset: 0,
+            avoid: usize::MAX,
         }
     }
 
@@ -225,6 +229,7 @@ impl Cursor {
         Cursor {
             start: 0,
             offset: usize::MAX,
+            avoid: usize::MAX,
         }
     }
 }
@@ -414,7 +419,11 @@ impl Pool {
             Some(rr) => rr.fetch_add(1, SeqCst) % self.slots.len(),
             None => 0,
         };
-        Cursor { start, offset: 0 }
+        Cursor {
+            start,
+            offset: 0,
+            avoid: usize::MAX,
+        }
     }
 
     /// Restores keys whose cooldown has passed, if the earliest deadline is behind us. Cheap
@@ -518,6 +527,9 @@ impl Pool {
             match self.find_in(real, end, lane) {
                 Some(i) => {
                     cur.offset += i - real + 1;
+                    if i == cur.avoid {
+                        continue;
+                    }
                     let took = self.claim(i);
                     if took == Took::No {
                         continue;
@@ -578,6 +590,7 @@ impl Pool {
     /// while that key is usable, and losing a key moves only the values it ranked first for.
     pub(crate) fn cursor_for(&self, affinity: u64, lane: &Lane) -> Cursor {
         self.maybe_recover();
+        self.lanes.maybe_recover(lane, || self.now_ms());
         let mut best: Option<(u64, usize)> = None;
         for w in 0..self.usable.len() {
             let mut bits = self.usable[w].load(SeqCst) & lane.word(w);
@@ -591,7 +604,11 @@ impl Pool {
             }
         }
         match best {
-            Some((_, start)) => Cursor { start, offset: 0 },
+            Some((_, start)) => Cursor {
+                start,
+                offset: 0,
+                avoid: usize::MAX,
+            },
             None => self.cursor(),
         }
     }
@@ -629,7 +646,7 @@ impl Pool {
         if self.has_next(&Cursor::all(), lane) {
             return None;
         }
-        let soonest = self.soonest(lane)?;
+        let soonest = self.soonest(lane, None)?;
         let now = self.now_ms();
         (soonest.at_ms > now && soonest.at_ms - now <= ms(max)).then_some(soonest.at_ms)
     }
@@ -1005,15 +1022,15 @@ impl Pool {
 
     /// Time until the earliest cooling key is usable again; `None` when no key is cooling
     /// (all disabled), zero when one is usable now.
-    pub(crate) fn earliest(&self, lane: &Lane) -> Option<Duration> {
+    pub(crate) fn earliest(&self, lane: &Lane, cost: Option<u64>) -> Option<Duration> {
         let now = self.now_ms();
-        self.soonest(lane)
+        self.soonest(lane, cost)
             .map(|s| Duration::from_millis(s.at_ms.saturating_sub(now)))
     }
 
     /// When the soonest key can take a request in `lane` (ms), and when the soonest probe
     /// out lets others use its key; `None` when every key is disabled.
-    pub(crate) fn soonest(&self, lane: &Lane) -> Option<Soonest> {
+    pub(crate) fn soonest(&self, lane: &Lane, cost: Option<u64>) -> Option<Soonest> {
         let now = self.now_ms();
         let mut best: Option<Soonest> = None;
         for (i, slot) in self.slots.iter().enumerate() {
@@ -1028,10 +1045,12 @@ impl Pool {
                 }
                 _ => continue,
             };
-            if let Some((lane_at, lane_probe)) = self.lanes.ready_at(lane, i, now) {
-                at = at.max(lane_at);
-                if lane_probe {
-                    probe = Some(probe.map_or(lane_at, |p| p.max(lane_at)));
+            if let Some((lane_at, lane_probe)) = self.lanes.ready_at(lane, i, now, cost) {
+                // The bucket holds the key longer than its probe does: what the key waits
+                // for is the bucket (its probe, or its time).
+                if lane_at > at {
+                    probe = lane_probe.then_some(lane_at);
+                    at = lane_at;
                 }
             }
             let b = best.get_or_insert(Soonest {
@@ -1278,9 +1297,9 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(all(&p), vec![1]);
-        assert_eq!(p.earliest(&p.lanes.default), Some(Duration::ZERO));
+        assert_eq!(p.earliest(&p.lanes.default, None), Some(Duration::ZERO));
         p.disable(1, Generation::Current, DisableReason::InvalidKey);
-        assert_eq!(p.earliest(&p.lanes.default), None);
+        assert_eq!(p.earliest(&p.lanes.default, None), None);
         p.reset(0);
         assert_eq!(all(&p), vec![0]);
     }

@@ -46,7 +46,7 @@ pub(crate) async fn wait(shared: Arc<Shared>, mut driver: Driver) -> (Driver, St
         let lane = driver.lane_arc(&shared);
         let started = Instant::now();
         let (_counted, waiters) = Counted::new(&lane.waiters.count, &pool.waiting);
-        if let Some(soonest) = pool.soonest(&lane) {
+        if let Some(soonest) = pool.soonest(&lane, None) {
             pool.events.on_event(&KeyEvent::Waiting {
                 bucket: lane.name.as_deref(),
                 waiters,
