@@ -259,8 +259,9 @@ pub(crate) struct Ticket {
     ticket: u32,
     /// Its reserved token cost, at most `u32::MAX`.
     cost: u32,
-    /// It probes the lane after a cooldown in it.
-    probe: bool,
+    /// When it probes the lane after a cooldown there: the probe's value in
+    /// `Budget::probe`, which only this probe's end may change (0: not a probe).
+    probe: u64,
 }
 
 /// What a lane says to a key for one request.
@@ -496,7 +497,7 @@ impl Lanes {
             b.probe.store(HALF_OPEN, SeqCst);
         }
         let until = b.until.load(SeqCst);
-        let mut probe = false;
+        let mut probe = 0;
         if until != 0 {
             if until > now.get() {
                 return Claim::Block;
@@ -513,7 +514,7 @@ impl Lanes {
                     {
                         return Claim::Skip;
                     }
-                    probe = true;
+                    probe = out;
                 }
                 out if now.get().saturating_sub(out - 2) < self.probe_wait => return Claim::Skip,
                 _ => {}
@@ -522,8 +523,8 @@ impl Lanes {
         let ticket = b.sent.fetch_add(1, SeqCst);
         let undo = || {
             b.sent.fetch_sub(1, SeqCst);
-            if probe {
-                b.probe.store(HALF_OPEN, SeqCst);
+            if probe != 0 {
+                let _ = b.probe.compare_exchange(probe, HALF_OPEN, SeqCst, SeqCst);
             }
         };
         let declared = self.declared[o];
@@ -766,16 +767,18 @@ impl Lanes {
     /// Ends a lane's probe: a success opens the lane; anything else that did not cool it
     /// again (a failed call, a dropped request) lets the next request probe.
     fn end_probe(&self, b: &Budget, t: Ticket, opened: bool) {
-        if !t.probe {
+        if t.probe == 0 {
             return;
         }
-        let out = b.probe.load(SeqCst);
-        if out > HALF_OPEN {
-            let next = if opened { 0 } else { HALF_OPEN };
-            let _ = b.probe.compare_exchange(out, next, SeqCst, SeqCst);
-            if opened {
-                b.last_cool.store(0, SeqCst);
-            }
+        // Only this probe's own value: a probe taken since (after another cooldown) is not
+        // this one's to end.
+        let next = if opened { 0 } else { HALF_OPEN };
+        if b.probe
+            .compare_exchange(t.probe, next, SeqCst, SeqCst)
+            .is_ok()
+            && opened
+        {
+            b.last_cool.store(0, SeqCst);
         }
     }
 
@@ -888,7 +891,8 @@ impl Lanes {
             return Some((at, false));
         }
         // A cost that does not fit beside the reservations until the tokens' reset.
-        if let (Some(cost), Some((remaining, _))) = (cost.filter(|&c| c > 0), b.tokens.current(now)) {
+        if let (Some(cost), Some((remaining, _))) = (cost.filter(|&c| c > 0), b.tokens.current(now))
+        {
             if b.reserved.load(SeqCst).saturating_add(cost) > remaining {
                 return Some((b.tokens.reset.load(SeqCst), false));
             }

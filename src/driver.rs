@@ -517,6 +517,39 @@ impl Driver {
     }
 }
 
+/// A driver held while code that may panic runs (the inner service's `call`, a body's
+/// copy): if it unwinds, the driver's claim and probe are given back.
+pub(crate) struct Held<'a> {
+    shared: &'a Shared,
+    driver: Option<Driver>,
+}
+
+impl<'a> Held<'a> {
+    pub(crate) fn new(shared: &'a Shared, driver: Driver) -> Held<'a> {
+        Held {
+            shared,
+            driver: Some(driver),
+        }
+    }
+
+    pub(crate) fn get(&mut self) -> &mut Driver {
+        self.driver.as_mut().expect("held until released")
+    }
+
+    /// The driver, no longer given back on drop.
+    pub(crate) fn release(mut self) -> Driver {
+        self.driver.take().expect("held until released")
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(driver) = self.driver.as_mut() {
+            driver.abandon(self.shared);
+        }
+    }
+}
+
 /// How long the head of a wait queue sleeps when a key is due but was not taken, unless the
 /// pool changes first.
 const RECHECK_MS: u64 = 50;

@@ -20,7 +20,7 @@ use crate::answer::{proxy_answer, unreachable_answer};
 use crate::body::{boxed, try_clone_request, Buffered, KeyFallbackBody, TryCloneBody};
 use crate::classify::HeadVerdict;
 use crate::driver::Shared;
-use crate::driver::{Driver, Last, Started, Step};
+use crate::driver::{Driver, Held, Last, Started, Step};
 use crate::error::BoxError;
 use crate::inspect::Inspection;
 
@@ -87,7 +87,7 @@ where
         S: Clone,
         B: TryCloneBody,
     {
-        let mut driver = match Driver::start(shared, req.extensions()) {
+        let driver = match Driver::start(shared, req.extensions()) {
             Started::Send(driver) => driver,
             Started::Wait(driver) => {
                 // The request itself is the copy the first attempt takes after the wait, and
@@ -114,17 +114,19 @@ where
                 };
             }
         };
-        let backup = driver.first_copy(shared, &req, try_clone_request);
+        // Until the future owns it, a panic (in the body's copy, the service's clone or
+        // call) gives the driver's claim and probe back.
+        let mut held = Held::new(shared, driver);
+        let backup = held.get().first_copy(shared, &req, try_clone_request);
         let svc = backup.as_ref().map(|_| inner.clone());
-        if let Some(key) = driver.prepare(shared, req.headers_mut()) {
+        if let Some(key) = held.get().prepare(shared, req.headers_mut()) {
             req.extensions_mut().insert(key);
         }
+        let fut = inner.call(req);
         ResponseFuture {
-            state: State::Calling {
-                fut: inner.call(req),
-            },
+            state: State::Calling { fut },
             shared: shared.clone(),
-            driver: Some(driver),
+            driver: Some(held.release()),
             svc,
             backup,
         }

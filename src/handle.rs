@@ -140,6 +140,8 @@ impl KeyHandle {
 
     /// How long until some key is usable: zero if one is now, `None` if all are disabled.
     pub fn next_available_in(&self) -> Option<Duration> {
-        self.shared.pool.earliest(&self.shared.pool.lanes.default, None)
+        self.shared
+            .pool
+            .earliest(&self.shared.pool.lanes.default, None)
     }
 }

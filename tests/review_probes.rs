@@ -14,7 +14,7 @@ use support::*;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_key_fallback::{
-    Bucket, BoxError, CooldownReason, Exhausted, KeyFallback, KeyFallbackLayer, KeyHandle,
+    BoxError, Bucket, CooldownReason, Exhausted, KeyFallback, KeyFallbackLayer, KeyHandle,
     TokenCost,
 };
 use tower_test::mock::SendResponse;
@@ -226,9 +226,15 @@ async fn a_request_queued_behind_another_waits_no_longer_than_wait_for_key() {
     let second = spawn_unready(&svc, tagged("w2")).await;
     assert_eq!(keys.status().waiting, 2);
     let (_, t, reply) = upstream(&mut handle).await;
-    assert_eq!((t.as_str(), start.elapsed()), ("w1", Duration::from_secs(8)));
+    assert_eq!(
+        (t.as_str(), start.elapsed()),
+        ("w1", Duration::from_secs(8))
+    );
     reply.send_response(limited("3"));
-    assert!(first.await.unwrap().is_err(), "key back at 11 s: past w1's 10 s");
+    assert!(
+        first.await.unwrap().is_err(),
+        "key back at 11 s: past w1's 10 s"
+    );
     let sent = tokio::time::timeout(Duration::from_secs(60), handle.next_request()).await;
     assert!(
         sent.is_err(),
@@ -479,7 +485,10 @@ async fn a_group_sharing_one_limit_is_probed_by_one_request() {
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
     refused(&mut svc, &mut handle, request(), limited("5")).await;
-    assert!(matches!(cooling(&keys, "key-2").1, CooldownReason::RateLimited));
+    assert!(matches!(
+        cooling(&keys, "key-2").1,
+        CooldownReason::RateLimited
+    ));
     tokio::time::advance(Duration::from_secs(5)).await;
     let p1 = spawn(&mut svc, tagged("p1")).await;
     let (bearer, _, p1_reply) = upstream(&mut handle).await;
@@ -582,5 +591,8 @@ async fn an_affinity_value_returns_to_its_key_when_the_keys_window_ends() {
     let (bearer, _, reply) = upstream(&mut handle).await;
     reply.send_response(ok());
     call.await.unwrap().unwrap();
-    assert_eq!(bearer, "Bearer gsk_key2", "the value moved off its usable key");
+    assert_eq!(
+        bearer, "Bearer gsk_key2",
+        "the value moved off its usable key"
+    );
 }
