@@ -94,8 +94,9 @@ pub(crate) struct Driver {
     /// The claim `pick` took on `key`'s budget, and whether its attempt was sent: ended
     /// when the attempt's answer or failure is recorded, or by `abandon`.
     ticket: Option<(Ticket, bool)>,
-    /// The probe this attempt holds on a half-open key (its state word), ended with it.
-    probe: Option<u64>,
+    /// The probe this attempt holds on a half-open key (the key that holds it, and the state
+    /// word it set there), ended with the attempt.
+    probe: Option<(usize, u64)>,
     /// The request's [`Affinity`], if it carries one.
     affinity: Option<u64>,
     /// When this request's waiting for a cooldown or budget must end (ms on the pool's
@@ -302,7 +303,7 @@ impl Driver {
             }
         }
         match self.probe.take() {
-            Some(word) => pool.end_probe(self.key, word),
+            Some((holder, word)) => pool.end_probe(holder, word),
             None => pool.changed(),
         }
     }

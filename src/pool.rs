@@ -118,8 +118,10 @@ enum Took {
     No,
     /// Usable.
     Open,
-    /// Half-open: this request is its probe (the state word it set).
-    Probe(u64),
+    /// Half-open: this request is its probe. The probe is held on this key (the key itself,
+    /// or its group's first key: keys that share a limit share one probe), by the state word
+    /// it set there.
+    Probe(usize, u64),
 }
 
 /// A key `pick` chose for one attempt: its claim on the lane's budget and, when the attempt
@@ -128,7 +130,7 @@ enum Took {
 pub(crate) struct Pick {
     pub(crate) key: usize,
     pub(crate) ticket: Ticket,
-    pub(crate) probe: Option<u64>,
+    pub(crate) probe: Option<(usize, u64)>,
 }
 
 /// When the soonest key can serve again, and when the soonest probe out (if one is) lets
@@ -541,8 +543,8 @@ impl Pool {
                         Claim::Block => self.lanes.sync(lane, self.lanes.owner(i), self.now_ms()),
                     }
                     // Not taken after all: a probe taken for it is given back.
-                    if let Took::Probe(word) = took {
-                        self.give_back_probe(i, word);
+                    if let Took::Probe(t, word) = took {
+                        self.give_back_probe(t, word);
                     }
                 }
                 None => cur.offset += end - real,
@@ -559,8 +561,8 @@ impl Pool {
                 Some(self.picked(i, ticket, took))
             }
             _ => {
-                if let Took::Probe(word) = took {
-                    self.give_back_probe(i, word);
+                if let Took::Probe(t, word) = took {
+                    self.give_back_probe(t, word);
                 }
                 None
             }
@@ -569,12 +571,12 @@ impl Pool {
 
     fn picked(&self, i: usize, ticket: Ticket, took: Took) -> Pick {
         let probe = match took {
-            Took::Probe(word) => {
+            Took::Probe(t, word) => {
                 self.events.on_event(&KeyEvent::Probing {
                     key: &self.slots[i].label,
                     after: Word(word).after(),
                 });
-                Some(word)
+                Some((t, word))
             }
             _ => None,
         };
@@ -674,22 +676,7 @@ impl Pool {
         loop {
             match w.tag() {
                 TAG_ACTIVE => return Took::Open,
-                TAG_PROBING => {
-                    let now = self.now_ms();
-                    if w.until() != 0 {
-                        let since = w.until() - 1;
-                        let open = now.saturating_sub(since) >= self.probe_wait_ms;
-                        return if open { Took::Open } else { Took::No };
-                    }
-                    let probe = Word::probing(w.reason(), now + 1, w.generation());
-                    match self.slots[i]
-                        .state
-                        .compare_exchange(w.0, probe.0, SeqCst, SeqCst)
-                    {
-                        Ok(_) => return Took::Probe(probe.0),
-                        Err(actual) => w = Word(actual),
-                    }
-                }
+                TAG_PROBING => return self.take_probe(self.probe_holder(i), i),
                 TAG_COOLING => {
                     let now = self.now_ms();
                     if w.until() > now || !self.recover(i, w, now) {
@@ -706,6 +693,57 @@ impl Pool {
         }
     }
 
+    /// The key that holds half-open key `i`'s probe: keys that share one limit share one
+    /// probe, held by the group's first key while it is half-open or open (then the limit
+    /// has served). A first key set aside on its own (disabled, cooled by hand) leaves each
+    /// key its own.
+    fn probe_holder(&self, i: usize) -> usize {
+        let o = self.lanes.owner(i);
+        if o == i {
+            return i;
+        }
+        let w = self.slots[o].word();
+        let w = match w.tag() {
+            TAG_COOLING if w.until() <= self.now_ms() => {
+                self.recover(o, w, self.now_ms());
+                self.slots[o].word()
+            }
+            _ => w,
+        };
+        match w.tag() {
+            TAG_ACTIVE | TAG_PROBING => o,
+            _ => i,
+        }
+    }
+
+    /// Takes the probe held by key `t` for a request to key `i`: the first request takes it
+    /// (a compare-and-swap); others pass the key over while it is out, until the probe has
+    /// had it for the probe wait. A holder that is open lets every request through.
+    fn take_probe(&self, t: usize, i: usize) -> Took {
+        let mut w = self.slots[t].word();
+        loop {
+            match w.tag() {
+                TAG_PROBING => {}
+                TAG_ACTIVE if t != i => return Took::Open,
+                _ => return Took::No,
+            }
+            let now = self.now_ms();
+            if w.until() != 0 {
+                let since = w.until() - 1;
+                let open = now.saturating_sub(since) >= self.probe_wait_ms;
+                return if open { Took::Open } else { Took::No };
+            }
+            let probe = Word::probing(w.reason(), now + 1, w.generation());
+            match self.slots[t]
+                .state
+                .compare_exchange(w.0, probe.0, SeqCst, SeqCst)
+            {
+                Ok(_) => return Took::Probe(t, probe.0),
+                Err(actual) => w = Word(actual),
+            }
+        }
+    }
+
     /// Gives back a probe that was taken but not sent.
     fn give_back_probe(&self, i: usize, word: u64) {
         let w = Word(word);
@@ -713,6 +751,8 @@ impl Pool {
         let _ = self.slots[i]
             .state
             .compare_exchange(word, free.0, SeqCst, SeqCst);
+        // A waiter that saw the probe out meanwhile may take it now.
+        self.changed();
     }
 
     /// Ends a probe (its state word `word`) after its outcome was recorded: if the outcome
@@ -788,7 +828,11 @@ impl Pool {
                     slot.counters.consecutive.store(0, SeqCst);
                 }
                 if seen.tag() == TAG_PROBING {
-                    self.open(i, seen);
+                    // The limit served: every key that shares it is open too.
+                    for &k in self.lanes.members(i) {
+                        let w = if k == i { seen } else { self.slots[k].word() };
+                        self.open(k, w);
+                    }
                 }
             }
             Outcome::Cool(reason, d, capped) => {
@@ -967,13 +1011,21 @@ impl Pool {
     pub(crate) fn reset(&self, i: usize) {
         let slot = &self.slots[i];
         let mut cur = slot.word();
-        // Not heard from since: half-open, as at start.
+        // Not heard from since: half-open, as at start. A key already not heard from keeps
+        // its word, and with it a probe in flight (which settles it): a fresh word would let
+        // a second probe take an identical one, which the first's end would then free.
         let fresh = |w: Word| Word::probing(NOT_HEARD, 0, w.generation());
-        while let Err(actual) = slot
-            .state
-            .compare_exchange(cur.0, fresh(cur).0, SeqCst, SeqCst)
-        {
-            cur = Word(actual);
+        loop {
+            if cur.tag() == TAG_PROBING && cur.reason() == NOT_HEARD {
+                break;
+            }
+            match slot
+                .state
+                .compare_exchange(cur.0, fresh(cur).0, SeqCst, SeqCst)
+            {
+                Ok(_) => break,
+                Err(actual) => cur = Word(actual),
+            }
         }
         slot.counters.consecutive.store(0, SeqCst);
         slot.counters.last_cool_ms.store(0, SeqCst);

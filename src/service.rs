@@ -88,6 +88,12 @@ impl<S> KeyFallback<S> {
             let mut this = not_ready.as_mut().project();
             this.sleep.as_mut().reset(pool.instant(at));
             this.changed.as_mut().enable();
+            // Listening now: a change between the first look and here would be missed, so
+            // look once more.
+            if pool.blocked_until(max).is_none() {
+                self.not_ready = None;
+                return Poll::Ready(());
+            }
             if this.sleep.poll(cx).is_pending() && this.changed.poll(cx).is_pending() {
                 return Poll::Pending;
             }

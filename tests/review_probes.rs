@@ -410,7 +410,7 @@ async fn a_panic_in_the_inner_call_gives_the_probe_back() {
     let mut svc = layer.layer(inner);
     svc.ready().await.unwrap();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = svc.call(request());
+        drop(svc.call(request()));
     }));
     assert!(caught.is_err());
     assert!(
@@ -424,13 +424,13 @@ async fn a_panic_in_the_inner_call_gives_the_probe_back() {
 
 // ---------------------------------------------------------------------------------------
 // 8. A reset while a probe is out, then a new probe in the same millisecond: the old probe's
-//    end frees the new one (the probe's word is the same).
+//    end must not free the new one (the probe's word would be the same).
 // ---------------------------------------------------------------------------------------
 
-/// P1 probes a key not heard from; the key is reset (half-open again, no probe out) and P2
-/// probes it within the same millisecond: P2's state word equals P1's (reason, time and
-/// generation are the same). P1 is dropped: `Pool::end_probe`'s compare-and-swap matches
-/// P2's word and frees P2's probe, so a third request probes beside P2.
+/// P1 probes a key not heard from; the key is reset (still not heard from: the reset keeps
+/// P1's probe, so no second probe can take an identical word in the same millisecond). P2
+/// waits for P1's answer; P1 is dropped and P2 takes the probe, and P3 waits for P2's answer
+/// rather than probe beside it.
 #[tokio::test(start_paused = true)]
 async fn a_probe_from_before_a_reset_does_not_end_the_next_probe() {
     let layer = KeyFallbackLayer::builder(support::keys(1))
@@ -441,15 +441,13 @@ async fn a_probe_from_before_a_reset_does_not_end_the_next_probe() {
     let (_, _, p1_reply) = upstream(&mut handle).await;
     keys.reset("key-1").unwrap();
     let p2 = spawn(&mut svc, tagged("p2")).await;
-    let (_, t, p2_reply) = upstream(&mut handle).await;
-    assert_eq!(t, "p2");
+    no_upstream_call(&mut handle).await;
     p1.abort();
     let _ = p1.await;
     drop(p1_reply);
-    assert!(
-        probe_in_flight(&keys, "key-1"),
-        "P2's probe is out, but the dropped P1 gave it back"
-    );
+    let (_, t, p2_reply) = upstream(&mut handle).await;
+    assert_eq!(t, "p2");
+    assert!(probe_in_flight(&keys, "key-1"), "P2 probes");
     let p3 = spawn(&mut svc, tagged("p3")).await;
     no_upstream_call(&mut handle).await;
     p2_reply.send_response(ok());

@@ -386,8 +386,8 @@ fn one_probe_per_half_open_key() {
         || {
             let p = pool_probing(1, Duration::from_secs(1));
             let pick = |p: &Pool| p.pick(&mut p.cursor(), &p.lanes.default, None);
-            let a = spawn(&p, move |p| pick(p).map(|x| x.probe));
-            let b = spawn(&p, move |p| pick(p).map(|x| x.probe));
+            let a = spawn(&p, move |p| pick(p).map(|x| x.probe.map(|(_, w)| w)));
+            let b = spawn(&p, move |p| pick(p).map(|x| x.probe.map(|(_, w)| w)));
             let (a, b) = (a.join().unwrap(), b.join().unwrap());
             let (winner, reached) = match (a, b) {
                 (Some(Some(w)), None) => (w, "the first picker probed"),
