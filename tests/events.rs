@@ -58,6 +58,15 @@ impl KeyEvents for Recorder {
             },
             KeyEvent::Opened { key, .. } => format!("opened {key}"),
             KeyEvent::ProbeReleased { key } => format!("probe released {key}"),
+            KeyEvent::Waiting {
+                waiters,
+                soonest,
+                for_probe,
+                ..
+            } => format!("waiting {waiters} {}s probe={for_probe}", soonest.as_secs()),
+            KeyEvent::Waited { waited, got_key } => {
+                format!("waited {}s got_key={got_key}", waited.as_secs())
+            }
             _ => "other".to_owned(),
         };
         self.0.lock().unwrap().push(line);
@@ -195,4 +204,31 @@ async fn a_pools_state_leaves_with_wall_clock_deadlines_and_merges_back() {
     // Driven by tokio's clock: after the deadline the imported cooldown is over.
     tokio::time::advance(Duration::from_secs(31)).await;
     assert_eq!(here.status().keys[0].state, KeyState::Active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_for_a_key_is_told_when_it_begins_and_ends() {
+    use tower::{Service, ServiceExt};
+    let events = Recorder::default();
+    let layer = KeyFallbackLayer::builder(keys(1))
+        .wait_for_key(Duration::from_secs(30))
+        .events(events.clone())
+        .build();
+    let (mut svc, mut handle, keys) = setup(layer);
+    handle.allow(10);
+    keys.cool_down("key-1", Duration::from_secs(4)).unwrap();
+    events.take();
+    // Readiness is pending until the key is back; a clone called without it waits inside.
+    let mut clone = svc.clone();
+    let call = tokio::spawn(async move { clone.call(request()).await });
+    let (_, reply) = next(&mut handle).await;
+    reply.send_response(response(200, &[], "{}"));
+    call.await.unwrap().unwrap();
+    let seen = events.take();
+    assert_eq!(seen[0], "waiting 1 4s probe=false", "{seen:?}");
+    assert!(
+        seen.contains(&"waited 4s got_key=true".to_owned()),
+        "{seen:?}"
+    );
+    svc.ready().await.unwrap();
 }
