@@ -19,7 +19,7 @@ use crate::config::{Config, Outcome, Strip};
 use crate::error::BoxError;
 use crate::events::KeyEvent;
 use crate::keys::KeyInUse;
-use crate::pool::{Cursor, Generation, Pick, Pool};
+use crate::pool::{Cursor, Generation, Pick, Pool, Probe};
 
 /// What every service made by one layer shares: the pool, the classifier and the
 /// configuration. Aligned so that the `Arc`'s reference counts, written by every request,
@@ -68,7 +68,7 @@ pub(crate) enum Started {
     /// No key now, one soon (or others wait before it): wait in turn, then send.
     Wait(Driver),
     /// No key is usable, and none will be soon.
-    Unsent(Exhausted),
+    Unsent(Box<Exhausted>),
 }
 
 /// The last answer of a request that no key could serve.
@@ -96,17 +96,21 @@ pub(crate) struct Driver {
     ticket: Option<(Ticket, bool)>,
     /// The probe this attempt holds on a half-open key (the key that holds it, and the state
     /// word it set there), ended with the attempt.
-    probe: Option<(usize, u64)>,
+    probe: Option<Probe>,
     /// The request's [`Affinity`], if it carries one.
     affinity: Option<u64>,
-    /// When this request's waiting for a cooldown or budget must end (ms on the pool's
-    /// clock): `wait_for_key` from its first wait.
-    wait_limit: Option<u64>,
-    /// When its waiting for probes' answers must end: the probe wait from the first.
-    probe_limit: Option<u64>,
-    /// A key that failed this request with an error that did not set it aside: later scans
-    /// of the request pass it over.
-    avoid: Option<usize>,
+    /// The limits of this request's waiting, from its first wait (boxed: only a request that
+    /// waits pays for them).
+    limits: Option<Box<Limits>>,
+}
+
+/// When a request's waiting must end (ms on the pool's clock).
+#[derive(Debug, Default)]
+struct Limits {
+    /// For a cooldown or budget: `wait_for_key` from its first such wait.
+    key: Option<u64>,
+    /// For probes' answers: the probe wait from its first such wait.
+    probe: Option<u64>,
 }
 
 impl Driver {
@@ -128,7 +132,14 @@ impl Driver {
             return Started::Wait(driver);
         }
         let lane = driver.lane(shared);
-        Started::Unsent(exhausted(shared, lane, driver.cost, 0, None, None))
+        Started::Unsent(Box::new(exhausted(
+            shared,
+            lane,
+            driver.cost,
+            0,
+            None,
+            None,
+        )))
     }
 
     /// A driver with nothing left to do: what an inspection leaves in its place.
@@ -145,9 +156,7 @@ impl Driver {
             ticket: None,
             probe: None,
             affinity: None,
-            wait_limit: None,
-            probe_limit: None,
-            avoid: None,
+            limits: None,
         }
     }
 
@@ -187,10 +196,12 @@ impl Driver {
         }
     }
 
-    /// A new scan over every key but the one to avoid; takes the first that can serve.
+    /// A new scan over every key but the one the request avoids (a key that failed it with
+    /// an error that did not set it aside); takes the first that can serve.
     fn new_scan(&mut self, shared: &Shared) -> bool {
-        self.cursor = self.new_cursor(shared);
-        self.cursor.avoid = self.avoid.unwrap_or(usize::MAX);
+        let mut cursor = self.new_cursor(shared);
+        cursor.avoid_as(&self.cursor);
+        self.cursor = cursor;
         self.pick(shared)
     }
 
@@ -206,8 +217,9 @@ impl Driver {
         };
         let now = pool.now_ms();
         if soonest.probe_ms.is_some() {
-            let limit = *self
-                .probe_limit
+            let limits = self.limits.get_or_insert_with(Default::default);
+            let limit = *limits
+                .probe
                 .get_or_insert(now.saturating_add(pool.probe_wait_ms()));
             if now < limit {
                 return true;
@@ -216,8 +228,9 @@ impl Driver {
         let Some(max) = shared.config.wait_for_key else {
             return false;
         };
-        let limit = *self
-            .wait_limit
+        let limits = self.limits.get_or_insert_with(Default::default);
+        let limit = *limits
+            .key
             .get_or_insert(now.saturating_add(crate::budget::ms(max)));
         now < limit && soonest.at_ms <= limit
     }
@@ -251,9 +264,8 @@ impl Driver {
     pub(crate) fn wake_at(&self, shared: &Shared) -> u64 {
         let pool = &shared.pool;
         let now = pool.now_ms();
-        let limit = self
-            .wait_limit
-            .max(self.probe_limit)
+        let limit = (self.limits.as_ref())
+            .and_then(|l| l.key.max(l.probe))
             .unwrap_or(now + RECHECK_MS);
         let Some(soonest) = pool.soonest(self.lane(shared), self.cost) else {
             return limit;
@@ -303,7 +315,7 @@ impl Driver {
             }
         }
         match self.probe.take() {
-            Some((holder, word)) => pool.end_probe(holder, word),
+            Some(probe) => pool.end_probe(probe),
             None => pool.changed(),
         }
     }
@@ -418,7 +430,7 @@ impl Driver {
         let opened = matches!(verdict, Verdict::Success | Verdict::Drained { .. });
         self.settle(shared, report.as_ref(), outcome, opened);
         if outcome == Some(Outcome::Error) {
-            self.avoid = Some(self.key);
+            self.cursor.avoid(self.key);
         }
     }
 
@@ -451,7 +463,7 @@ impl Driver {
         );
         self.settle(shared, None, blamed.then_some(Outcome::Error), false);
         if blamed {
-            self.avoid = Some(self.key);
+            self.cursor.avoid(self.key);
         }
         shared.pool.events.on_event(&KeyEvent::CallFailed {
             key: shared.pool.label(self.key),

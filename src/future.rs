@@ -105,7 +105,7 @@ where
             Started::Unsent(exhausted) => {
                 return ResponseFuture {
                     state: State::Unsent {
-                        exhausted: Some(Box::new(exhausted)),
+                        exhausted: Some(exhausted),
                     },
                     shared: shared.clone(),
                     driver: None,

@@ -130,7 +130,28 @@ enum Took {
 pub(crate) struct Pick {
     pub(crate) key: usize,
     pub(crate) ticket: Ticket,
-    pub(crate) probe: Option<(usize, u64)>,
+    pub(crate) probe: Option<Probe>,
+}
+
+/// A probe a request holds: the key that holds it and the state word it set there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Probe {
+    holder: u32,
+    word: std::num::NonZeroU64,
+}
+
+impl Probe {
+    fn new(holder: usize, word: u64) -> Probe {
+        Probe {
+            holder: holder as u32,
+            // A half-open key's word has its tag set: never zero.
+            word: std::num::NonZeroU64::new(word).unwrap_or(std::num::NonZeroU64::MAX),
+        }
+    }
+    #[cfg(all(test, tkf_loom))]
+    pub(crate) fn word(self) -> u64 {
+        self.word.get()
+    }
 }
 
 /// When the soonest key can serve again, and when the soonest probe out (if one is) lets
@@ -209,20 +230,31 @@ impl Slot {
 /// A position in the scan over keys for one request: each key is visited at most once.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Cursor {
-    start: usize,
-    offset: usize,
-    /// A key this scan passes over (`usize::MAX`: none): one that just failed the request
-    /// with an error that did not set it aside.
-    pub(crate) avoid: usize,
+    start: u32,
+    offset: u32,
+    /// A key this scan passes over (`u32::MAX`: none): one that just failed the request
+    /// with an error that did not set it aside. (32 bits each: a driver is moved a few times
+    /// per request, and a small one is moved in registers.)
+    avoid: u32,
 }
 
 impl Cursor {
+    /// Makes the scan pass over key `i`.
+    pub(crate) fn avoid(&mut self, i: usize) {
+        self.avoid = u32::try_from(i).unwrap_or(u32::MAX);
+    }
+
+    /// Makes this scan pass over the key `other` passes over.
+    pub(crate) fn avoid_as(&mut self, other: &Cursor) {
+        self.avoid = other.avoid;
+    }
+
     /// A scan over every key, from the first.
     fn all() -> Cursor {
         Cursor {
             start: 0,
             offset: 0,
-            avoid: usize::MAX,
+            avoid: u32::MAX,
         }
     }
 
@@ -230,8 +262,8 @@ impl Cursor {
     pub(crate) fn empty() -> Cursor {
         Cursor {
             start: 0,
-            offset: usize::MAX,
-            avoid: usize::MAX,
+            offset: u32::MAX,
+            avoid: u32::MAX,
         }
     }
 }
@@ -358,6 +390,7 @@ impl Pool {
 
     /// Wakes the requests waiting for a key, if any: something that may make one usable
     /// happened (an answer, a probe's end, a reset). One load when nobody waits.
+    #[inline]
     pub(crate) fn changed(&self) {
         if self.waiting.load(SeqCst) > 0 {
             self.changed.notify_waiters();
@@ -422,14 +455,15 @@ impl Pool {
             None => 0,
         };
         Cursor {
-            start,
+            start: start as u32,
             offset: 0,
-            avoid: usize::MAX,
+            avoid: u32::MAX,
         }
     }
 
     /// Restores keys whose cooldown has passed, if the earliest deadline is behind us. Cheap
     /// when nothing is cooling: one atomic load, and no clock read.
+    #[inline]
     fn maybe_recover(&self) {
         let deadline = self.next_deadline.load(SeqCst);
         if deadline == NO_DEADLINE {
@@ -519,17 +553,37 @@ impl Pool {
     /// `crate::budget`) is taken when no key in the scan is within its budget. A half-open key
     /// whose probe is out is passed over (until the probe has had it for the probe wait).
     pub(crate) fn pick(&self, cur: &mut Cursor, lane: &Lane, cost: Option<u64>) -> Option<Pick> {
+        let mut offset = cur.offset as usize;
+        let found = self.pick_from(
+            cur.start as usize,
+            &mut offset,
+            cur.avoid as usize,
+            lane,
+            cost,
+        );
+        cur.offset = u32::try_from(offset).unwrap_or(u32::MAX);
+        found
+    }
+
+    fn pick_from(
+        &self,
+        start: usize,
+        offset: &mut usize,
+        avoid: usize,
+        lane: &Lane,
+        cost: Option<u64>,
+    ) -> Option<Pick> {
         self.maybe_recover();
         self.lanes.maybe_recover(lane, || self.now_ms());
         let n = self.slots.len();
         let mut soft = None;
-        while cur.offset < n {
-            let real = (cur.start + cur.offset) % n;
-            let end = if real >= cur.start { n } else { cur.start };
+        while *offset < n {
+            let real = (start + *offset) % n;
+            let end = if real >= start { n } else { start };
             match self.find_in(real, end, lane) {
                 Some(i) => {
-                    cur.offset += i - real + 1;
-                    if i == cur.avoid {
+                    *offset += i - real + 1;
+                    if i == avoid {
                         continue;
                     }
                     let took = self.claim(i);
@@ -538,7 +592,7 @@ impl Pool {
                     }
                     match self.lanes.claim(lane, i, cost, true, || self.now_ms()) {
                         Claim::Yes(ticket) => return Some(self.picked(i, ticket, took)),
-                        Claim::Soft => soft = soft.or(Some((i, cur.offset))),
+                        Claim::Soft => soft = soft.or(Some((i, *offset))),
                         Claim::Skip => {}
                         Claim::Block => self.lanes.sync(lane, self.lanes.owner(i), self.now_ms()),
                     }
@@ -547,17 +601,17 @@ impl Pool {
                         self.give_back_probe(t, word);
                     }
                 }
-                None => cur.offset += end - real,
+                None => *offset += end - real,
             }
         }
-        let (i, offset) = soft?;
+        let (i, at) = soft?;
         let took = self.claim(i);
         if took == Took::No {
             return None;
         }
         match self.lanes.claim(lane, i, cost, false, || self.now_ms()) {
             Claim::Yes(ticket) => {
-                cur.offset = offset;
+                *offset = at;
                 Some(self.picked(i, ticket, took))
             }
             _ => {
@@ -569,6 +623,7 @@ impl Pool {
         }
     }
 
+    #[inline]
     fn picked(&self, i: usize, ticket: Ticket, took: Took) -> Pick {
         let probe = match took {
             Took::Probe(t, word) => {
@@ -576,7 +631,7 @@ impl Pool {
                     key: &self.slots[i].label,
                     after: Word(word).after(),
                 });
-                Some((t, word))
+                Some(Probe::new(t, word))
             }
             _ => None,
         };
@@ -607,9 +662,9 @@ impl Pool {
         }
         match best {
             Some((_, start)) => Cursor {
-                start,
+                start: start as u32,
                 offset: 0,
-                avoid: usize::MAX,
+                avoid: u32::MAX,
             },
             None => self.cursor(),
         }
@@ -656,10 +711,10 @@ impl Pool {
     /// Whether the scan has a key believed usable left, without moving it.
     pub(crate) fn has_next(&self, cur: &Cursor, lane: &Lane) -> bool {
         let n = self.slots.len();
-        let mut offset = cur.offset;
+        let (start, mut offset) = (cur.start as usize, cur.offset as usize);
         while offset < n {
-            let real = (cur.start + offset) % n;
-            let end = if real >= cur.start { n } else { cur.start };
+            let real = (start + offset) % n;
+            let end = if real >= start { n } else { start };
             if self.find_in(real, end, lane).is_some() {
                 return true;
             }
@@ -671,8 +726,16 @@ impl Pool {
     /// Checks a key the bitmap offered; mends the bit if it was stale. A half-open key gives
     /// its probe to the first request that asks (a compare-and-swap), and is passed over while
     /// the probe is out, until the probe has had it for the probe wait.
+    #[inline]
     fn claim(&self, i: usize) -> Took {
-        let mut w = self.slots[i].word();
+        let w = self.slots[i].word();
+        if w.tag() == TAG_ACTIVE {
+            return Took::Open;
+        }
+        self.claim_slow(i, w)
+    }
+
+    fn claim_slow(&self, i: usize, mut w: Word) -> Took {
         loop {
             match w.tag() {
                 TAG_ACTIVE => return Took::Open,
@@ -758,7 +821,8 @@ impl Pool {
     /// Ends a probe (its state word `word`) after its outcome was recorded: if the outcome
     /// left the key half-open (an answer that settles nothing, a failed call, a dropped
     /// request), the next request may probe it.
-    pub(crate) fn end_probe(&self, i: usize, word: u64) {
+    pub(crate) fn end_probe(&self, probe: Probe) {
+        let (i, word) = (probe.holder as usize, probe.word.get());
         let w = Word(word);
         let free = Word::probing(w.reason(), 0, w.generation());
         if self.slots[i]

@@ -209,7 +209,7 @@ impl Middleware for KeyFallbackMiddleware {
         let (driver, waits) = match Driver::start(shared, extensions) {
             Started::Send(driver) => (driver, false),
             Started::Wait(driver) => (driver, true),
-            Started::Unsent(exhausted) => return give_up(shared, exhausted, url),
+            Started::Unsent(exhausted) => return give_up(shared, *exhausted, url),
         };
         // Gives the attempt's claim on its key's budget back if this future is dropped.
         let mut walk = Walk { shared, driver };

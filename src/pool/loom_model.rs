@@ -386,8 +386,8 @@ fn one_probe_per_half_open_key() {
         || {
             let p = pool_probing(1, Duration::from_secs(1));
             let pick = |p: &Pool| p.pick(&mut p.cursor(), &p.lanes.default, None);
-            let a = spawn(&p, move |p| pick(p).map(|x| x.probe.map(|(_, w)| w)));
-            let b = spawn(&p, move |p| pick(p).map(|x| x.probe.map(|(_, w)| w)));
+            let a = spawn(&p, move |p| pick(p).map(|x| x.probe.map(|p| p.word())));
+            let b = spawn(&p, move |p| pick(p).map(|x| x.probe.map(|p| p.word())));
             let (a, b) = (a.join().unwrap(), b.join().unwrap());
             let (winner, reached) = match (a, b) {
                 (Some(Some(w)), None) => (w, "the first picker probed"),
@@ -395,7 +395,7 @@ fn one_probe_per_half_open_key() {
                 other => panic!("not exactly one probe: {other:?}"),
             };
             assert_eq!(p.slots[0].word().0, winner);
-            p.end_probe(0, winner);
+            p.end_probe(Probe::new(0, winner));
             let again = pick(&p).and_then(|x| x.probe);
             assert!(again.is_some(), "the probe was given back");
             assert_settled_bits(&p);
