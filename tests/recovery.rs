@@ -11,7 +11,7 @@ use support::*;
 use tokio::time::Instant;
 use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_key_fallback::{
-    Affinity, Bucket, Exhausted, KeyFallback, KeyFallbackLayer, KeyHandle, KeyState,
+    Affinity, Bucket, Exhausted, KeyFallback, KeyFallbackLayer, KeyHandle, KeySet, KeyState,
 };
 use tower_test::mock::SendResponse;
 
@@ -634,4 +634,164 @@ fn the_service_stays_send_and_sync_and_its_future_send() {
     both::<KeyFallback<Mock>>();
     both::<KeyFallbackLayer>();
     send::<tower_key_fallback::ResponseFuture<Mock, Full<Bytes>>>();
+}
+
+// The issue's measured scenarios at their own sizes, on the in-process fake provider and a
+// paused clock (tests/recovery_scenarios.rs runs them over loopback HTTP, scaled down).
+
+fn chat_request() -> Req {
+    http::Request::post("http://fake.invalid/openai/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"llama-3.1-8b-instant","messages":[{"role":"user","content":"hi"}]}"#,
+        )))
+        .unwrap()
+}
+
+async fn sequential_over_three_limited_keys(wait: Option<Duration>) -> (usize, u64) {
+    use tower_key_fallback::testing::{Behavior, FakeProvider};
+    let limited = Behavior::RateLimited {
+        requests: 5,
+        window: Duration::from_secs(10),
+    };
+    let provider = FakeProvider::builder()
+        .key("gsk_w1", limited.clone())
+        .key("gsk_w2", limited.clone())
+        .key("gsk_w3", limited)
+        .build();
+    let mut builder =
+        KeyFallbackLayer::builder(KeySet::new(["gsk_w1", "gsk_w2", "gsk_w3"]).unwrap());
+    if let Some(max) = wait {
+        builder = builder.wait_for_key(max);
+    }
+    let mut svc: KeyFallback<FakeProvider> =
+        tower::Layer::layer(&builder.build(), provider.clone());
+    let mut served = 0;
+    for _ in 0..30 {
+        let res = ServiceExt::<Req>::ready(&mut svc)
+            .await
+            .unwrap()
+            .call(chat_request())
+            .await;
+        if res.is_ok_and(|r| r.status() == 200) {
+            served += 1;
+        }
+    }
+    (served, provider.stats().total().rate_limited)
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_keys_five_per_ten_seconds_thirty_requests_all_served_with_wait_for_key() {
+    let start = Instant::now();
+    let (served, refused) = sequential_over_three_limited_keys(Some(Duration::from_secs(30))).await;
+    let waited = start.elapsed();
+    let (served_before, refused_before) = sequential_over_three_limited_keys(None).await;
+    println!(
+        "three keys 5 per 10 s, 30 sequential requests: wait_for_key(30 s) {served} served, \
+         {refused} upstream 429s, {waited:?} on the paused clock; without it {served_before} \
+         served, {refused_before} upstream 429s"
+    );
+    assert_eq!((served, refused), (30, 0));
+    assert_eq!(served_before, 15, "without the option: today's behaviour");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_burst_over_an_invalid_a_spent_and_a_good_key_wastes_at_most_three_calls() {
+    use tower_key_fallback::testing::{Behavior, FakeProvider};
+    async fn run(probe_wait: Duration) -> (u64, usize) {
+        let provider = FakeProvider::builder()
+            .key("gsk_bad", Behavior::InvalidKey)
+            .key("gsk_spent", Behavior::QuotaExhausted)
+            .key("gsk_good", Behavior::Ok)
+            .latency(Duration::from_millis(50))
+            .build();
+        let layer =
+            KeyFallbackLayer::builder(KeySet::new(["gsk_bad", "gsk_spent", "gsk_good"]).unwrap())
+                .probe_wait(probe_wait)
+                .build();
+        let svc: KeyFallback<FakeProvider> = tower::Layer::layer(&layer, provider.clone());
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..30 {
+            let permit = gate.clone().acquire_owned().await.unwrap();
+            let svc = svc.clone();
+            calls.spawn(async move {
+                let res = ServiceExt::<Req>::oneshot(svc, chat_request()).await;
+                drop(permit);
+                res.is_ok_and(|r| r.status() == 200)
+            });
+        }
+        let mut served = 0;
+        while let Some(ok) = calls.join_next().await {
+            served += usize::from(ok.unwrap());
+        }
+        let total = provider.stats().total();
+        (total.requests - total.served, served)
+    }
+    let (wasted, served) = run(Duration::from_secs(1)).await;
+    let (wasted_before, _) = run(Duration::ZERO).await;
+    println!(
+        "cold burst, 30 requests 8 in flight over invalid, spent and good keys, 50 ms answers: \
+         {wasted} wasted upstream calls, {served} served; without probes {wasted_before}"
+    );
+    assert_eq!(served, 30);
+    assert!(wasted <= 3, "{wasted} wasted");
+    assert!(wasted_before > wasted, "the scenario shows the difference");
+}
+
+#[tokio::test(start_paused = true)]
+async fn thirty_two_in_flight_meet_a_primary_that_recovers_too_early_with_one_probe() {
+    use tower_key_fallback::testing::{Behavior, FakeProvider};
+    async fn run(probe_wait: Duration) -> (u64, u64, usize) {
+        let provider = FakeProvider::builder()
+            .key(
+                "gsk_primary",
+                Behavior::RateLimited {
+                    requests: 20,
+                    window: Duration::from_secs(2),
+                },
+            )
+            .key("gsk_spare", Behavior::Ok)
+            .understate_retry_after(Duration::from_secs(1))
+            .latency(Duration::from_millis(20))
+            .build();
+        let layer = KeyFallbackLayer::builder(KeySet::new(["gsk_primary", "gsk_spare"]).unwrap())
+            .probe_wait(probe_wait)
+            .build();
+        let svc: KeyFallback<FakeProvider> = tower::Layer::layer(&layer, provider.clone());
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+        let start = Instant::now();
+        let mut calls = tokio::task::JoinSet::new();
+        let mut sent = 0;
+        while start.elapsed() < Duration::from_millis(4200) && sent < 20_000 {
+            let permit = gate.clone().acquire_owned().await.unwrap();
+            let svc = svc.clone();
+            sent += 1;
+            calls.spawn(async move {
+                let res = ServiceExt::<Req>::oneshot(svc, chat_request()).await;
+                drop(permit);
+                res.is_ok_and(|r| r.status() == 200)
+            });
+        }
+        let mut served = 0;
+        while let Some(ok) = calls.join_next().await {
+            served += usize::from(ok.unwrap());
+        }
+        assert_eq!(served, sent, "every request served");
+        let primary = provider.stats().key("gsk_primary");
+        (primary.rate_limited, primary.served, served)
+    }
+    let (refused, primary_served, served) = run(Duration::from_secs(1)).await;
+    let (refused_before, _, _) = run(Duration::ZERO).await;
+    println!(
+        "32 in flight for 4.2 s, primary 20 per 2 s announcing its reset 1 s early: {refused} \
+         upstream 429s on the primary with probes ({primary_served} served by it, {served} in \
+         all); {refused_before} without"
+    );
+    // Two windows end in the run: at most one refusal at each.
+    assert!(refused <= 2, "{refused} 429s");
+    assert!(
+        refused_before > 10 * refused.max(1),
+        "{refused_before} without probes"
+    );
 }
