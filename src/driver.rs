@@ -65,7 +65,7 @@ pub(crate) enum Step {
 pub(crate) enum Started {
     /// With a key: send it.
     Send(Driver),
-    /// No key now, one soon (or others wait before it): wait in turn, then send.
+    /// No key now, one soon: wait in turn, then send.
     Wait(Driver),
     /// No key is usable, and none will be soon.
     Unsent(Box<Exhausted>),

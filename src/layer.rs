@@ -293,7 +293,9 @@ impl KeyFallbackBuilder {
     /// Lets a request that no key can serve now wait, up to `max` in all, for a key whose
     /// cooldown or budget ends within `max`, instead of failing at once with
     /// [`Exhausted`](crate::Exhausted). Waiters are served first come, first served, per
-    /// bucket; a request dropped while it waits leaves the queue. When every key is disabled,
+    /// bucket (a request a key can serve at once goes at once); a refused request waits for
+    /// the next key too, within `max_attempts`; a request dropped while it waits leaves the
+    /// queue. When every key is disabled,
     /// or the soonest key is further off than `max`, the request fails at once, as without
     /// this option.
     ///
