@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use support::*;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
@@ -17,26 +15,6 @@ use tower_key_fallback::{
     BoxError, Bucket, CooldownReason, Exhausted, KeyFallback, KeyFallbackLayer, KeyHandle,
     TokenCost,
 };
-use tower_test::mock::SendResponse;
-
-type Call = tokio::task::JoinHandle<
-    Result<http::Response<tower_key_fallback::KeyFallbackBody<Full<Bytes>>>, BoxError>,
->;
-
-fn ok() -> Res {
-    response(200, &[], "{}")
-}
-
-fn limited(retry_after: &str) -> Res {
-    response(429, &[("retry-after", retry_after)], GROQ_429)
-}
-
-fn tagged(tag: &str) -> Req {
-    let mut req = request();
-    req.headers_mut()
-        .insert("x-request-tag", tag.parse().unwrap());
-    req
-}
 
 fn in_bucket(tag: &str, bucket: &str) -> Req {
     let mut req = tagged(tag);
@@ -50,21 +28,6 @@ fn costing(tag: &str, cost: u64) -> Req {
     req
 }
 
-fn tag(req: &Req) -> String {
-    req.headers()["x-request-tag"].to_str().unwrap().to_owned()
-}
-
-fn service(layer: KeyFallbackLayer) -> (KeyFallback<Mock>, MockHandle, KeyHandle) {
-    let (svc, mut handle, keys) = setup(layer);
-    handle.allow(u64::MAX);
-    (svc, handle, keys)
-}
-
-async fn spawn(svc: &mut KeyFallback<Mock>, req: Req) -> Call {
-    svc.ready().await.unwrap();
-    tokio::spawn(svc.call(req))
-}
-
 /// A call that skips `poll_ready` (pending while no key can serve), as a caller that raced
 /// with a cooldown would; yields so that it starts (and queues) before the next one.
 async fn spawn_unready(svc: &KeyFallback<Mock>, req: Req) -> Call {
@@ -72,28 +35,6 @@ async fn spawn_unready(svc: &KeyFallback<Mock>, req: Req) -> Call {
     let call = tokio::spawn(async move { svc.call(req).await });
     tokio::task::yield_now().await;
     call
-}
-
-async fn upstream(handle: &mut MockHandle) -> (String, String, SendResponse<Res>) {
-    let (req, reply) = next(handle).await;
-    (bearer(&req), tag(&req), reply)
-}
-
-async fn no_upstream_call(handle: &mut MockHandle) {
-    let call = tokio::time::timeout(Duration::from_millis(1), handle.next_request()).await;
-    assert!(
-        call.is_err(),
-        "an upstream call came: {:?}",
-        call.map(|c| c.map(|(r, _)| (bearer(&r), tag(&r))))
-    );
-}
-
-async fn serve(svc: &mut KeyFallback<Mock>, handle: &mut MockHandle, key: &str, res: Res) {
-    let call = spawn(svc, request()).await;
-    let (bearer, _, reply) = upstream(handle).await;
-    assert_eq!(bearer, format!("Bearer {key}"));
-    reply.send_response(res);
-    call.await.unwrap().unwrap();
 }
 
 /// A request that `key` refuses with `res`, and that fails (no other key).

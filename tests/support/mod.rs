@@ -111,3 +111,70 @@ impl tower_key_fallback::KeyEvents for Warnings {
         }
     }
 }
+
+/// A call spawned on the runtime.
+pub type Call = tokio::task::JoinHandle<
+    Result<
+        http::Response<tower_key_fallback::KeyFallbackBody<Full<Bytes>>>,
+        tower_key_fallback::BoxError,
+    >,
+>;
+
+pub fn ok() -> Res {
+    response(200, &[], "{}")
+}
+
+pub fn limited(retry_after: &str) -> Res {
+    response(429, &[("retry-after", retry_after)], GROQ_429)
+}
+
+/// A request tagged `tag` (in `x-request-tag`), to see which one an upstream call is.
+pub fn tagged(tag: &str) -> Req {
+    let mut req = request();
+    req.headers_mut()
+        .insert("x-request-tag", tag.parse().unwrap());
+    req
+}
+
+pub fn tag(req: &Req) -> String {
+    req.headers()["x-request-tag"].to_str().unwrap().to_owned()
+}
+
+/// A service over the mock that lets any number of calls through.
+pub fn service(layer: KeyFallbackLayer) -> (KeyFallback<Mock>, MockHandle, KeyHandle) {
+    let (svc, mut handle, keys) = setup(layer);
+    handle.allow(u64::MAX);
+    (svc, handle, keys)
+}
+
+/// Readies `svc` and spawns a call of `req`.
+pub async fn spawn(svc: &mut KeyFallback<Mock>, req: Req) -> Call {
+    svc.ready().await.unwrap();
+    tokio::spawn(svc.call(req))
+}
+
+/// The next upstream call: (its key, its tag, the reply).
+pub async fn upstream(handle: &mut MockHandle) -> (String, String, mock::SendResponse<Res>) {
+    let (req, reply) = next(handle).await;
+    (bearer(&req), tag(&req), reply)
+}
+
+/// Asserts that no upstream call comes while everything else is idle (the paused clock
+/// moves on by a millisecond).
+pub async fn no_upstream_call(handle: &mut MockHandle) {
+    let call = tokio::time::timeout(Duration::from_millis(1), handle.next_request()).await;
+    assert!(
+        call.is_err(),
+        "an upstream call came: {:?}",
+        call.map(|c| c.map(|(r, _)| (bearer(&r), tag(&r))))
+    );
+}
+
+/// Runs one request to completion with `key` answering `res`: the key is then heard from.
+pub async fn serve(svc: &mut KeyFallback<Mock>, handle: &mut MockHandle, key: &str, res: Res) {
+    let call = spawn(svc, request()).await;
+    let (bearer, _, reply) = upstream(handle).await;
+    assert_eq!(bearer, format!("Bearer {key}"));
+    reply.send_response(res);
+    call.await.unwrap().unwrap();
+}
