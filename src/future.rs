@@ -93,9 +93,7 @@ where
                 // The request itself is the copy the first attempt takes after the wait, and
                 // a clone of the service is driven to readiness for it.
                 return ResponseFuture {
-                    state: State::Waiting {
-                        wait: Box::pin(crate::wait::wait(shared.clone(), driver)),
-                    },
+                    state: waiting(shared, Some(driver)),
                     shared: shared.clone(),
                     driver: None,
                     svc: Some(inner.clone()),
@@ -166,11 +164,7 @@ where
                                     continue;
                                 }
                                 Step::Wait => {
-                                    let driver = this.driver.take().expect("a driver");
-                                    let wait = crate::wait::wait(this.shared.clone(), driver);
-                                    this.state.set(State::Waiting {
-                                        wait: Box::pin(wait),
-                                    });
+                                    this.state.set(waiting(this.shared, this.driver.take()));
                                     continue;
                                 }
                                 Step::HandBack if shared.config.exhausted_response => {
@@ -207,13 +201,7 @@ where
                         // The response is moot: dropping it frees the connection (or
                         // closes it, if the body was not read whole).
                         Step::Replay => this.state.set(State::Readying),
-                        Step::Wait => {
-                            let driver = this.driver.take().expect("a driver");
-                            let wait = crate::wait::wait(this.shared.clone(), driver);
-                            this.state.set(State::Waiting {
-                                wait: Box::pin(wait),
-                            });
-                        }
+                        Step::Wait => this.state.set(waiting(this.shared, this.driver.take())),
                         Step::GiveUp => {
                             let res = res.map(|b| Buffered::rest(boxed(b)));
                             let exhausted = driver.give_up(shared, Last::Response(Box::new(res)));
@@ -232,13 +220,7 @@ where
                             return Poll::Ready(Ok(res.map(KeyFallbackBody::buffered)));
                         }
                         Step::Replay => this.state.set(State::Readying),
-                        Step::Wait => {
-                            let driver = this.driver.take().expect("a driver");
-                            let wait = crate::wait::wait(this.shared.clone(), driver);
-                            this.state.set(State::Waiting {
-                                wait: Box::pin(wait),
-                            });
-                        }
+                        Step::Wait => this.state.set(waiting(this.shared, this.driver.take())),
                         Step::GiveUp => {
                             let exhausted = driver.give_up(shared, Last::Response(Box::new(res)));
                             return Poll::Ready(give_up(shared, exhausted));
@@ -281,6 +263,14 @@ where
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
+    }
+}
+
+/// The state of a request that waits in turn for a key, with its driver.
+fn waiting<F>(shared: &Arc<Shared>, driver: Option<Driver>) -> State<F> {
+    let driver = driver.expect("a driver to wait with");
+    State::Waiting {
+        wait: Box::pin(crate::wait::wait(shared.clone(), driver)),
     }
 }
 
