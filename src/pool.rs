@@ -598,7 +598,7 @@ impl Pool {
                     }
                     // Not taken after all: a probe taken for it is given back.
                     if let Took::Probe(t, word) = took {
-                        self.give_back_probe(t, word);
+                        self.free_probe(t, word);
                     }
                 }
                 None => *offset += end - real,
@@ -616,7 +616,7 @@ impl Pool {
             }
             _ => {
                 if let Took::Probe(t, word) = took {
-                    self.give_back_probe(t, word);
+                    self.free_probe(t, word);
                 }
                 None
             }
@@ -807,34 +807,30 @@ impl Pool {
         }
     }
 
-    /// Gives back a probe that was taken but not sent.
-    fn give_back_probe(&self, i: usize, word: u64) {
-        let w = Word(word);
-        let free = Word::probing(w.reason(), 0, w.generation());
-        let _ = self.slots[i]
-            .state
-            .compare_exchange(word, free.0, SeqCst, SeqCst);
-        // A waiter that saw the probe out meanwhile may take it now.
-        self.changed();
-    }
-
     /// Ends a probe (its state word `word`) after its outcome was recorded: if the outcome
     /// left the key half-open (an answer that settles nothing, a failed call, a dropped
     /// request), the next request may probe it.
     pub(crate) fn end_probe(&self, probe: Probe) {
-        let (i, word) = (probe.holder as usize, probe.word.get());
-        let w = Word(word);
-        let free = Word::probing(w.reason(), 0, w.generation());
-        if self.slots[i]
-            .state
-            .compare_exchange(word, free.0, SeqCst, SeqCst)
-            .is_ok()
-        {
+        let i = probe.holder as usize;
+        if self.free_probe(i, probe.word.get()) {
             self.events.on_event(&KeyEvent::ProbeReleased {
                 key: &self.slots[i].label,
             });
         }
+    }
+
+    /// Frees key `i`'s probe if its word is still `word` (this probe's own): a probe taken but
+    /// not sent, or ended. Wakes the waiters, which may take it now. Returns whether it was
+    /// freed.
+    fn free_probe(&self, i: usize, word: u64) -> bool {
+        let w = Word(word);
+        let free = Word::probing(w.reason(), 0, w.generation());
+        let freed = self.slots[i]
+            .state
+            .compare_exchange(word, free.0, SeqCst, SeqCst)
+            .is_ok();
         self.changed();
+        freed
     }
 
     /// Opens a half-open key after a success.

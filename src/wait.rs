@@ -41,46 +41,42 @@ impl Drop for Counted<'_> {
 /// Waits in the request's lane until its driver has a key (`Step::Replay`) or must give up
 /// (`Step::GiveUp`).
 pub(crate) async fn wait(shared: Arc<Shared>, mut driver: Driver) -> (Driver, Step) {
-    {
-        let pool = &shared.pool;
-        let lane = driver.lane_arc(&shared);
-        let started = Instant::now();
-        let (_counted, waiters) = Counted::new(&lane.waiters.count, &pool.waiting);
-        if let Some(soonest) = pool.soonest(&lane, None) {
-            pool.events.on_event(&KeyEvent::Waiting {
-                bucket: lane.name.as_deref(),
-                waiters,
-                soonest: std::time::Duration::from_millis(
-                    soonest.at_ms.saturating_sub(pool.now_ms()),
-                ),
-                for_probe: soonest.probe_ms.is_some(),
-            });
-        }
-        let _turn = lane.waiters.turn.lock().await;
-        let step = loop {
-            // Listening before looking: a change between the look and the sleep still wakes.
-            let mut changed = pin!(pool.changed.notified());
-            changed.as_mut().enable();
-            match driver.after_wait(&shared) {
-                Step::Wait => {}
-                step => break step,
-            }
-            let mut sleep = pin!(tokio::time::sleep_until(
-                pool.instant(driver.wake_at(&shared))
-            ));
-            poll_fn(|cx| {
-                if changed.as_mut().poll(cx).is_ready() || sleep.as_mut().poll(cx).is_ready() {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await;
-        };
-        pool.events.on_event(&KeyEvent::Waited {
-            waited: started.elapsed(),
-            got_key: step == Step::Replay,
+    let pool = &shared.pool;
+    let lane = driver.lane_arc(&shared);
+    let started = Instant::now();
+    let (_counted, waiters) = Counted::new(&lane.waiters.count, &pool.waiting);
+    if let Some(soonest) = pool.soonest(&lane, None) {
+        pool.events.on_event(&KeyEvent::Waiting {
+            bucket: lane.name.as_deref(),
+            waiters,
+            soonest: std::time::Duration::from_millis(soonest.at_ms.saturating_sub(pool.now_ms())),
+            for_probe: soonest.probe_ms.is_some(),
         });
-        (driver, step)
     }
+    let _turn = lane.waiters.turn.lock().await;
+    let step = loop {
+        // Listening before looking: a change between the look and the sleep still wakes.
+        let mut changed = pin!(pool.changed.notified());
+        changed.as_mut().enable();
+        match driver.after_wait(&shared) {
+            Step::Wait => {}
+            step => break step,
+        }
+        let mut sleep = pin!(tokio::time::sleep_until(
+            pool.instant(driver.wake_at(&shared))
+        ));
+        poll_fn(|cx| {
+            if changed.as_mut().poll(cx).is_ready() || sleep.as_mut().poll(cx).is_ready() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    };
+    pool.events.on_event(&KeyEvent::Waited {
+        waited: started.elapsed(),
+        got_key: step == Step::Replay,
+    });
+    (driver, step)
 }
