@@ -41,7 +41,7 @@ const ZERO_RESET: Duration = Duration::from_secs(1);
 /// Named buckets kept at most; requests for others share one overflow lane.
 pub(crate) const MAX_BUCKETS: usize = 64;
 /// The overflow lane's name in a status.
-const OVERFLOW: &str = "(other buckets)";
+pub(crate) const OVERFLOW: &str = "(other buckets)";
 
 fn pack(remaining: u64, ticket: u64) -> u64 {
     (remaining.min(UNKNOWN) << 32) | (ticket & 0xffff_ffff)

@@ -33,6 +33,9 @@ pub(crate) struct Shared {
     pub(crate) strip: Strip,
     /// The most upstream calls one request may make.
     pub(crate) max_attempts: u32,
+    /// Where the handle's resets go to be shared (feature `redis`).
+    #[cfg(feature = "redis")]
+    pub(crate) outbox: Option<Arc<crate::share::Outbox>>,
 }
 
 impl fmt::Debug for Shared {

@@ -61,6 +61,22 @@ pub enum KeyEvent<'a> {
         /// Whether the provider asked for longer and the wait was capped at `max_cooldown`.
         capped: bool,
     },
+    /// A key was set aside in one bucket (a model's own limit, say) until `until`; it serves
+    /// the other buckets.
+    BucketCooledDown {
+        /// The key's label.
+        key: &'a str,
+        /// The key's fingerprint.
+        fingerprint: &'a str,
+        /// The bucket.
+        bucket: &'a str,
+        /// Why.
+        reason: CooldownReason,
+        /// For how long from now.
+        duration: Duration,
+        /// Until when, on the wall clock.
+        until: SystemTime,
+    },
     /// A key was disabled until reset or rotated.
     Disabled {
         /// The key's label.
@@ -244,6 +260,21 @@ impl KeyEvents for TracingEvents {
                 capped,
                 "API key cooling down"
             ),
+            KeyEvent::BucketCooledDown {
+                key,
+                fingerprint,
+                bucket,
+                reason,
+                duration,
+                ..
+            } => tracing::warn!(
+                key,
+                fingerprint,
+                bucket,
+                reason = reason.as_str(),
+                cooldown_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                "API key cooling down in one bucket"
+            ),
             KeyEvent::Disabled {
                 key,
                 fingerprint,
@@ -338,6 +369,13 @@ impl KeyEvents for TracingEvents {
 pub(crate) enum Observer {
     Tracing,
     Custom(Box<dyn KeyEvents>),
+}
+
+impl KeyEvents for Observer {
+    #[inline]
+    fn on_event(&self, event: &KeyEvent<'_>) {
+        Observer::on_event(self, event);
+    }
 }
 
 impl Observer {

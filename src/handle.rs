@@ -59,16 +59,26 @@ impl KeyHandle {
     }
 
     /// Makes every key active again and clears error counts (counters are kept).
+    /// With shared state (feature `redis`), every replica resets every key too.
     pub fn reset_all(&self) {
         for i in 0..self.shared.pool.len() {
             self.shared.pool.reset(i);
         }
+        #[cfg(feature = "redis")]
+        if let Some(outbox) = &self.shared.outbox {
+            outbox.reset_all();
+        }
     }
 
-    /// Makes one key active again and clears its error count.
+    /// Makes one key active again and clears its error count. With shared state (feature
+    /// `redis`), every replica resets it too.
     pub fn reset(&self, label: &str) -> Result<(), ConfigError> {
         let i = self.index(label)?;
         self.shared.pool.reset(i);
+        #[cfg(feature = "redis")]
+        if let Some(outbox) = &self.shared.outbox {
+            outbox.reset(label, &self.shared.pool.fingerprint(i));
+        }
         Ok(())
     }
 

@@ -119,6 +119,8 @@ pub struct KeyFallbackBuilder {
     limits: Limits,
     key_limits: Vec<(String, Limits)>,
     groups: Vec<Vec<String>>,
+    #[cfg(feature = "redis")]
+    store: Option<crate::store::RedisStore>,
 }
 
 impl fmt::Debug for KeyFallbackBuilder {
@@ -140,6 +142,8 @@ impl KeyFallbackBuilder {
             limits: Limits::default(),
             key_limits: Vec::new(),
             groups: Vec::new(),
+            #[cfg(feature = "redis")]
+            store: None,
         }
     }
 
@@ -225,6 +229,17 @@ impl KeyFallbackBuilder {
     /// which logs them; `(TracingEvents, yours)` keeps the logs and adds yours.
     pub fn events(mut self, events: impl KeyEvents) -> Self {
         self.events = Observer::Custom(Box::new(events));
+        self
+    }
+
+    /// Shares the keys' state with every replica through Redis (feature `redis`): what one
+    /// learns (cooldowns, disables, resets), the others know within milliseconds, and a
+    /// replica that starts loads what is current. Requests never wait on Redis. See
+    /// [`RedisStore`](crate::RedisStore).
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn shared_state(mut self, store: crate::store::RedisStore) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -375,23 +390,37 @@ impl KeyFallbackBuilder {
         }
         let lanes = Lanes::new(labels.len(), &groups, declared, self.config.max_cooldown);
         let config = self.config;
+        #[cfg(feature = "redis")]
+        let outbox = self.store.as_ref().map(|s| s.outbox());
+        #[cfg(feature = "redis")]
+        let events = match &outbox {
+            Some(outbox) => Observer::Custom(Box::new((self.events, outbox.clone()))),
+            None => self.events,
+        };
+        #[cfg(not(feature = "redis"))]
+        let events = self.events;
         let pool = Pool::new(
             self.keys.into_keys(),
             |secret| config.credential_value(secret),
             config.round_robin,
             config.errors,
-            self.events,
+            events,
         )
         .with_lanes(lanes)
         .with_probing(config.probe_wait, config.max_cooldown);
-        Ok(KeyFallbackLayer {
-            shared: Arc::new(Shared {
-                pool,
-                classifier: self.classifier,
-                strip: config.strip(),
-                max_attempts: config.max_attempts.unwrap_or(n).min(n),
-                config,
-            }),
-        })
+        let shared = Arc::new(Shared {
+            pool,
+            classifier: self.classifier,
+            strip: config.strip(),
+            max_attempts: config.max_attempts.unwrap_or(n).min(n),
+            config,
+            #[cfg(feature = "redis")]
+            outbox,
+        });
+        #[cfg(feature = "redis")]
+        if let Some(store) = self.store {
+            store.attach(&shared);
+        }
+        Ok(KeyFallbackLayer { shared })
     }
 }

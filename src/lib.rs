@@ -133,6 +133,10 @@ mod dotenv;
 mod reqwest_middleware;
 #[cfg(feature = "retry")]
 mod retry;
+#[cfg(any(feature = "redis", fuzzing))]
+mod share;
+#[cfg(feature = "redis")]
+mod store;
 
 pub use affinity::Affinity;
 pub use answer::Exhausted;
@@ -167,6 +171,9 @@ pub use crate::reqwest_middleware::KeyFallbackMiddleware;
 #[cfg(feature = "retry")]
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub use crate::retry::RetryExhausted;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::{RedisStore, RedisStoreBuilder, StoreError};
 
 // The README's examples are compiled and run as doctests.
 #[cfg(doctest)]

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use crossbeam_utils::CachePadded;
 use tokio::time::Instant;
 
-use crate::budget::{ms, Claim, Lane, Lanes, Ticket};
+use crate::budget::{ms, Claim, Lane, Lanes, Ticket, OVERFLOW};
 use crate::capacity::Report;
 use crate::config::{ErrorPolicy, Outcome};
 use crate::events::{KeyEvent, Observer};
@@ -935,7 +935,19 @@ impl Pool {
                 }
                 let until = self.deadline(now, d);
                 match in_lane {
-                    Some(lane) => self.lanes.cool(lane, i, until, now, refused),
+                    Some(lane) => {
+                        self.lanes.cool(lane, i, until, now, refused);
+                        if let Some(bucket) = lane.name.as_deref().filter(|&n| n != OVERFLOW) {
+                            self.events.on_event(&KeyEvent::BucketCooledDown {
+                                key: &slot.label,
+                                fingerprint: &slot.fingerprint(),
+                                bucket,
+                                reason,
+                                duration: Duration::from_millis(until.saturating_sub(now)),
+                                until: self.wall(until),
+                            });
+                        }
+                    }
                     None => {
                         for &k in self.lanes.members(i) {
                             let g = if k == i {
@@ -1197,6 +1209,12 @@ impl Pool {
         KeyRecord::new(&slot.label, &slot.fingerprint(), state)
     }
 
+    /// Key `i`'s current fingerprint.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn fingerprint(&self, i: usize) -> Arc<str> {
+        self.slots[i].fingerprint()
+    }
+
     /// The key whose current credential has this fingerprint.
     pub(crate) fn by_fingerprint(&self, fingerprint: &str) -> Option<usize> {
         self.slots
@@ -1205,8 +1223,9 @@ impl Pool {
     }
 
     /// Merges a state learned elsewhere into key `i`: a cooldown that ends later than the
-    /// local one, or a disable. A cooldown is never shortened, and "active" changes nothing
-    /// (only a reset makes a key active). Returns whether the key's state changed.
+    /// local one, or a disable. A cooldown is never shortened, nor held beyond `max_cooldown`
+    /// from now, and "active" changes nothing (only a reset makes a key active). Returns
+    /// whether the key's state changed.
     pub(crate) fn import(&self, i: usize, state: &RecordedState) -> bool {
         match *state {
             RecordedState::CoolingDown {
@@ -1214,9 +1233,11 @@ impl Pool {
                 until,
                 capped,
             } => {
-                let until = self.ms_of_wall(until);
-                until > self.now_ms()
-                    && self.cool_until(i, Generation::Current, reason, until, capped)
+                let now = self.now_ms();
+                let until = self
+                    .ms_of_wall(until)
+                    .min(now.saturating_add(self.max_cooldown_ms));
+                until > now && self.cool_until(i, Generation::Current, reason, until, capped)
             }
             RecordedState::Disabled { reason } => {
                 let before = self.slots[i].word().tag();
@@ -1225,6 +1246,27 @@ impl Pool {
             }
             _ => false,
         }
+    }
+
+    /// Merges a bucket cooldown learned elsewhere into key `i`: the key is passed over in
+    /// `bucket` until `until` (a later end already set is kept), at most `max_cooldown` from
+    /// now. Returns whether it is cooling there now.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn import_bucket(&self, i: usize, bucket: &str, until: SystemTime) -> bool {
+        let now = self.now_ms();
+        let until = self
+            .ms_of_wall(until)
+            .min(now.saturating_add(self.max_cooldown_ms));
+        if until <= now {
+            return false;
+        }
+        let lane = self.lanes.lane(bucket, || self.now_ms());
+        if lane.name.as_deref() == Some(OVERFLOW) {
+            return false;
+        }
+        self.lanes.cool(&lane, i, until, now, false);
+        self.changed();
+        true
     }
 
     /// Key `i`'s budgets: the default lane's, then each named lane's, where it has one.

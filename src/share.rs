@@ -1,0 +1,830 @@
+//! Key state shared between processes, without I/O: the messages replicas exchange, the
+//! outbox the pool's events feed, and how a process merges what the others learned.
+//!
+//! A store (feature `redis`: [`RedisStore`](crate::RedisStore)) orders every message by a
+//! sequence number it gives out, and every replica applies the messages in that order, its own
+//! included. So the replicas end in one state:
+//! - a cooldown or a disable merges as [`KeyHandle::import`](crate::KeyHandle::import) does: the
+//!   later deadline wins, never beyond this pool's `max_cooldown`, and a disable beats a
+//!   cooldown;
+//! - a reset clears what is older than itself (a lower sequence number) and nothing newer: a
+//!   message older than a reset already applied is dropped, and what this process learned
+//!   but the store has not yet numbered (`pending`) is applied again after the reset.
+//!
+//! Nothing here holds a key: keys are named by fingerprint and label.
+
+#![cfg_attr(not(feature = "redis"), allow(dead_code))]
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::events::{KeyEvent, KeyEvents};
+use crate::pool::Pool;
+use crate::status::{CooldownReason, DisableReason, RecordedState};
+
+/// What a message says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The key is set aside until `until`.
+    Cool(CooldownReason),
+    /// The key is set aside in `bucket` until `until`.
+    Bucket(CooldownReason),
+    /// The key is disabled until reset.
+    Disable(DisableReason),
+    /// The key was reset.
+    Reset,
+    /// Every key was reset.
+    ResetAll,
+}
+
+/// One thing a replica learned or did. `seq` is 0 until the store numbers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Message {
+    pub(crate) seq: u64,
+    pub(crate) kind: Kind,
+    /// Milliseconds since the Unix epoch; 0 where the kind has no deadline.
+    pub(crate) until_ms: u64,
+    /// The process that sent it.
+    pub(crate) origin: u64,
+    /// The key's fingerprint; empty for [`Kind::ResetAll`].
+    pub(crate) fingerprint: String,
+    /// The key's label where it was sent, for logs.
+    pub(crate) label: String,
+    pub(crate) capped: bool,
+    /// The bucket, for [`Kind::Bucket`].
+    pub(crate) bucket: Option<String>,
+}
+
+/// The version tag every stored and published message starts with.
+pub(crate) const TAG: &str = "tkf1";
+/// Bucket names and labels longer than this are refused: no message makes a replica hold
+/// much.
+const MAX_NAME: usize = 256;
+
+impl Kind {
+    fn code(self) -> (char, &'static str) {
+        match self {
+            Kind::Cool(r) => ('c', r.as_str()),
+            Kind::Bucket(r) => ('b', r.as_str()),
+            Kind::Disable(r) => ('d', r.as_str()),
+            Kind::Reset => ('r', "-"),
+            Kind::ResetAll => ('a', "-"),
+        }
+    }
+
+    fn parse(kind: &str, reason: &str) -> Option<Kind> {
+        let cooldown = || {
+            (0..5)
+                .map(CooldownReason::from_code)
+                .find(|r| r.as_str() == reason)
+        };
+        let disable = || {
+            (0..2)
+                .map(DisableReason::from_code)
+                .find(|r| r.as_str() == reason)
+        };
+        match kind {
+            "c" => cooldown().map(Kind::Cool),
+            "b" => cooldown().map(Kind::Bucket),
+            "d" => disable().map(Kind::Disable),
+            "r" => Some(Kind::Reset),
+            "a" => Some(Kind::ResetAll),
+            _ => None,
+        }
+    }
+
+    /// Whether the message is about one bucket of a key.
+    pub(crate) fn is_bucket(self) -> bool {
+        matches!(self, Kind::Bucket(_))
+    }
+}
+
+/// `%`, space and control characters as `%XX`, so that a field is one word; `-` alone
+/// stands for no value, so a lone `-` is written `%2D`.
+fn escape(out: &mut String, s: Option<&str>) {
+    match s {
+        None => out.push('-'),
+        Some("-") => out.push_str("%2D"),
+        Some("") => out.push_str("%00"),
+        Some(s) => {
+            for c in s.chars() {
+                if c == '%' || c == ' ' || c.is_control() {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        let _ = write!(out, "%{b:02X}");
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+        }
+    }
+}
+
+fn unescape(s: &str) -> Option<Option<String>> {
+    if s == "-" {
+        return Some(None);
+    }
+    if s == "%00" {
+        return Some(Some(String::new()));
+    }
+    if s.len() > 3 * MAX_NAME {
+        return None;
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let s = String::from_utf8(out).ok()?;
+    (s.len() <= MAX_NAME).then_some(Some(s))
+}
+
+/// A fingerprint as the pool writes them: `fp:` and 16 lowercase hex digits.
+fn is_fingerprint(s: &str) -> bool {
+    s.len() == 19
+        && s.starts_with("fp:")
+        && s[3..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Message {
+    /// The message without its sequence number, as a store numbers it:
+    /// `kind until origin fingerprint reason capped bucket label`.
+    pub(crate) fn body(&self) -> String {
+        let (kind, reason) = self.kind.code();
+        let mut out = String::with_capacity(64 + self.label.len());
+        let fp = if self.fingerprint.is_empty() {
+            "-"
+        } else {
+            &self.fingerprint
+        };
+        let _ = write!(
+            out,
+            "{kind} {} {:x} {fp} {reason} {} ",
+            self.until_ms,
+            self.origin,
+            u8::from(self.capped)
+        );
+        escape(&mut out, self.bucket.as_deref());
+        out.push(' ');
+        escape(&mut out, Some(&self.label));
+        out
+    }
+
+    /// The message as stored and published: `tkf1 seq body`.
+    #[cfg(test)]
+    pub(crate) fn line(&self) -> String {
+        format!("{TAG} {} {}", self.seq, self.body())
+    }
+
+    /// Reads a stored or published message; `None` for anything else (another version,
+    /// garbage, a field out of bounds).
+    pub(crate) fn parse(line: &[u8]) -> Option<Message> {
+        let line = std::str::from_utf8(line).ok()?;
+        let mut f = line.split(' ');
+        if f.next()? != TAG {
+            return None;
+        }
+        let seq = f.next()?.parse().ok().filter(|&s| s > 0)?;
+        let kind = f.next()?;
+        let until_ms: u64 = f.next()?.parse().ok()?;
+        let origin = u64::from_str_radix(f.next()?, 16).ok()?;
+        let fingerprint = f.next()?;
+        let kind = Kind::parse(kind, f.next()?)?;
+        let capped = match f.next()? {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        let bucket = unescape(f.next()?)?;
+        let label = unescape(f.next()?)??;
+        if f.next().is_some() {
+            return None;
+        }
+        let fingerprint = match kind {
+            Kind::ResetAll if fingerprint == "-" => String::new(),
+            Kind::ResetAll => return None,
+            _ if is_fingerprint(fingerprint) => fingerprint.to_owned(),
+            _ => return None,
+        };
+        if kind.is_bucket() != bucket.is_some() {
+            return None;
+        }
+        Some(Message {
+            seq,
+            kind,
+            until_ms,
+            origin,
+            fingerprint,
+            label,
+            capped,
+            bucket,
+        })
+    }
+
+    /// When the message stops mattering, in ms since the epoch: a cooldown at its end, a
+    /// disable or a reset `hold_ms` from `now_ms`.
+    pub(crate) fn expires_at(&self, now_ms: u64, hold_ms: u64) -> u64 {
+        match self.kind {
+            Kind::Cool(_) | Kind::Bucket(_) => self.until_ms,
+            _ => now_ms.saturating_add(hold_ms),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+thread_local! {
+    /// Set while this thread applies what came from the store: the events that causes are
+    /// not sent back to it.
+    static APPLYING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the outbox deaf on this thread.
+fn quietly<T>(f: impl FnOnce() -> T) -> T {
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            APPLYING.with(|a| a.set(false));
+        }
+    }
+    APPLYING.with(|a| a.set(true));
+    let _unset = Unset;
+    f()
+}
+
+/// The key a local update is about.
+struct Key<'a> {
+    label: &'a str,
+    fingerprint: &'a str,
+    capped: bool,
+}
+
+/// What the pool learns, on its way to the store: an observer in the pool's chain, and the
+/// handle's resets. Sending is a push on an unbounded channel: the request path never waits
+/// on the store.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    tx: UnboundedSender<Message>,
+    origin: u64,
+}
+
+impl Outbox {
+    pub(crate) fn new(tx: UnboundedSender<Message>, origin: u64) -> Outbox {
+        Outbox { tx, origin }
+    }
+
+    fn send(&self, kind: Kind, until: Option<SystemTime>, key: Key<'_>, bucket: Option<&str>) {
+        if APPLYING.with(Cell::get) {
+            return;
+        }
+        let _ = self.tx.send(Message {
+            seq: 0,
+            kind,
+            until_ms: until.map_or(0, unix_ms),
+            origin: self.origin,
+            fingerprint: key.fingerprint.to_owned(),
+            label: key.label.to_owned(),
+            capped: key.capped,
+            bucket: bucket.map(str::to_owned),
+        });
+    }
+
+    /// A reset made through the handle, whatever the key's state here: another replica may
+    /// hold a cooldown this one does not.
+    pub(crate) fn reset(&self, label: &str, fingerprint: &str) {
+        let key = Key {
+            label,
+            fingerprint,
+            capped: false,
+        };
+        self.send(Kind::Reset, None, key, None);
+    }
+
+    /// `reset_all` made through the handle.
+    pub(crate) fn reset_all(&self) {
+        let key = Key {
+            label: "",
+            fingerprint: "",
+            capped: false,
+        };
+        self.send(Kind::ResetAll, None, key, None);
+    }
+}
+
+impl KeyEvents for Outbox {
+    fn on_event(&self, event: &KeyEvent<'_>) {
+        match *event {
+            KeyEvent::CooledDown {
+                key: label,
+                fingerprint,
+                reason,
+                until,
+                capped,
+                ..
+            } => {
+                let key = Key {
+                    label,
+                    fingerprint,
+                    capped,
+                };
+                self.send(Kind::Cool(reason), Some(until), key, None);
+            }
+            KeyEvent::BucketCooledDown {
+                key: label,
+                fingerprint,
+                bucket,
+                reason,
+                until,
+                ..
+            } => {
+                let key = Key {
+                    label,
+                    fingerprint,
+                    capped: false,
+                };
+                self.send(Kind::Bucket(reason), Some(until), key, Some(bucket));
+            }
+            KeyEvent::Disabled {
+                key: label,
+                fingerprint,
+                reason,
+            } => {
+                let key = Key {
+                    label,
+                    fingerprint,
+                    capped: false,
+                };
+                self.send(Kind::Disable(reason), None, key, None);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl KeyEvents for std::sync::Arc<Outbox> {
+    fn on_event(&self, event: &KeyEvent<'_>) {
+        Outbox::on_event(self, event);
+    }
+}
+
+/// Local updates kept for the store at most; beyond, the oldest are dropped (and logged).
+pub(crate) const MAX_PENDING: usize = 4096;
+
+/// One process's side of the merge: which resets it has applied, and what it learned that
+/// the store has not numbered yet.
+#[derive(Debug, Default)]
+pub(crate) struct Merge {
+    /// The sequence number of the last `reset_all` applied.
+    reset_all: u64,
+    /// The sequence number of the last reset applied, by fingerprint (keys of this pool only).
+    resets: HashMap<String, u64>,
+    /// Local updates not numbered by the store yet, oldest first, with their ids.
+    pending: Vec<(u64, Message)>,
+    next_id: u64,
+    /// Local updates dropped since the last look, for one log line.
+    pub(crate) dropped: usize,
+}
+
+/// What applying a message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// The state of a key changed.
+    Changed,
+    /// Nothing changed: known already, weaker, or older than a reset.
+    Unchanged,
+    /// About no key of this pool.
+    Foreign,
+}
+
+impl Merge {
+    /// Takes a local update for the store; returns its id, for [`Merge::numbered`].
+    pub(crate) fn local(&mut self, m: Message) -> u64 {
+        match m.kind {
+            Kind::ResetAll => self.pending.clear(),
+            // What the key learned before its reset is cleared by it anyway.
+            Kind::Reset => self.pending.retain(|(_, p)| p.fingerprint != m.fingerprint),
+            _ => {}
+        }
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.remove(0);
+            self.dropped += 1;
+        }
+        self.next_id += 1;
+        self.pending.push((self.next_id, m));
+        self.next_id
+    }
+
+    /// The store numbered update `id` (or found it weaker than what it holds): its own
+    /// message, if any, comes back through the channel in order.
+    pub(crate) fn numbered(&mut self, id: u64) {
+        self.pending.retain(|(i, _)| *i != id);
+    }
+
+    /// The updates not numbered yet, oldest first; cooldowns that ended are dropped.
+    pub(crate) fn pending(&mut self, now_ms: u64) -> Vec<(u64, Message)> {
+        self.pending.retain(|(_, m)| match m.kind {
+            Kind::Cool(_) | Kind::Bucket(_) => m.until_ms > now_ms,
+            _ => true,
+        });
+        self.pending.clone()
+    }
+
+    /// Applies a numbered message from the store to `pool`.
+    pub(crate) fn apply(&mut self, pool: &Pool, m: &Message) -> Applied {
+        quietly(|| self.apply_quietly(pool, m))
+    }
+
+    fn apply_quietly(&mut self, pool: &Pool, m: &Message) -> Applied {
+        if m.kind == Kind::ResetAll {
+            if m.seq <= self.reset_all {
+                return Applied::Unchanged;
+            }
+            self.reset_all = m.seq;
+            self.resets.retain(|_, &mut s| s > m.seq);
+            for i in 0..pool.len() {
+                if !self.resets.contains_key(&*pool.fingerprint(i)) {
+                    pool.reset(i);
+                }
+            }
+            self.replay(pool, None);
+            return Applied::Changed;
+        }
+        let Some(i) = pool.by_fingerprint(&m.fingerprint) else {
+            return Applied::Foreign;
+        };
+        let floor = self
+            .resets
+            .get(&m.fingerprint)
+            .copied()
+            .unwrap_or(0)
+            .max(self.reset_all);
+        if m.seq <= floor {
+            return Applied::Unchanged;
+        }
+        let changed = match m.kind {
+            Kind::Reset => {
+                self.resets.insert(m.fingerprint.clone(), m.seq);
+                pool.reset(i);
+                self.replay(pool, Some(&m.fingerprint));
+                true
+            }
+            _ => import(pool, i, m),
+        };
+        if changed {
+            Applied::Changed
+        } else {
+            Applied::Unchanged
+        }
+    }
+
+    /// Applies again, after a reset, what this process learned that the store has not
+    /// numbered yet: it comes after the reset in the store's order.
+    fn replay(&self, pool: &Pool, fingerprint: Option<&str>) {
+        for (_, m) in &self.pending {
+            if fingerprint.is_some_and(|fp| fp != m.fingerprint) {
+                continue;
+            }
+            match m.kind {
+                Kind::Reset => {
+                    if let Some(i) = pool.by_fingerprint(&m.fingerprint) {
+                        pool.reset(i);
+                    }
+                }
+                Kind::ResetAll => (0..pool.len()).for_each(|i| pool.reset(i)),
+                _ => {
+                    if let Some(i) = pool.by_fingerprint(&m.fingerprint) {
+                        import(pool, i, m);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Merges a cooldown or a disable into key `i`.
+fn import(pool: &Pool, i: usize, m: &Message) -> bool {
+    let until = UNIX_EPOCH + Duration::from_millis(m.until_ms);
+    match m.kind {
+        Kind::Cool(reason) => pool.import(
+            i,
+            &RecordedState::CoolingDown {
+                reason,
+                until,
+                capped: m.capped,
+            },
+        ),
+        Kind::Disable(reason) => pool.import(i, &RecordedState::Disabled { reason }),
+        Kind::Bucket(_) => m
+            .bucket
+            .as_deref()
+            .is_some_and(|b| pool.import_bucket(i, b, until)),
+        Kind::Reset | Kind::ResetAll => false,
+    }
+}
+
+/// Fuzzing entry: a message read from arbitrary bytes writes back as itself.
+#[cfg(fuzzing)]
+pub fn fuzz_message(data: &[u8]) {
+    if let Some(m) = Message::parse(data) {
+        let again = format!("{TAG} {} {}", m.seq, m.body());
+        assert_eq!(Message::parse(again.as_bytes()).as_ref(), Some(&m));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::mpsc::unbounded_channel;
+
+    use super::*;
+    use crate::{KeyFallbackLayer, KeyHandle, KeySet, KeyState};
+
+    fn msg(seq: u64, kind: Kind, until_ms: u64, fp: &str) -> Message {
+        Message {
+            seq,
+            kind,
+            until_ms,
+            origin: 7,
+            fingerprint: fp.to_owned(),
+            label: "key-1".to_owned(),
+            capped: false,
+            bucket: kind.is_bucket().then(|| "llama-3.1-8b".to_owned()),
+        }
+    }
+
+    fn now_ms() -> u64 {
+        unix_ms(SystemTime::now())
+    }
+
+    /// A pool of three keys whose events (those not from the store) reach `rx`.
+    fn pool() -> (
+        KeyHandle,
+        Vec<String>,
+        tokio::sync::mpsc::UnboundedReceiver<Message>,
+    ) {
+        let (tx, rx) = unbounded_channel();
+        let layer = KeyFallbackLayer::builder(KeySet::new(["gsk_a", "gsk_b", "gsk_c"]).unwrap())
+            .events(Arc::new(Outbox::new(tx, 1)))
+            .max_cooldown(Duration::from_secs(3600))
+            .build();
+        let handle = layer.handle();
+        let fps = handle
+            .status()
+            .keys
+            .iter()
+            .map(|k| k.fingerprint.clone())
+            .collect();
+        (handle, fps, rx)
+    }
+
+    fn cooling(h: &KeyHandle, i: usize) -> Option<u64> {
+        match h.export()[i].state {
+            RecordedState::CoolingDown { until, .. } => Some(unix_ms(until)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn messages_read_back_as_written() {
+        let fp = "fp:0123456789abcdef";
+        let mut odd = msg(
+            42,
+            Kind::Bucket(CooldownReason::RateLimited),
+            1_700_000_000_000,
+            fp,
+        );
+        odd.label = "my key %1\u{7f}é".to_owned();
+        odd.bucket = Some("-".to_owned());
+        odd.capped = true;
+        for m in [
+            msg(1, Kind::Cool(CooldownReason::QuotaExhausted), 5, fp),
+            msg(2, Kind::Disable(DisableReason::InvalidKey), 0, fp),
+            msg(3, Kind::Reset, 0, fp),
+            Message {
+                fingerprint: String::new(),
+                label: String::new(),
+                ..msg(4, Kind::ResetAll, 0, "")
+            },
+            odd,
+        ] {
+            let line = m.line();
+            assert_eq!(line.split(' ').count(), 10, "{line}");
+            assert_eq!(Message::parse(line.as_bytes()), Some(m), "{line}");
+        }
+    }
+
+    #[test]
+    fn anything_else_reads_as_nothing() {
+        let fp = "fp:0123456789abcdef";
+        let good = msg(9, Kind::Cool(CooldownReason::RateLimited), 5, fp).line();
+        assert!(Message::parse(good.as_bytes()).is_some());
+        let long = format!("{} {}", &good[..good.len() - 6], "x".repeat(300));
+        for bad in [
+            "",
+            "garbage",
+            &good.replacen("tkf1", "tkf2", 1),
+            &good.replacen(" 9 ", " 0 ", 1),
+            &good.replacen(fp, "fp:0123", 1),
+            &good.replacen(fp, "fp:0123456789ABCDEF", 1),
+            &good.replacen(" c ", " b ", 1),
+            &good.replacen("rate_limited", "sleepy", 1),
+            &format!("{good} extra"),
+            &good.replacen("key-1", "key%G1", 1),
+            &long,
+        ] {
+            assert_eq!(Message::parse(bad.as_bytes()), None, "{bad}");
+        }
+        assert_eq!(Message::parse(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn cooldowns_merge_by_the_later_end_within_max_cooldown() {
+        let (h, fps, _rx) = pool();
+        let mut merge = Merge::default();
+        let (now, pool) = (now_ms(), &h.shared.pool);
+        let cool = Kind::Cool(CooldownReason::RateLimited);
+        let at = |u| merge_until(&h, 0, u);
+        assert_eq!(
+            merge.apply(pool, &msg(1, cool, now + 60_000, &fps[0])),
+            Applied::Changed
+        );
+        assert!(at(now + 60_000));
+        // Shorter: kept as is. Later: taken. A century: held for max_cooldown (1 h).
+        assert_eq!(
+            merge.apply(pool, &msg(2, cool, now + 30_000, &fps[0])),
+            Applied::Unchanged
+        );
+        assert!(at(now + 60_000));
+        merge.apply(pool, &msg(3, cool, now + 90_000, &fps[0]));
+        assert!(at(now + 90_000));
+        merge.apply(pool, &msg(4, cool, now + 100 * 365 * 86_400_000, &fps[0]));
+        let held = cooling(&h, 0).unwrap();
+        assert!(
+            held <= now_ms() + 3_600_000 && held >= now + 3_599_000,
+            "{held}"
+        );
+        // A disable beats a cooldown; a cooldown does not undo a disable.
+        merge.apply(
+            pool,
+            &msg(5, Kind::Disable(DisableReason::InvalidKey), 0, &fps[0]),
+        );
+        merge.apply(pool, &msg(6, cool, now + 3_000_000, &fps[0]));
+        assert!(matches!(
+            h.status().keys[0].state,
+            KeyState::Disabled { .. }
+        ));
+        // Another pool's key, and an ended cooldown: nothing.
+        let other = "fp:00000000000000ff";
+        assert_eq!(
+            merge.apply(pool, &msg(7, cool, now + 9_000, other)),
+            Applied::Foreign
+        );
+        assert_eq!(
+            merge.apply(pool, &msg(8, cool, now - 1, &fps[1])),
+            Applied::Unchanged
+        );
+        assert_eq!(h.status().keys[1].state, KeyState::Active);
+    }
+
+    /// Whether key `i` cools until `until`, give or take the pool's clock's rounding.
+    fn merge_until(h: &KeyHandle, i: usize, until: u64) -> bool {
+        cooling(h, i).is_some_and(|u| u.abs_diff(until) <= 2)
+    }
+
+    #[test]
+    fn a_reset_clears_what_is_older_and_nothing_newer() {
+        let (h, fps, _rx) = pool();
+        let mut merge = Merge::default();
+        let (now, pool) = (now_ms(), &h.shared.pool);
+        let cool = Kind::Cool(CooldownReason::RateLimited);
+        merge.apply(pool, &msg(1, cool, now + 60_000, &fps[0]));
+        merge.apply(pool, &msg(2, cool, now + 60_000, &fps[1]));
+        assert_eq!(
+            merge.apply(pool, &msg(5, Kind::Reset, 0, &fps[0])),
+            Applied::Changed
+        );
+        assert_eq!(cooling(&h, 0), None);
+        assert!(cooling(&h, 1).is_some(), "another key's state stays");
+        // Older than the reset (a snapshot that overlapped the channel): dropped. The same
+        // reset again, or an older one: nothing.
+        assert_eq!(
+            merge.apply(pool, &msg(4, cool, now + 60_000, &fps[0])),
+            Applied::Unchanged
+        );
+        assert_eq!(cooling(&h, 0), None);
+        merge.apply(pool, &msg(6, cool, now + 70_000, &fps[0]));
+        assert_eq!(
+            merge.apply(pool, &msg(5, Kind::Reset, 0, &fps[0])),
+            Applied::Unchanged
+        );
+        assert_eq!(
+            merge.apply(pool, &msg(3, Kind::Reset, 0, &fps[0])),
+            Applied::Unchanged
+        );
+        assert!(merge_until(&h, 0, now + 70_000));
+        // reset_all: every key, and what is older everywhere.
+        let mut all = msg(10, Kind::ResetAll, 0, "");
+        all.fingerprint.clear();
+        assert_eq!(merge.apply(pool, &all), Applied::Changed);
+        assert!((0..3).all(|i| cooling(&h, i).is_none()));
+        assert_eq!(
+            merge.apply(pool, &msg(9, cool, now + 60_000, &fps[2])),
+            Applied::Unchanged
+        );
+        assert_eq!(merge.apply(pool, &all), Applied::Unchanged);
+    }
+
+    #[test]
+    fn what_the_store_has_not_numbered_comes_back_after_a_reset() {
+        let (h, fps, mut rx) = pool();
+        let mut merge = Merge::default();
+        let (now, pool) = (now_ms(), &h.shared.pool);
+        let cool = Kind::Cool(CooldownReason::RateLimited);
+        merge.apply(pool, &msg(1, cool, now + 60_000, &fps[0]));
+        // This process learns key-1 is out of quota; the store has not numbered it yet when
+        // another replica's reset (numbered before it) arrives.
+        h.cool_down("key-1", Duration::from_secs(600)).unwrap();
+        let local = rx.try_recv().expect("the local cooldown goes to the store");
+        let id = merge.local(local);
+        merge.apply(pool, &msg(2, Kind::Reset, 0, &fps[0]));
+        let kept = cooling(&h, 0).expect("the local cooldown is applied again");
+        assert!(kept >= now + 599_000, "{kept}");
+        // Once numbered, a later reset clears it.
+        merge.numbered(id);
+        merge.apply(pool, &msg(3, Kind::Reset, 0, &fps[0]));
+        assert_eq!(cooling(&h, 0), None);
+    }
+
+    #[test]
+    fn what_comes_from_the_store_is_not_sent_back() {
+        let (h, fps, mut rx) = pool();
+        let mut merge = Merge::default();
+        let pool = &h.shared.pool;
+        let cool = Kind::Cool(CooldownReason::RateLimited);
+        merge.apply(pool, &msg(1, cool, now_ms() + 60_000, &fps[0]));
+        merge.apply(
+            pool,
+            &msg(2, Kind::Disable(DisableReason::InvalidKey), 0, &fps[1]),
+        );
+        merge.apply(pool, &msg(3, Kind::Reset, 0, &fps[1]));
+        let mut bucket = msg(
+            4,
+            Kind::Bucket(CooldownReason::RateLimited),
+            now_ms() + 9_000,
+            &fps[2],
+        );
+        bucket.bucket = Some("llama".into());
+        assert_eq!(merge.apply(pool, &bucket), Applied::Changed);
+        assert!(
+            rx.try_recv().is_err(),
+            "the store's own state went back to it"
+        );
+        // What this process learns does go.
+        h.disable("key-3").unwrap();
+        let sent = rx.try_recv().unwrap();
+        assert_eq!(sent.kind, Kind::Disable(DisableReason::Manual));
+        assert_eq!(sent.fingerprint, fps[2]);
+        assert_eq!(sent.seq, 0);
+    }
+
+    #[test]
+    fn pending_updates_stay_bounded_and_a_reset_supersedes_them() {
+        let mut merge = Merge::default();
+        let fp = "fp:0123456789abcdef";
+        let cool = Kind::Cool(CooldownReason::RateLimited);
+        let far = now_ms() + 60_000;
+        for _ in 0..MAX_PENDING + 10 {
+            merge.local(msg(0, cool, far, fp));
+        }
+        assert_eq!(merge.pending(now_ms()).len(), MAX_PENDING);
+        assert_eq!(merge.dropped, 10);
+        merge.local(msg(0, Kind::Reset, 0, fp));
+        assert_eq!(merge.pending(now_ms()).len(), 1);
+        merge.local(msg(0, cool, now_ms() - 1, fp));
+        assert_eq!(
+            merge.pending(now_ms()).len(),
+            1,
+            "an ended cooldown is not sent"
+        );
+    }
+}

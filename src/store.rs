@@ -1,0 +1,630 @@
+//! Feature `redis`: [`RedisStore`], key state shared by every replica through Redis.
+//!
+//! One task per store does all the I/O, off the request path: it subscribes to the
+//! namespace's channel, loads what is stored, applies both (through [`Merge`]), and sends what
+//! this process learns (from its [`Outbox`]) through Lua scripts that number each message
+//! (`INCR`), store it with a deadline (`PXAT`) and publish it in one step. When Redis is away
+//! the task says so once, keeps what this process learns for later, and reconnects with
+//! backoff; requests read only the pool.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use futures_core::Stream;
+use redis::aio::{MultiplexedConnection, PubSubStream};
+use redis::{AsyncConnectionConfig, Client, Script};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
+use tokio::time::{sleep, timeout};
+
+use crate::driver::Shared;
+use crate::share::{unix_ms, Applied, Kind, Merge, Message, Outbox};
+
+/// Key state shared through Redis by every replica that uses the same keys: cooldowns (with
+/// their reason, wall-clock deadline and bucket), disables, and resets from any replica's
+/// [`KeyHandle`](crate::KeyHandle). Given to
+/// [`KeyFallbackBuilder::shared_state`](crate::KeyFallbackBuilder::shared_state).
+///
+/// - **Pushed**: what one replica learns reaches the others over pub/sub within
+///   milliseconds, and is stored until it ends (`PXAT`), so that a replica that starts or
+///   restarts loads what is current before its first request.
+/// - **Never in the way**: requests read local state only. Redis down at start or mid-run,
+///   slow, or answering garbage costs sharing, nothing else: one `warn` event says sharing
+///   stopped, the store reconnects with backoff, and on its return replicas converge.
+/// - **Monotone**: a cooldown from elsewhere never shortens one here (nor lasts beyond this
+///   pool's `max_cooldown`); a reset clears only what is older than itself, in the order Redis
+///   numbers them (`INCR`), so replicas that race end in one state.
+/// - **No secrets**: keys are matched by fingerprint; only fingerprints, labels, reasons,
+///   buckets and deadlines reach Redis. A password goes in the URL (`redis://:pw@host/`),
+///   TLS with `rediss://` (feature `redis-tls`).
+///
+/// Keys live under `tower-key-fallback:{namespace}:`, and the channel is
+/// `tower-key-fallback:{namespace}`. Use one namespace per set of keys.
+///
+/// ```no_run
+/// use tower_key_fallback::{KeyFallbackLayer, KeySet, RedisStore};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379/", "groq").await?;
+/// let layer = KeyFallbackLayer::builder(KeySet::from_env("GROQ_API_KEY")?)
+///     .shared_state(store)
+///     .build();
+/// # let _ = layer; Ok(()) }
+/// ```
+pub struct RedisStore {
+    inner: Arc<Inner>,
+    tx: UnboundedSender<Message>,
+    origin: u64,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("namespace", &self.inner.names.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`RedisStore`] could not be made: what is wrong, never the URL (it may hold a
+/// password).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The Redis URL could not be used.
+    Url {
+        /// Why.
+        reason: &'static str,
+    },
+    /// The namespace could not be used.
+    Namespace {
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Url { reason } => write!(f, "the Redis URL cannot be used: {reason}"),
+            StoreError::Namespace { reason } => {
+                write!(f, "the Redis namespace cannot be used: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Options of a [`RedisStore`], from [`RedisStore::builder`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    url: String,
+    namespace: String,
+    opts: Options,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    start_timeout: Duration,
+    command_timeout: Duration,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+    hold: Duration,
+    ping_every: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// How long [`connect`](Self::connect) waits for the first load of the stored state
+    /// (default 2 s). Past it, `connect` returns and the state is applied when it comes.
+    pub fn start_timeout(mut self, d: Duration) -> Self {
+        self.opts.start_timeout = d;
+        self
+    }
+
+    /// How long one Redis command may take before the connection counts as lost (default
+    /// 1 s).
+    pub fn command_timeout(mut self, d: Duration) -> Self {
+        self.opts.command_timeout = d;
+        self
+    }
+
+    /// The wait before the first reconnection, doubled after each failure up to `max`
+    /// (defaults 100 ms and 5 s).
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.opts.reconnect_min = min;
+        self.opts.reconnect_max = max.max(min);
+        self
+    }
+
+    /// How long a disable and a reset are kept in Redis (default 24 h): a key disabled for
+    /// an invalid key is not tried by a replica that starts within that time.
+    pub fn hold(mut self, d: Duration) -> Self {
+        self.opts.hold = d;
+        self
+    }
+
+    /// Checks the URL and namespace, starts the store's task, and waits (at most the start
+    /// timeout) for the stored state. Redis being unreachable is no error: the store warns
+    /// once and keeps trying in the background.
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        let names = Names::new(&self.namespace)?;
+        let client = open(&self.url)?;
+        let (tx, rx) = unbounded_channel();
+        let origin = origin();
+        let inner = Arc::new(Inner {
+            core: Mutex::new(Core::default()),
+            names,
+        });
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = Task {
+            inner: inner.clone(),
+            client,
+            rx,
+            opts: self.opts,
+            origin,
+            ready: Some(ready_tx),
+        };
+        tokio::spawn(task.run());
+        let _ = timeout(self.opts.start_timeout, ready_rx).await;
+        Ok(RedisStore { inner, tx, origin })
+    }
+}
+
+impl RedisStore {
+    /// Connects with the default options: see [`RedisStoreBuilder::connect`].
+    pub async fn connect(url: &str, namespace: &str) -> Result<RedisStore, StoreError> {
+        RedisStore::builder(url, namespace).connect().await
+    }
+
+    /// A store to configure, then [`connect`](RedisStoreBuilder::connect).
+    pub fn builder(url: &str, namespace: &str) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.to_owned(),
+            namespace: namespace.to_owned(),
+            opts: Options {
+                start_timeout: Duration::from_secs(2),
+                command_timeout: Duration::from_secs(1),
+                reconnect_min: Duration::from_millis(100),
+                reconnect_max: Duration::from_secs(5),
+                hold: Duration::from_secs(86_400),
+                ping_every: Duration::from_secs(5),
+            },
+        }
+    }
+
+    /// The pool's side: the observer that feeds the store.
+    pub(crate) fn outbox(&self) -> Arc<Outbox> {
+        Arc::new(Outbox::new(self.tx.clone(), self.origin))
+    }
+
+    /// Binds the store to its pool and applies what it loaded so far, before the pool's
+    /// first request.
+    pub(crate) fn attach(self, shared: &Arc<Shared>) {
+        let mut core = lock(&self.inner.core);
+        core.target = Some(Arc::downgrade(shared));
+        let waiting = std::mem::take(&mut core.waiting);
+        let Core { merge, .. } = &mut *core;
+        for m in &waiting {
+            merge.apply(&shared.pool, m);
+        }
+    }
+}
+
+fn lock(m: &Mutex<Core>) -> std::sync::MutexGuard<'_, Core> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A random enough id for this process's messages.
+fn origin() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(unix_ms(SystemTime::now()).into());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+fn open(url: &str) -> Result<Client, StoreError> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some("redis") => {}
+        Some("rediss") if cfg!(feature = "redis-tls") => {}
+        Some("rediss") => {
+            return Err(StoreError::Url {
+                reason: "rediss:// needs the crate feature `redis-tls`",
+            })
+        }
+        _ => {
+            return Err(StoreError::Url {
+                reason: "it must start with redis:// or rediss://",
+            })
+        }
+    }
+    Client::open(url).map_err(|_| StoreError::Url {
+        reason: "it is not of the form redis://[user:password@]host[:port][/db]",
+    })
+}
+
+/// The namespace's keys and channel.
+#[derive(Debug)]
+struct Names {
+    /// `tower-key-fallback:{namespace}`: the channel, and the keys' prefix.
+    prefix: String,
+}
+
+impl Names {
+    fn new(namespace: &str) -> Result<Names, StoreError> {
+        if namespace.is_empty() || namespace.len() > 128 {
+            return Err(StoreError::Namespace {
+                reason: "it must have 1 to 128 characters",
+            });
+        }
+        if !namespace
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b))
+        {
+            return Err(StoreError::Namespace {
+                reason: "it may hold only ASCII letters, digits and - _ . : / @",
+            });
+        }
+        Ok(Names {
+            prefix: format!("tower-key-fallback:{namespace}"),
+        })
+    }
+
+    fn seq(&self) -> String {
+        format!("{}:seq", self.prefix)
+    }
+
+    /// Where a message lives: a key's cooldown or disable, a bucket's cooldown, a key's
+    /// last reset, the last `reset_all`.
+    fn entry(&self, m: &Message) -> String {
+        match (m.kind, &m.bucket) {
+            (Kind::Bucket(_), Some(b)) => {
+                let mut out = format!("{}:b:{}:", self.prefix, m.fingerprint);
+                for byte in b.bytes() {
+                    out.push_str(&format!("{byte:02x}"));
+                }
+                out
+            }
+            (Kind::Reset, _) => format!("{}:r:{}", self.prefix, m.fingerprint),
+            (Kind::ResetAll, _) => format!("{}:a", self.prefix),
+            _ => format!("{}:k:{}", self.prefix, m.fingerprint),
+        }
+    }
+}
+
+/// Stores a cooldown or a disable unless Redis holds a stronger one (a disable, or a later
+/// end), numbering and publishing it in the same step. Returns its number, 0 when it was
+/// not stronger.
+const UPDATE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local kind, untl = string.match(ARGV[1], '^(%a) (%d+)')
+local expire = tonumber(ARGV[2])
+if expire <= now then return 0 end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ck, cu = string.match(cur, '^tkf1 %d+ (%a) (%d+)')
+  if ck == 'd' then return 0 end
+  if ck and kind ~= 'd' and tonumber(cu) >= tonumber(untl) then return 0 end
+end
+local seq = redis.call('INCR', KEYS[2])
+local msg = 'tkf1 ' .. seq .. ' ' .. ARGV[1]
+redis.call('SET', KEYS[1], msg, 'PXAT', expire)
+redis.call('PUBLISH', ARGV[3], msg)
+return seq
+";
+
+/// Numbers a reset, deletes what it clears (the keys matching `ARGV[4]` and `KEYS[3]`),
+/// keeps it as a marker for replicas that were away, and publishes it.
+const RESET: &str = r"
+local seq = redis.call('INCR', KEYS[2])
+local msg = 'tkf1 ' .. seq .. ' ' .. ARGV[1]
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
+local cursor = '0'
+local rounds = 0
+repeat
+  local r = redis.call('SCAN', cursor, 'MATCH', ARGV[4], 'COUNT', 1000)
+  cursor = r[1]
+  for _, k in ipairs(r[2]) do redis.call('DEL', k) end
+  rounds = rounds + 1
+until cursor == '0' or rounds > 100000
+redis.call('SET', KEYS[1], msg, 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], msg)
+return seq
+";
+
+#[derive(Debug)]
+struct Inner {
+    core: Mutex<Core>,
+    names: Names,
+}
+
+/// The merge and its pool, behind one lock that the store's task and `attach` share; the
+/// request path never takes it.
+#[derive(Debug, Default)]
+struct Core {
+    /// The pool, once attached; a store whose pool is gone stops.
+    target: Option<Weak<Shared>>,
+    /// What came before the pool was attached, in order.
+    waiting: Vec<Message>,
+    merge: Merge,
+}
+
+impl Core {
+    /// Applies a numbered message, or keeps it for `attach`. `false`: the pool is gone.
+    fn apply(&mut self, m: Message) -> bool {
+        match &self.target {
+            None => {
+                self.waiting.push(m);
+                true
+            }
+            Some(weak) => match weak.upgrade() {
+                Some(shared) => {
+                    if self.merge.apply(&shared.pool, &m) == Applied::Changed {
+                        tracing::debug!(
+                            key = %m.label,
+                            fingerprint = %m.fingerprint,
+                            seq = m.seq,
+                            "shared key state applied"
+                        );
+                    }
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+}
+
+/// Why a session with Redis ended.
+enum End {
+    /// The pool is gone: the task stops.
+    Done,
+    /// Redis is unreachable, slow or made no sense.
+    Lost(String),
+}
+
+impl<E: fmt::Display> From<E> for Lost {
+    fn from(e: E) -> Lost {
+        Lost(e.to_string())
+    }
+}
+
+struct Lost(String);
+
+struct Task {
+    inner: Arc<Inner>,
+    client: Client,
+    rx: UnboundedReceiver<Message>,
+    opts: Options,
+    origin: u64,
+    ready: Option<oneshot::Sender<()>>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let addr = self.client.get_connection_info().addr().to_string();
+        let mut backoff = self.opts.reconnect_min;
+        let mut sharing = true;
+        loop {
+            let served = match self.session(&mut sharing, &addr).await {
+                End::Done => return,
+                End::Lost(why) => why,
+            };
+            if let Some(ready) = self.ready.take() {
+                let _ = ready.send(());
+            }
+            if sharing {
+                tracing::warn!(
+                    redis = %addr,
+                    error = %served,
+                    "shared key state: Redis unreachable; sharing stopped, requests go on with this process's key state"
+                );
+                sharing = false;
+                backoff = self.opts.reconnect_min;
+            } else {
+                tracing::debug!(redis = %addr, error = %served, "shared key state: reconnection failed");
+            }
+            // Wait out the backoff, keeping what the pool learns meanwhile.
+            let wake = sleep(backoff + jitter(backoff, self.origin));
+            tokio::pin!(wake);
+            loop {
+                tokio::select! {
+                    _ = &mut wake => break,
+                    m = self.rx.recv() => match m {
+                        Some(m) => { lock(&self.inner.core).merge.local(m); }
+                        None => return,
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(self.opts.reconnect_max);
+        }
+    }
+
+    /// Connects, subscribes, loads, then serves until the connection is lost or the pool
+    /// is gone.
+    async fn session(&mut self, sharing: &mut bool, addr: &str) -> End {
+        let t = self.opts.command_timeout;
+        let names = &self.inner.names;
+        let connected = async {
+            let pubsub = timeout(t, self.client.get_async_pubsub()).await??;
+            let (mut sink, stream) = pubsub.split();
+            timeout(t, sink.subscribe(&names.prefix)).await??;
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(t))
+                .set_response_timeout(Some(t));
+            let mut con = timeout(
+                t,
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
+            )
+            .await??;
+            let stored = timeout(t * 4, load(&mut con, names)).await??;
+            Ok::<_, Lost>((sink, stream, con, stored))
+        };
+        let (_sink, mut stream, mut con, stored) = match connected.await {
+            Ok(c) => c,
+            Err(Lost(why)) => return End::Lost(why),
+        };
+        {
+            let mut core = lock(&self.inner.core);
+            for m in stored {
+                if !core.apply(m) {
+                    return End::Done;
+                }
+            }
+        }
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(());
+        }
+        if !*sharing {
+            tracing::info!(redis = %addr, "shared key state: Redis reachable again; sharing resumed");
+            *sharing = true;
+        }
+        let scripts = (Script::new(UPDATE), Script::new(RESET));
+        // What this process learned while away, then what it learns from now on.
+        let now = unix_ms(SystemTime::now());
+        let pending = lock(&self.inner.core).merge.pending(now);
+        for (id, m) in pending {
+            if let Err(Lost(why)) = self.send(&mut con, &scripts, id, &m).await {
+                return End::Lost(why);
+            }
+        }
+        let mut garbled = false;
+        let mut ping = tokio::time::interval(self.opts.ping_every);
+        ping.reset();
+        loop {
+            tokio::select! {
+                biased;
+                msg = next(&mut stream) => {
+                    let Some(msg) = msg else {
+                        return End::Lost("the subscription ended".into());
+                    };
+                    match Message::parse(msg.get_payload_bytes()) {
+                        Some(m) => {
+                            let alive = lock(&self.inner.core).apply(m);
+                            if !alive {
+                                return End::Done;
+                            }
+                        }
+                        None if !garbled => {
+                            garbled = true;
+                            tracing::warn!(redis = %addr, "shared key state: an unreadable message on the channel was ignored");
+                        }
+                        None => {}
+                    }
+                }
+                m = self.rx.recv() => {
+                    let Some(m) = m else { return End::Done };
+                    let id = {
+                        let mut core = lock(&self.inner.core);
+                        let id = core.merge.local(m.clone());
+                        if std::mem::take(&mut core.merge.dropped) > 0 {
+                            tracing::warn!("shared key state: too many updates kept for Redis; the oldest were dropped");
+                        }
+                        id
+                    };
+                    if let Err(Lost(why)) = self.send(&mut con, &scripts, id, &m).await {
+                        return End::Lost(why);
+                    }
+                }
+                _ = ping.tick() => {
+                    let pong: Result<Result<String, _>, _> =
+                        timeout(t, redis::cmd("PING").query_async(&mut con)).await;
+                    match pong {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return End::Lost(e.to_string()),
+                        Err(e) => return End::Lost(e.to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one local update through its script; once Redis answered, it is no longer
+    /// pending (its message, if it was stronger, comes back on the channel).
+    async fn send(
+        &self,
+        con: &mut MultiplexedConnection,
+        scripts: &(Script, Script),
+        id: u64,
+        m: &Message,
+    ) -> Result<(), Lost> {
+        let names = &self.inner.names;
+        let now = unix_ms(SystemTime::now());
+        let hold = u64::try_from(self.opts.hold.as_millis()).unwrap_or(u64::MAX);
+        let body = m.body();
+        let call = match m.kind {
+            Kind::Reset | Kind::ResetAll => {
+                let mut call = scripts.1.prepare_invoke();
+                call.key(names.entry(m)).key(names.seq());
+                let pattern = match m.kind {
+                    Kind::Reset => {
+                        call.key(format!("{}:k:{}", names.prefix, m.fingerprint));
+                        format!("{}:b:{}:*", names.prefix, m.fingerprint)
+                    }
+                    _ => format!("{}:[kb]:*", names.prefix),
+                };
+                call.arg(body).arg(hold).arg(&names.prefix).arg(pattern);
+                call
+            }
+            _ => {
+                let mut call = scripts.0.prepare_invoke();
+                call.key(names.entry(m)).key(names.seq());
+                call.arg(body)
+                    .arg(m.expires_at(now, hold))
+                    .arg(&names.prefix);
+                call
+            }
+        };
+        let _seq: u64 = timeout(self.opts.command_timeout, call.invoke_async(con)).await??;
+        lock(&self.inner.core).merge.numbered(id);
+        Ok(())
+    }
+}
+
+/// The subscription's next message; `None` once it ended.
+async fn next(stream: &mut PubSubStream) -> Option<redis::Msg> {
+    poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+/// Everything stored under the namespace, oldest first.
+async fn load(con: &mut MultiplexedConnection, names: &Names) -> Result<Vec<Message>, Lost> {
+    let pattern = format!("{}:*", names.prefix);
+    let seq = names.seq();
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    for _ in 0..100_000 {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        keys.extend(batch.into_iter().filter(|k| *k != seq));
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(500) {
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(chunk).query_async(con).await?;
+        out.extend(values.iter().flatten().filter_map(|v| Message::parse(v)));
+    }
+    out.sort_by_key(|m| m.seq);
+    Ok(out)
+}
+
+/// Up to a quarter of `d`, different in each process, so that replicas do not reconnect in
+/// step.
+fn jitter(d: Duration, origin: u64) -> Duration {
+    let quarter = u64::try_from(d.as_millis() / 4).unwrap_or(0).max(1);
+    Duration::from_millis(origin.rotate_left(17) % quarter)
+}
