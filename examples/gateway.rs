@@ -36,6 +36,11 @@
 //!                          (GATEWAY_BODY_TIMEOUT, default 30s)
 //! --fake                   forward to the crate's fake Groq API on loopback, with its own
 //!                          keys: no key and no network needed
+//! --redis URL              share the keys' state with every gateway given the same Redis
+//!                          (REDIS_URL), e.g. redis://127.0.0.1:6379/; needs the crate feature
+//!                          `redis` (`cargo run --example gateway --features redis -- ...`)
+//! --redis-namespace NAME   the keys' namespace in Redis (GATEWAY_REDIS_NAMESPACE, default
+//!                          gateway): gateways with one set of keys share one namespace
 //! ```
 //!
 //! A `TIME` is a whole number with `ms`, `s` or `m` after it (`250ms`, `10s`, `2m`); a bare
@@ -100,7 +105,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower_key_fallback::{
-    BoxError, Exhausted, KeyFallback, KeyFallbackLayer, KeyHandle, KeySet, PoolStatus,
+    BoxError, Exhausted, KeyFallback, KeyFallbackBuilder, KeyFallbackLayer, KeyHandle, KeySet,
+    PoolStatus,
 };
 
 /// The listen address unless told otherwise: loopback only.
@@ -1182,6 +1188,11 @@ pub struct Config {
     pub header_timeout: Duration,
     /// How long a request body may take.
     pub body_timeout: Duration,
+    /// The Redis URL through which the keys' state is shared (it may hold a password: never
+    /// printed).
+    pub redis: Option<String>,
+    /// The keys' namespace in Redis.
+    pub redis_namespace: String,
 }
 
 impl Config {
@@ -1228,6 +1239,9 @@ POST /keys/reset resets them.
   --header-timeout TIME   how long a request head may take (GATEWAY_HEADER_TIMEOUT, default 10s)
   --body-timeout TIME     how long a request body may take (GATEWAY_BODY_TIMEOUT, default 30s)
   --fake                  forward to a fake Groq API on loopback with its own keys (no key needed)
+  --redis URL             share the keys' state with the other gateways on this Redis
+                          (REDIS_URL), e.g. redis://127.0.0.1:6379/ (crate feature redis)
+  --redis-namespace NAME  the keys' namespace in Redis (GATEWAY_REDIS_NAMESPACE, default gateway)
 
 A TIME is a whole number of ms, s or m, e.g. 250ms, 10s, 2m; a bare number is seconds.";
 
@@ -1284,6 +1298,8 @@ impl Command {
         let mut body_timeout = env("GATEWAY_BODY_TIMEOUT")
             .map(|v| ("GATEWAY_BODY_TIMEOUT", v))
             .filter(|(_, v)| !v.trim().is_empty());
+        let mut redis = env("REDIS_URL").filter(|u| !u.trim().is_empty());
+        let mut redis_namespace = env("GATEWAY_REDIS_NAMESPACE").filter(|u| !u.trim().is_empty());
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             let (name, inline) = match arg.split_once('=') {
@@ -1316,6 +1332,10 @@ impl Command {
                     body_timeout = Some(("--body-timeout", value("a time such as 30s")?))
                 }
                 "--fake" => fake = true,
+                "--redis" => redis = Some(value("a URL such as redis://127.0.0.1:6379/")?),
+                "--redis-namespace" => {
+                    redis_namespace = Some(value("a name such as groq")?);
+                }
                 _ => return Err(format!("unknown argument {arg:?}")),
             }
         }
@@ -1387,6 +1407,8 @@ impl Command {
             admin,
             header_timeout,
             body_timeout,
+            redis,
+            redis_namespace: redis_namespace.unwrap_or_else(|| "gateway".to_owned()),
         })))
     }
 }
@@ -1418,6 +1440,38 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Shares the keys' state through Redis: what one gateway learns, the others given the same
+/// URL and namespace know within milliseconds. Unreachable Redis is no error (the store warns
+/// and keeps trying); a bad URL is, named without its value.
+#[cfg(feature = "redis")]
+async fn shared_state(
+    builder: KeyFallbackBuilder,
+    url: &str,
+    namespace: &str,
+) -> Result<KeyFallbackBuilder, BoxError> {
+    let store = tower_key_fallback::RedisStore::connect(url, namespace)
+        .await
+        .map_err(|e| format!("REDIS_URL / --redis: {e}"))?;
+    let _ = writeln!(
+        std::io::stdout(),
+        "gateway: sharing key state through Redis, namespace {namespace}"
+    );
+    Ok(builder.shared_state(store))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn shared_state(
+    _: KeyFallbackBuilder,
+    _: &str,
+    _: &str,
+) -> Result<KeyFallbackBuilder, BoxError> {
+    Err(
+        "REDIS_URL / --redis: this gateway was built without the crate feature `redis`; \
+         run `cargo run --example gateway --features redis -- --redis URL`"
+            .into(),
+    )
+}
+
 /// Starts the gateway and serves until the process is stopped.
 async fn run(config: Config) -> Result<(), BoxError> {
     // With --fake, a fake Groq API on loopback: key 1 allows 3 requests per 20 s, key 2 all.
@@ -1446,7 +1500,12 @@ async fn run(config: Config) -> Result<(), BoxError> {
         }
     };
     let labels: Vec<String> = keys.labels().map(str::to_owned).collect();
-    let layer = KeyFallbackLayer::new(keys);
+    let builder = KeyFallbackLayer::builder(keys);
+    let builder = match &config.redis {
+        None => builder,
+        Some(url) => shared_state(builder, url, &config.redis_namespace).await?,
+    };
+    let layer = builder.build();
 
     let listener = TcpListener::bind(config.listen)
         .await

@@ -613,9 +613,30 @@ fn gateway_binary() -> PathBuf {
         .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
     // `cargo test` builds the examples, `cargo test --test gateway` does not: make sure the
     // binary is there and up to date (a no-op when it is), in this test's profile.
+    // With the features this test was built with: another set would rebuild the crate and
+    // replace the binary with one that lacks them.
+    let features: Vec<&str> = [
+        ("hyper", cfg!(feature = "hyper")),
+        ("testing", cfg!(feature = "testing")),
+        ("serde", cfg!(feature = "serde")),
+        ("dotenv", cfg!(feature = "dotenv")),
+        ("reqwest-middleware", cfg!(feature = "reqwest-middleware")),
+        ("retry", cfg!(feature = "retry")),
+        ("redis", cfg!(feature = "redis")),
+        ("redis-tls", cfg!(feature = "redis-tls")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
     let mut build = std::process::Command::new(env!("CARGO"));
     build
-        .args(["build", "--example", "gateway"])
+        .args([
+            "build",
+            "--example",
+            "gateway",
+            "--features",
+            &features.join(","),
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"));
     if profile_dir.ends_with("release") {
         build.arg("--release");
@@ -635,6 +656,8 @@ fn clear_gateway_env(command: &mut Command) {
         "GATEWAY_ADMIN_TOKEN",
         "GATEWAY_HEADER_TIMEOUT",
         "GATEWAY_BODY_TIMEOUT",
+        "REDIS_URL",
+        "GATEWAY_REDIS_NAMESPACE",
     ] {
         command.env_remove(var);
     }
@@ -1786,4 +1809,90 @@ async fn a_key_limited_on_one_model_serves_the_others_through_the_gateway() {
             (Some("quiet".to_owned()), Some(1))
         ]
     );
+}
+
+#[cfg(feature = "redis")]
+#[path = "support/redis.rs"]
+mod redis_server;
+
+/// Starts the gateway binary in front of `upstream` with the two keys of
+/// `two_gateways_share_their_keys_state_through_redis`, sharing through `redis` if given.
+#[cfg(feature = "redis")]
+fn replica(bin: &PathBuf, upstream: &FakeServer, redis: Option<&str>) -> Running {
+    let mut command = Command::new(bin);
+    command
+        .args(["--listen", "127.0.0.1:0", "--keys-env", "GATEWAY_TEST_KEY"])
+        .env("UPSTREAM_URL", upstream.url(""))
+        .env("GATEWAY_TEST_KEY", "gsk_replica_spent")
+        .env("GATEWAY_TEST_KEY_2", "gsk_replica_good");
+    clear_gateway_env(&mut command);
+    if let Some(url) = redis {
+        command
+            .env("REDIS_URL", url)
+            .args(["--redis-namespace", "replicas"]);
+    }
+    launch(command)
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_their_keys_state_through_redis() {
+    let bin = gateway_binary();
+    let redis = redis_server::RedisServer::start();
+    let provider = FakeProvider::builder()
+        .key("gsk_replica_spent", Behavior::QuotaExhausted)
+        .key("gsk_replica_good", Behavior::Ok)
+        .build();
+    let upstream = provider.serve_ephemeral().await.unwrap();
+    let spent = || provider.stats().key("gsk_replica_spent").requests;
+
+    let one = replica(&bin, &upstream, Some(&redis.url()));
+    let two = replica(&bin, &upstream, Some(&redis.url()));
+    assert!(one
+        .banner
+        .contains("sharing key state through Redis, namespace replicas"));
+    assert!(!one.banner.contains(&redis.url()), "{}", one.banner);
+    // The first gateway learns the key is out of quota; the second knows it before it is
+    // asked anything.
+    assert_eq!(post_chat(one.addr).await.0, 200);
+    assert_eq!(spent(), 1);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let keys = get_keys(two.addr).await;
+        if keys["keys"][0]["state"] == "cooling_down" {
+            assert_eq!(keys["keys"][0]["reason"], "quota_exhausted", "{keys}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not shared: {keys}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(post_chat(two.addr).await.0, 200);
+    }
+    assert_eq!(spent(), 1, "the second gateway called the spent key");
+
+    // A restart: both stop, a new one starts and calls the spent key no more.
+    drop((one, two));
+    let three = replica(&bin, &upstream, Some(&redis.url()));
+    for _ in 0..10 {
+        assert_eq!(post_chat(three.addr).await.0, 200);
+    }
+    let with_redis = spent();
+    drop(three);
+
+    // Without Redis, the same 10 + restart + 10 calls it once per process.
+    let before = spent();
+    for _ in 0..2 {
+        let alone = replica(&bin, &upstream, None);
+        for _ in 0..10 {
+            assert_eq!(post_chat(alone.addr).await.0, 200);
+        }
+    }
+    let without = spent() - before;
+    println!(
+        "restart (the spent key, 10 requests, restart, 10 more): called {with_redis} time(s) \
+         in all with Redis, {without} without"
+    );
+    assert_eq!(with_redis, 1);
+    assert_eq!(without, 2);
 }

@@ -1,6 +1,7 @@
 //! A real `redis-server` for the tests of feature `redis`: on 127.0.0.1 at a free port, no
 //! persistence, stopped by its PID. A test that cannot start one fails and says how to install
 //! it; it never passes without Redis.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
