@@ -828,6 +828,32 @@ impl Lanes {
         self.sync(lane, o, now);
     }
 
+    /// A request another process sent with `key`: counted as sent (and ended) here, so that
+    /// the window's current report leaves one fewer.
+    pub(crate) fn spent_elsewhere(&self, lane: &Lane, key: usize, now: u64) {
+        let o = self.owner[key];
+        let b = &lane.budgets[o];
+        b.sent.fetch_add(1, SeqCst);
+        b.done.fetch_add(1, SeqCst);
+        self.sync(lane, o, now);
+    }
+
+    /// A window another process's answer reported for `key`, taken as this pool's own
+    /// reports are: within a window, the report that leaves less wins.
+    pub(crate) fn reported_elsewhere(&self, lane: &Lane, key: usize, w: &Window, now: u64) {
+        let o = self.owner[key];
+        let b = &lane.budgets[o];
+        // Its base leaves every request in flight here counted against it (the reporter's
+        // own answer, in `finish`, leaves out only itself).
+        let base = b.done.load(SeqCst).wrapping_sub(1);
+        if b.requests.apply(w, base, true, now, self.max_wait) {
+            if let Some(limit) = w.limit {
+                lane.seen_limit.fetch_max(limit, SeqCst);
+            }
+            self.sync(lane, o, now);
+        }
+    }
+
     /// Makes owner `o`'s keys' bits in `lane` agree with its budget.
     pub(crate) fn sync(&self, lane: &Lane, o: usize, now: u64) {
         let b = &lane.budgets[o];

@@ -399,6 +399,7 @@ impl Driver {
             key: shared.pool.label(self.key),
             attempt: self.count,
         });
+        shared.pool.sending(self.key, self.lane(shared));
         match shared.config.credential_header() {
             Some(name) => {
                 headers.insert(name.clone(), cred.value.get().clone());

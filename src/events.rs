@@ -77,6 +77,31 @@ pub enum KeyEvent<'a> {
         /// Until when, on the wall clock.
         until: SystemTime,
     },
+    /// A request goes out with `key`: what replicas sharing state count against their view
+    /// of the provider's window.
+    Spending {
+        /// The key's label.
+        key: &'a str,
+        /// The key's fingerprint.
+        fingerprint: &'a str,
+        /// The bucket, if the request named one.
+        bucket: Option<&'a str>,
+    },
+    /// An answer with `key` reported the provider's window of requests.
+    WindowReported {
+        /// The key's label.
+        key: &'a str,
+        /// The key's fingerprint.
+        fingerprint: &'a str,
+        /// The bucket, if the request named one.
+        bucket: Option<&'a str>,
+        /// Requests left in the window.
+        remaining: u64,
+        /// The window's limit, if the answer said.
+        limit: Option<u64>,
+        /// When the window ends, on the wall clock.
+        resets: SystemTime,
+    },
     /// A key was disabled until reset or rotated.
     Disabled {
         /// The key's label.
@@ -275,6 +300,7 @@ impl KeyEvents for TracingEvents {
                 cooldown_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
                 "API key cooling down in one bucket"
             ),
+            KeyEvent::Spending { .. } | KeyEvent::WindowReported { .. } => {}
             KeyEvent::Disabled {
                 key,
                 fingerprint,

@@ -21,7 +21,7 @@ use crossbeam_utils::CachePadded;
 use tokio::time::Instant;
 
 use crate::budget::{ms, Claim, Lane, Lanes, Ticket, OVERFLOW};
-use crate::capacity::Report;
+use crate::capacity::{Report, Window};
 use crate::config::{ErrorPolicy, Outcome};
 use crate::events::{KeyEvent, Observer};
 use crate::keys::{Key, Striped};
@@ -692,6 +692,75 @@ impl Pool {
                 with: &self.slots[other].label,
             });
         }
+        let window = report.map(|r| r.requests);
+        if let Some((remaining, reset)) = window.and_then(|w| w.remaining.zip(w.reset)) {
+            let slot = &self.slots[i];
+            self.events.on_event(&KeyEvent::WindowReported {
+                key: &slot.label,
+                fingerprint: &slot.fingerprint(),
+                bucket: shared_bucket(lane),
+                remaining,
+                limit: window.and_then(|w| w.limit),
+                resets: self.wall(self.now_ms().saturating_add(ms(reset))),
+            });
+        }
+    }
+
+    /// An attempt with key `i` in `lane` goes out: told to the observer, for replicas to
+    /// count it against the provider's window.
+    pub(crate) fn sending(&self, i: usize, lane: &Lane) {
+        let slot = &self.slots[i];
+        self.events.on_event(&KeyEvent::Spending {
+            key: &slot.label,
+            fingerprint: &slot.fingerprint(),
+            bucket: shared_bucket(lane),
+        });
+    }
+
+    /// A request sent with key `i` in `bucket` by another replica, counted against the
+    /// window this pool knows there.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn spent_elsewhere(&self, i: usize, bucket: Option<&str>) {
+        if let Some(lane) = self.shared_lane(bucket) {
+            self.lanes.spent_elsewhere(&lane, i, self.now_ms());
+        }
+    }
+
+    /// A window of key `i` in `bucket` that another replica's answer reported, taken as a
+    /// report of this pool's own would be (within a window, the one leaving less wins).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn reported_elsewhere(
+        &self,
+        i: usize,
+        bucket: Option<&str>,
+        remaining: u64,
+        limit: Option<u64>,
+        resets: SystemTime,
+    ) {
+        let now = self.now_ms();
+        let left = self.ms_of_wall(resets).saturating_sub(now);
+        if left == 0 {
+            return;
+        }
+        if let Some(lane) = self.shared_lane(bucket) {
+            let window = Window {
+                limit,
+                remaining: Some(remaining),
+                reset: Some(Duration::from_millis(left)),
+            };
+            self.lanes.reported_elsewhere(&lane, i, &window, now);
+            self.changed();
+        }
+    }
+
+    /// The lane of a bucket named by another replica (`None`: the default lane); never the
+    /// overflow lane, which holds different buckets in each process.
+    fn shared_lane(&self, bucket: Option<&str>) -> Option<Arc<Lane>> {
+        let lane = match bucket {
+            None => self.lanes.default.clone(),
+            Some(b) => self.lanes.lane(b, || self.now_ms()),
+        };
+        (lane.name.as_deref() != Some(OVERFLOW)).then_some(lane)
     }
 
     /// When no key can serve a request that names no bucket now, but one can within `max`:
@@ -1348,6 +1417,12 @@ impl Pool {
             buckets: self.bucket_status(i, now),
         }
     }
+}
+
+/// A lane's name as other replicas know it: `None` for the default lane and the overflow
+/// lane (whose requests name buckets of their own).
+fn shared_bucket(lane: &Lane) -> Option<&str> {
+    lane.name.as_deref().filter(|&n| n != OVERFLOW)
 }
 
 #[cfg(test)]

@@ -39,6 +39,11 @@ pub(crate) enum Kind {
     Reset,
     /// Every key was reset.
     ResetAll,
+    /// A request went out with the key (in `bucket`, if any): one fewer left in the window.
+    Spent,
+    /// An answer reported the key's window (in `bucket`, if any): `remaining` left until
+    /// `until`, of `limit`.
+    Window,
 }
 
 /// One thing a replica learned or did. `seq` is 0 until the store numbers it.
@@ -55,7 +60,10 @@ pub(crate) struct Message {
     /// The key's label where it was sent, for logs.
     pub(crate) label: String,
     pub(crate) capped: bool,
-    /// The bucket, for [`Kind::Bucket`].
+    /// For [`Kind::Window`]: requests left, and the limit (0: not said).
+    pub(crate) remaining: u64,
+    pub(crate) limit: u64,
+    /// The bucket, for [`Kind::Bucket`] (and, where the request named one, the budget kinds).
     pub(crate) bucket: Option<String>,
 }
 
@@ -73,6 +81,8 @@ impl Kind {
             Kind::Disable(r) => ('d', r.as_str()),
             Kind::Reset => ('r', "-"),
             Kind::ResetAll => ('a', "-"),
+            Kind::Spent => ('s', "-"),
+            Kind::Window => ('w', "-"),
         }
     }
 
@@ -93,6 +103,8 @@ impl Kind {
             "d" => disable().map(Kind::Disable),
             "r" => Some(Kind::Reset),
             "a" => Some(Kind::ResetAll),
+            "s" => Some(Kind::Spent),
+            "w" => Some(Kind::Window),
             _ => None,
         }
     }
@@ -100,6 +112,12 @@ impl Kind {
     /// Whether the message is about one bucket of a key.
     pub(crate) fn is_bucket(self) -> bool {
         matches!(self, Kind::Bucket(_))
+    }
+
+    /// Whether the message is about a window's count: published, never stored or numbered,
+    /// and dropped while the store is away (the next answer reports again).
+    pub(crate) fn is_budget(self) -> bool {
+        matches!(self, Kind::Spent | Kind::Window)
     }
 }
 
@@ -163,7 +181,7 @@ fn is_fingerprint(s: &str) -> bool {
 
 impl Message {
     /// The message without its sequence number, as a store numbers it:
-    /// `kind until origin fingerprint reason capped bucket label`.
+    /// `kind until origin fingerprint reason capped remaining limit bucket label`.
     pub(crate) fn body(&self) -> String {
         let (kind, reason) = self.kind.code();
         let mut out = String::with_capacity(64 + self.label.len());
@@ -174,10 +192,12 @@ impl Message {
         };
         let _ = write!(
             out,
-            "{kind} {} {:x} {fp} {reason} {} ",
+            "{kind} {} {:x} {fp} {reason} {} {} {} ",
             self.until_ms,
             self.origin,
-            u8::from(self.capped)
+            u8::from(self.capped),
+            self.remaining,
+            self.limit
         );
         escape(&mut out, self.bucket.as_deref());
         out.push(' ');
@@ -199,7 +219,7 @@ impl Message {
         if f.next()? != TAG {
             return None;
         }
-        let seq = f.next()?.parse().ok().filter(|&s| s > 0)?;
+        let seq: u64 = f.next()?.parse().ok()?;
         let kind = f.next()?;
         let until_ms: u64 = f.next()?.parse().ok()?;
         let origin = u64::from_str_radix(f.next()?, 16).ok()?;
@@ -210,6 +230,12 @@ impl Message {
             "1" => true,
             _ => return None,
         };
+        let remaining = f.next()?.parse().ok()?;
+        let limit = f.next()?.parse().ok()?;
+        // Only a window's count goes unnumbered.
+        if (seq == 0) != kind.is_budget() {
+            return None;
+        }
         let bucket = unescape(f.next()?)?;
         let label = unescape(f.next()?)??;
         if f.next().is_some() {
@@ -221,7 +247,9 @@ impl Message {
             _ if is_fingerprint(fingerprint) => fingerprint.to_owned(),
             _ => return None,
         };
-        if kind.is_bucket() != bucket.is_some() {
+        if kind.is_bucket() && bucket.is_none()
+            || bucket.is_some() && !kind.is_bucket() && !kind.is_budget()
+        {
             return None;
         }
         Some(Message {
@@ -232,6 +260,8 @@ impl Message {
             fingerprint,
             label,
             capped,
+            remaining,
+            limit,
             bucket,
         })
     }
@@ -271,11 +301,14 @@ fn quietly<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// The key a local update is about.
+/// The key a local update is about, and what it says besides its kind.
+#[derive(Default)]
 struct Key<'a> {
     label: &'a str,
     fingerprint: &'a str,
     capped: bool,
+    remaining: u64,
+    limit: u64,
 }
 
 /// What the pool learns, on its way to the store: an observer in the pool's chain, and the
@@ -304,6 +337,8 @@ impl Outbox {
             fingerprint: key.fingerprint.to_owned(),
             label: key.label.to_owned(),
             capped: key.capped,
+            remaining: key.remaining,
+            limit: key.limit,
             bucket: bucket.map(str::to_owned),
         });
     }
@@ -314,7 +349,7 @@ impl Outbox {
         let key = Key {
             label,
             fingerprint,
-            capped: false,
+            ..Key::default()
         };
         self.send(Kind::Reset, None, key, None);
     }
@@ -324,7 +359,7 @@ impl Outbox {
         let key = Key {
             label: "",
             fingerprint: "",
-            capped: false,
+            ..Key::default()
         };
         self.send(Kind::ResetAll, None, key, None);
     }
@@ -345,6 +380,7 @@ impl KeyEvents for Outbox {
                     label,
                     fingerprint,
                     capped,
+                    ..Key::default()
                 };
                 self.send(Kind::Cool(reason), Some(until), key, None);
             }
@@ -359,9 +395,38 @@ impl KeyEvents for Outbox {
                 let key = Key {
                     label,
                     fingerprint,
-                    capped: false,
+                    ..Key::default()
                 };
                 self.send(Kind::Bucket(reason), Some(until), key, Some(bucket));
+            }
+            KeyEvent::Spending {
+                key: label,
+                fingerprint,
+                bucket,
+            } => {
+                let key = Key {
+                    label,
+                    fingerprint,
+                    ..Key::default()
+                };
+                self.send(Kind::Spent, None, key, bucket);
+            }
+            KeyEvent::WindowReported {
+                key: label,
+                fingerprint,
+                bucket,
+                remaining,
+                limit,
+                resets,
+            } => {
+                let key = Key {
+                    label,
+                    fingerprint,
+                    remaining,
+                    limit: limit.unwrap_or(0),
+                    ..Key::default()
+                };
+                self.send(Kind::Window, Some(resets), key, bucket);
             }
             KeyEvent::Disabled {
                 key: label,
@@ -371,7 +436,7 @@ impl KeyEvents for Outbox {
                 let key = Key {
                     label,
                     fingerprint,
-                    capped: false,
+                    ..Key::default()
                 };
                 self.send(Kind::Disable(reason), None, key, None);
             }
@@ -393,6 +458,8 @@ pub(crate) const MAX_PENDING: usize = 4096;
 /// the store has not numbered yet.
 #[derive(Debug, Default)]
 pub(crate) struct Merge {
+    /// This process's id: its own window counts, coming back, are not counted twice.
+    origin: u64,
     /// The sequence number of the last `reset_all` applied.
     reset_all: u64,
     /// The sequence number of the last reset applied, by fingerprint (keys of this pool only).
@@ -416,6 +483,14 @@ pub(crate) enum Applied {
 }
 
 impl Merge {
+    /// The merge of the process `origin`.
+    pub(crate) fn new(origin: u64) -> Merge {
+        Merge {
+            origin,
+            ..Merge::default()
+        }
+    }
+
     /// Takes a local update for the store; returns its id, for [`Merge::numbered`].
     pub(crate) fn local(&mut self, m: Message) -> u64 {
         match m.kind {
@@ -454,6 +529,26 @@ impl Merge {
     }
 
     fn apply_quietly(&mut self, pool: &Pool, m: &Message) -> Applied {
+        if m.kind.is_budget() {
+            if m.origin == self.origin {
+                return Applied::Unchanged;
+            }
+            let Some(i) = pool.by_fingerprint(&m.fingerprint) else {
+                return Applied::Foreign;
+            };
+            let bucket = m.bucket.as_deref();
+            match m.kind {
+                Kind::Spent => pool.spent_elsewhere(i, bucket),
+                _ => pool.reported_elsewhere(
+                    i,
+                    bucket,
+                    m.remaining,
+                    (m.limit > 0).then_some(m.limit),
+                    UNIX_EPOCH + Duration::from_millis(m.until_ms),
+                ),
+            }
+            return Applied::Changed;
+        }
         if m.kind == Kind::ResetAll {
             if m.seq <= self.reset_all {
                 return Applied::Unchanged;
@@ -510,6 +605,7 @@ impl Merge {
                     }
                 }
                 Kind::ResetAll => (0..pool.len()).for_each(|i| pool.reset(i)),
+                Kind::Spent | Kind::Window => {}
                 _ => {
                     if let Some(i) = pool.by_fingerprint(&m.fingerprint) {
                         import(pool, i, m);
@@ -537,7 +633,7 @@ fn import(pool: &Pool, i: usize, m: &Message) -> bool {
             .bucket
             .as_deref()
             .is_some_and(|b| pool.import_bucket(i, b, until)),
-        Kind::Reset | Kind::ResetAll => false,
+        _ => false,
     }
 }
 
@@ -568,6 +664,8 @@ mod tests {
             fingerprint: fp.to_owned(),
             label: "key-1".to_owned(),
             capped: false,
+            remaining: 0,
+            limit: 0,
             bucket: kind.is_bucket().then(|| "llama-3.1-8b".to_owned()),
         }
     }
@@ -628,7 +726,7 @@ mod tests {
             odd,
         ] {
             let line = m.line();
-            assert_eq!(line.split(' ').count(), 10, "{line}");
+            assert_eq!(line.split(' ').count(), 12, "{line}");
             assert_eq!(Message::parse(line.as_bytes()), Some(m), "{line}");
         }
     }
@@ -825,6 +923,60 @@ mod tests {
             merge.pending(now_ms()).len(),
             1,
             "an ended cooldown is not sent"
+        );
+    }
+
+    #[test]
+    fn another_replicas_requests_count_against_the_window_and_its_own_do_not() {
+        let (h, fps, _rx) = pool();
+        let mut merge = Merge::new(1);
+        let pool = &h.shared.pool;
+        let window = |origin, remaining| Message {
+            origin,
+            remaining,
+            limit: 5,
+            ..msg(0, Kind::Window, now_ms() + 60_000, &fps[0])
+        };
+        let spent = |origin| Message {
+            origin,
+            bucket: None,
+            ..msg(0, Kind::Spent, 0, &fps[0])
+        };
+        let left = |h: &KeyHandle| {
+            h.status().keys[0]
+                .buckets
+                .first()
+                .and_then(|b| b.requests_remaining)
+                .map(|(n, _)| n)
+        };
+        // Another replica's answer: 2 left of 5.
+        assert_eq!(merge.apply(pool, &window(7, 2)), Applied::Changed);
+        assert_eq!(left(&h), Some(2));
+        // This process's own requests, coming back from the store: not counted again.
+        merge.apply(pool, &spent(1));
+        assert_eq!(left(&h), Some(2));
+        // Another's: one fewer each; with none left the key is passed over.
+        merge.apply(pool, &spent(7));
+        assert_eq!(left(&h), Some(1));
+        let passed_over = |h: &KeyHandle| h.status().keys[0].buckets[0].passed_over_for.is_some();
+        assert!(!passed_over(&h));
+        merge.apply(pool, &spent(7));
+        assert_eq!(left(&h), Some(0));
+        assert!(passed_over(&h), "{:?}", h.status());
+        // An older answer that leaves more changes nothing within the window.
+        merge.apply(pool, &window(7, 4));
+        assert_eq!(left(&h), Some(0));
+        // Budget counts go unnumbered; anything else numbered.
+        let line = format!("{TAG} 0 {}", spent(7).body());
+        assert!(Message::parse(line.as_bytes()).is_some(), "{line}");
+        let cool = msg(0, Kind::Cool(CooldownReason::RateLimited), 5, &fps[0]);
+        assert_eq!(
+            Message::parse(format!("{TAG} 0 {}", cool.body()).as_bytes()),
+            None
+        );
+        assert_eq!(
+            Message::parse(format!("{TAG} 3 {}", spent(7).body()).as_bytes()),
+            None
         );
     }
 }

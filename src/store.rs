@@ -21,7 +21,10 @@ use tokio::sync::oneshot;
 use tokio::time::{sleep, timeout};
 
 use crate::driver::Shared;
-use crate::share::{unix_ms, Applied, Kind, Merge, Message, Outbox};
+use crate::share::{unix_ms, Applied, Kind, Merge, Message, Outbox, TAG};
+
+/// Window counts sent in one round trip at most.
+const MAX_BATCH: usize = 256;
 
 /// Key state shared through Redis by every replica that uses the same keys: cooldowns (with
 /// their reason, wall-clock deadline and bucket), disables, and resets from any replica's
@@ -155,7 +158,10 @@ impl RedisStoreBuilder {
         let (tx, rx) = unbounded_channel();
         let origin = origin();
         let inner = Arc::new(Inner {
-            core: Mutex::new(Core::default()),
+            core: Mutex::new(Core {
+                merge: Merge::new(origin),
+                ..Core::default()
+            }),
             names,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -436,6 +442,8 @@ impl Task {
                 tokio::select! {
                     _ = &mut wake => break,
                     m = self.rx.recv() => match m {
+                        // A window's count is worth nothing later: the next answer reports.
+                        Some(m) if m.kind.is_budget() => {}
                         Some(m) => { lock(&self.inner.core).merge.local(m); }
                         None => return,
                     },
@@ -520,15 +528,43 @@ impl Task {
                 }
                 m = self.rx.recv() => {
                     let Some(m) = m else { return End::Done };
-                    let id = {
-                        let mut core = lock(&self.inner.core);
-                        let id = core.merge.local(m.clone());
-                        if std::mem::take(&mut core.merge.dropped) > 0 {
-                            tracing::warn!("shared key state: too many updates kept for Redis; the oldest were dropped");
+                    if m.kind.is_budget() {
+                        // Counts go as they come, in one round trip for all that wait.
+                        let mut batch = redis::pipe();
+                        let mut next = Some(m);
+                        let mut held = None;
+                        let mut n = 0;
+                        while let Some(m) = next.take() {
+                            if !m.kind.is_budget() {
+                                held = Some(m);
+                                break;
+                            }
+                            batch.cmd("PUBLISH").arg(&names.prefix).arg(format!("{TAG} 0 {}", m.body())).ignore();
+                            n += 1;
+                            if n < MAX_BATCH {
+                                next = self.rx.try_recv().ok();
+                            }
                         }
-                        id
-                    };
-                    if let Err(Lost(why)) = self.send(&mut con, &scripts, id, &m).await {
+                        let sent: Result<Result<(), _>, _> = timeout(t, batch.query_async(&mut con)).await;
+                        let lost = match sent {
+                            Ok(Ok(())) => None,
+                            Ok(Err(e)) => Some(e.to_string()),
+                            Err(e) => Some(e.to_string()),
+                        };
+                        if let Some(why) = lost {
+                            // What came after the counts is kept for the next session.
+                            if let Some(m) = held {
+                                lock(&self.inner.core).merge.local(m);
+                            }
+                            return End::Lost(why);
+                        }
+                        let Some(m) = held else { continue };
+                        if let Err(Lost(why)) = self.local(&mut con, &scripts, m).await {
+                            return End::Lost(why);
+                        }
+                        continue;
+                    }
+                    if let Err(Lost(why)) = self.local(&mut con, &scripts, m).await {
                         return End::Lost(why);
                     }
                 }
@@ -543,6 +579,26 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Keeps a local update until Redis has it, and sends it.
+    async fn local(
+        &self,
+        con: &mut MultiplexedConnection,
+        scripts: &(Script, Script),
+        m: Message,
+    ) -> Result<(), Lost> {
+        let id = {
+            let mut core = lock(&self.inner.core);
+            let id = core.merge.local(m.clone());
+            if std::mem::take(&mut core.merge.dropped) > 0 {
+                tracing::warn!(
+                    "shared key state: too many updates kept for Redis; the oldest were dropped"
+                );
+            }
+            id
+        };
+        self.send(con, scripts, id, &m).await
     }
 
     /// Sends one local update through its script; once Redis answered, it is no longer

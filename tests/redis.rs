@@ -505,9 +505,9 @@ async fn garbage_and_hostile_messages_change_nothing_they_should_not() {
     let far_ms = far.duration_since(UNIX_EPOCH).unwrap().as_millis();
     for junk in [
         "garbage".to_owned(),
-        "tkf1 x c 1 0 fp:0 rate_limited 0 - key-1".to_owned(),
-        format!("tkf1 999999 c {far_ms} 0 fp:00000000000000ff rate_limited 0 - nobody"),
-        format!("tkf1 999999 z {far_ms} 0 {fp} rate_limited 0 - key-1"),
+        "tkf1 x c 1 0 fp:0 rate_limited 0 0 0 - key-1".to_owned(),
+        format!("tkf1 999999 c {far_ms} 0 fp:00000000000000ff rate_limited 0 0 0 - nobody"),
+        format!("tkf1 999999 z {far_ms} 0 {fp} rate_limited 0 0 0 - key-1"),
     ] {
         redis.cli(&["PUBLISH", channel, &junk]);
     }
@@ -515,7 +515,7 @@ async fn garbage_and_hostile_messages_change_nothing_they_should_not() {
     redis.cli(&[
         "PUBLISH",
         channel,
-        &format!("tkf1 1000000 c {far_ms} 0 {fp} rate_limited 0 - key-1"),
+        &format!("tkf1 1000000 c {far_ms} 0 {fp} rate_limited 0 0 0 - key-1"),
     ]);
     a.heard("cooled key-1").await;
     let (_, until) = cooling_until(&a.handle, "key-1").unwrap();

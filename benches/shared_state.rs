@@ -1,0 +1,192 @@
+//! Feature `redis`: what sharing key state through Redis costs and buys, against a real
+//! `redis-server` started here on a free loopback port (`apt-get install -y redis-server`).
+//!
+//! `cargo bench --features redis --bench shared_state` prints:
+//!
+//! - **propagation**: a cooldown set on one replica, until the other replica's pool has it
+//!   (its observer is told from inside the merge): p50, p99 and the largest over 1,000 events,
+//!   one after the other;
+//! - **three replicas**: keys of 5 per 10 s, 5 per 10 s and unlimited, 60 requests spread
+//!   round-robin over three replicas (in-process layers, each with its own store, over
+//!   loopback HTTP to the fake provider), one at a time and 8 in flight: the upstream 429s,
+//!   with Redis, without, and for one replica alone; with the fake provider answering at once
+//!   and after 50 ms (a fast model's answer).
+//!
+//! Figures, not timings of a loop: this harness is not criterion's.
+
+#[path = "../tests/support/redis.rs"]
+mod redis_server;
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use redis_server::RedisServer;
+use tokio::sync::Semaphore;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_key_fallback::testing::{Behavior, FakeProvider, FakeServer};
+use tower_key_fallback::{KeyEvent, KeyEvents, KeyFallback, KeyFallbackLayer, KeySet, RedisStore};
+
+const EVENTS: usize = 1000;
+const REQUESTS: usize = 60;
+const KEYS: [&str; 3] = ["gsk_rep1", "gsk_rep2", "gsk_rep3"];
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type Svc = KeyFallback<HttpClient>;
+
+/// No logs: they would time the terminal.
+struct Quiet;
+
+impl KeyEvents for Quiet {
+    fn on_event(&self, _: &KeyEvent<'_>) {}
+}
+
+/// Tells when a cooldown reached this pool.
+struct Arrivals(mpsc::Sender<Instant>);
+
+impl KeyEvents for Arrivals {
+    fn on_event(&self, event: &KeyEvent<'_>) {
+        if let KeyEvent::CooledDown { .. } = event {
+            let _ = self.0.send(Instant::now());
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+async fn propagation(url: &str) {
+    let keys = || KeySet::new(KEYS).unwrap();
+    let here = KeyFallbackLayer::builder(keys())
+        .events(Quiet)
+        .shared_state(RedisStore::connect(url, "propagation").await.unwrap())
+        .build()
+        .handle();
+    let (tx, rx) = mpsc::channel();
+    let _there = KeyFallbackLayer::builder(keys())
+        .events(Arrivals(tx))
+        .shared_state(RedisStore::connect(url, "propagation").await.unwrap())
+        .build();
+    let mut took = Vec::with_capacity(EVENTS);
+    for i in 0..EVENTS {
+        // Each cooldown ends later than the last, so each changes the other pool.
+        let d = Duration::from_secs(600) + Duration::from_millis(10 * i as u64);
+        let start = Instant::now();
+        here.cool_down("key-1", d).unwrap();
+        let at = tokio::task::block_in_place(|| rx.recv_timeout(Duration::from_secs(5)))
+            .expect("a cooldown did not reach the other replica within 5 s");
+        took.push(at - start);
+    }
+    took.sort();
+    println!(
+        "propagation of a cooldown between two replicas, {EVENTS} events: p50 {:?}, p99 {:?}, max {:?}",
+        percentile(&took, 0.5),
+        percentile(&took, 0.99),
+        took[EVENTS - 1]
+    );
+}
+
+async fn replica(redis: Option<(&str, &str)>) -> Svc {
+    let mut builder = KeyFallbackLayer::builder(KeySet::new(KEYS).unwrap()).events(Quiet);
+    if let Some((url, namespace)) = redis {
+        builder = builder.shared_state(RedisStore::connect(url, namespace).await.unwrap());
+    }
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    ServiceBuilder::new().layer(builder.build()).service(client)
+}
+
+async fn chat(mut svc: Svc, server: Arc<FakeServer>) -> u16 {
+    let body = r#"{"model":"llama-3.1-8b-instant","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
+    let req = Request::post(server.url("/openai/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let res = svc.ready().await.unwrap().call(req).await.unwrap();
+    let status = res.status().as_u16();
+    let _ = res.into_body().collect().await;
+    status
+}
+
+/// 60 requests round-robin over `replicas`, `in_flight` at a time: the upstream 429s.
+async fn scenario(
+    replicas: usize,
+    in_flight: usize,
+    latency: Duration,
+    redis: Option<(&str, &str)>,
+) -> u64 {
+    let limited = Behavior::RateLimited {
+        requests: 5,
+        window: Duration::from_secs(10),
+    };
+    let provider = FakeProvider::builder()
+        .key(KEYS[0], limited.clone())
+        .key(KEYS[1], limited)
+        .key(KEYS[2], Behavior::Ok)
+        .latency(latency)
+        .build();
+    let server = Arc::new(provider.serve_ephemeral().await.unwrap());
+    let mut svcs = Vec::new();
+    for _ in 0..replicas {
+        svcs.push(replica(redis).await);
+    }
+    let gate = Arc::new(Semaphore::new(in_flight));
+    let mut tasks = Vec::new();
+    for i in 0..REQUESTS {
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let (svc, server) = (svcs[i % replicas].clone(), server.clone());
+        tasks.push(tokio::spawn(async move {
+            let status = chat(svc, server).await;
+            drop(permit);
+            status
+        }));
+    }
+    for task in tasks {
+        let status = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("a request took over 30 s")
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    let total = provider.stats().total();
+    total.rate_limited + total.quota_exhausted
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter that names nothing here runs nothing.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    if filter.is_some_and(|f| !"shared_state".contains(&f)) {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let redis = RedisServer::start();
+    let url = redis.url();
+    runtime.block_on(async {
+        propagation(&url).await;
+        let mut run = 0;
+        for latency in [Duration::ZERO, Duration::from_millis(50)] {
+            for in_flight in [1, 8] {
+                run += 1;
+                let ns = format!("replicas-{run}");
+                let shared = scenario(3, in_flight, latency, Some((&url, &ns))).await;
+                let apart = scenario(3, in_flight, latency, None).await;
+                let alone = scenario(1, in_flight, latency, None).await;
+                println!(
+                    "three replicas, keys 5/10 s, 5/10 s, unlimited, {REQUESTS} requests \
+                     round-robin, {in_flight} in flight, provider latency {latency:?}: upstream \
+                     429s {shared} with Redis, {apart} without, {alone} for one replica alone"
+                );
+            }
+        }
+    });
+}
