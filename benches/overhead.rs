@@ -9,6 +9,11 @@
 //! - `tower_retry`: tower's `Retry` around `set_header`, its policy copying the request and
 //!   never retrying;
 //! - `key_fallback/happy`, `key_fallback/one_429`, `key_fallback/keys_1000`: our layer;
+//! - `key_fallback/happy_shared` (with `--features redis`): the happy path with key state
+//!   shared through a real `redis-server` started on a free loopback port (whose work, and
+//!   the store's task publishing each request's count, share the machine's cores with the
+//!   bench); `key_fallback/happy_shared_redis_down`: the same with Redis down, what the
+//!   request path itself pays;
 //! - `contention/{bare,limit,key_fallback}/{1,2}`: 64 tasks on a tokio runtime with 1 and 2
 //!   worker threads sending requests through clones of one service, as throughput;
 //! - `keyset/{2000,20000}`: building a key set of that many keys (duplicate detection is
@@ -27,10 +32,14 @@ use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use http::{Response, StatusCode};
-use tower::Service;
+use tower::{Layer, Service};
 
 mod common;
 use common::*;
+
+#[cfg(feature = "redis")]
+#[path = "../tests/support/redis.rs"]
+mod redis_server;
 
 /// Times `svc` on the usual request: build outside the timing, drive, drop the response.
 fn bench_service<S, ResB>(b: &mut criterion::Bencher<'_>, svc: &mut S)
@@ -62,6 +71,51 @@ fn single(c: &mut Criterion) {
     assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
     assert_eq!(handle.status().keys[0].successes, 1);
     g.bench_function("happy", |b| bench_service(b, &mut svc));
+
+    // The same with key state shared through a real redis-server (feature `redis`): the
+    // request path only hands what it learns to the store's task, which publishes it on a
+    // runtime of its own.
+    #[cfg(feature = "redis")]
+    {
+        let redis = redis_server::RedisServer::start();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = rt
+            .block_on(tower_key_fallback::RedisStore::connect(
+                &redis.url(),
+                "bench",
+            ))
+            .unwrap();
+        let mut svc = tower_key_fallback::KeyFallbackLayer::builder(
+            tower_key_fallback::KeySet::new(KEYS).unwrap(),
+        )
+        .shared_state(store)
+        .build()
+        .layer(upstream(None));
+        assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+        g.bench_function("happy_shared", |b| bench_service(b, &mut svc));
+        drop(svc);
+        drop(redis);
+        // With Redis down: what the request path itself pays (the store's task only drops
+        // the window counts it is handed).
+        let down = format!("redis://127.0.0.1:{}/", redis_server::free_port());
+        let store = rt
+            .block_on(tower_key_fallback::RedisStore::connect(&down, "bench"))
+            .unwrap();
+        let mut svc = tower_key_fallback::KeyFallbackLayer::builder(
+            tower_key_fallback::KeySet::new(KEYS).unwrap(),
+        )
+        .shared_state(store)
+        .build()
+        .layer(upstream(None));
+        assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+        g.bench_function("happy_shared_redis_down", |b| bench_service(b, &mut svc));
+        drop(svc);
+        drop(rt);
+    }
 
     // Key 1 answers 429 (with `retry-after: 0`, see `common::groq_429`), key 2 answers 200.
     let mut svc = key_fallback_one_429();

@@ -828,13 +828,14 @@ impl Lanes {
         self.sync(lane, o, now);
     }
 
-    /// A request another process sent with `key`: counted as sent (and ended) here, so that
-    /// the window's current report leaves one fewer.
-    pub(crate) fn spent_elsewhere(&self, lane: &Lane, key: usize, now: u64) {
+    /// `n` requests another process sent with `key`: counted as sent (and ended) here, so
+    /// that the window's current report leaves `n` fewer.
+    pub(crate) fn spent_elsewhere(&self, lane: &Lane, key: usize, n: u64, now: u64) {
         let o = self.owner[key];
         let b = &lane.budgets[o];
-        b.sent.fetch_add(1, SeqCst);
-        b.done.fetch_add(1, SeqCst);
+        let n = n.min(1 << 20);
+        b.sent.fetch_add(n, SeqCst);
+        b.done.fetch_add(n, SeqCst);
         self.sync(lane, o, now);
     }
 

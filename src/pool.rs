@@ -717,12 +717,12 @@ impl Pool {
         });
     }
 
-    /// A request sent with key `i` in `bucket` by another replica, counted against the
+    /// `n` requests sent with key `i` in `bucket` by another replica, counted against the
     /// window this pool knows there.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn spent_elsewhere(&self, i: usize, bucket: Option<&str>) {
+    pub(crate) fn spent_elsewhere(&self, i: usize, bucket: Option<&str>, n: u64) {
         if let Some(lane) = self.shared_lane(bucket) {
-            self.lanes.spent_elsewhere(&lane, i, self.now_ms());
+            self.lanes.spent_elsewhere(&lane, i, n, self.now_ms());
         }
     }
 

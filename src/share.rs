@@ -20,7 +20,10 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::mpsc::UnboundedSender;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
 
 use crate::events::{KeyEvent, KeyEvents};
 use crate::pool::Pool;
@@ -39,7 +42,8 @@ pub(crate) enum Kind {
     Reset,
     /// Every key was reset.
     ResetAll,
-    /// A request went out with the key (in `bucket`, if any): one fewer left in the window.
+    /// Requests went out with the key (in `bucket`, if any), as many as `remaining` says:
+    /// as many fewer left in the window.
     Spent,
     /// An answer reported the key's window (in `bucket`, if any): `remaining` left until
     /// `until`, of `limit`.
@@ -60,7 +64,8 @@ pub(crate) struct Message {
     /// The key's label where it was sent, for logs.
     pub(crate) label: String,
     pub(crate) capped: bool,
-    /// For [`Kind::Window`]: requests left, and the limit (0: not said).
+    /// For [`Kind::Window`]: requests left, and the limit (0: not said); for
+    /// [`Kind::Spent`], how many requests went.
     pub(crate) remaining: u64,
     pub(crate) limit: u64,
     /// The bucket, for [`Kind::Bucket`] (and, where the request named one, the budget kinds).
@@ -311,25 +316,169 @@ struct Key<'a> {
     limit: u64,
 }
 
+/// Window counts kept at most while the store's task is behind; beyond, they are dropped
+/// (the next answer reports the window again). Other updates are always kept.
+const MAX_QUEUED_COUNTS: usize = 65_536;
+
+/// Local updates on their way to the store's task: a push under a short lock, and a wake-up
+/// only when the queue was empty, so that requests in a burst wake the task once. Requests
+/// sent are counted by key and bucket rather than queued one by one: a request costs a
+/// lookup, not an allocation.
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    items: Mutex<Queued>,
+    notify: Notify,
+    closed: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    messages: Vec<Message>,
+    /// Requests sent since the last take, by fingerprint: the label, the count with no
+    /// bucket, and the counts by bucket.
+    spent: HashMap<String, (String, u64, HashMap<String, u64>)>,
+    /// Whether `spent` counts anything.
+    counted: bool,
+}
+
+impl Queued {
+    fn is_empty(&self) -> bool {
+        self.messages.is_empty() && !self.counted
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, m: Message) {
+        let was_empty = {
+            let mut q = self.lock();
+            let was_empty = q.is_empty();
+            if m.kind.is_budget() && q.messages.len() >= MAX_QUEUED_COUNTS {
+                return;
+            }
+            q.messages.push(m);
+            was_empty
+        };
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Counts one request sent with the key `fingerprint` (in `bucket`).
+    fn spend(&self, label: &str, fingerprint: &str, bucket: Option<&str>) {
+        let was_empty = {
+            let mut q = self.lock();
+            let was_empty = q.is_empty();
+            q.counted = true;
+            if !q.spent.contains_key(fingerprint) {
+                let fresh = (label.to_owned(), 0, HashMap::new());
+                q.spent.insert(fingerprint.to_owned(), fresh);
+            }
+            let Some(counts) = q.spent.get_mut(fingerprint) else {
+                return;
+            };
+            match bucket {
+                None => counts.1 += 1,
+                Some(b) => {
+                    if let Some(n) = counts.2.get_mut(b) {
+                        *n += 1;
+                    } else if counts.2.len() < MAX_BUCKET_COUNTS {
+                        counts.2.insert(b.to_owned(), 1);
+                    }
+                }
+            }
+            was_empty
+        };
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+
+    /// No more updates will come: the task ends once it has taken what is queued.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    /// The updates queued, once there are some (the counts of requests sent first, as
+    /// [`Kind::Spent`] messages, then the rest oldest first); `None` once closed and empty.
+    pub(crate) async fn next(&self, origin: u64) -> Option<Vec<Message>> {
+        loop {
+            let items = self.take(origin);
+            if !items.is_empty() {
+                return Some(items);
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return None;
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// The updates queued now.
+    pub(crate) fn take(&self, origin: u64) -> Vec<Message> {
+        let mut q = self.lock();
+        let mut out = Vec::new();
+        if q.counted {
+            q.counted = false;
+            for (fingerprint, (label, n, buckets)) in q.spent.iter_mut() {
+                let counted = |bucket: Option<String>, n: u64| Message {
+                    seq: 0,
+                    kind: Kind::Spent,
+                    until_ms: 0,
+                    origin,
+                    fingerprint: fingerprint.clone(),
+                    label: label.clone(),
+                    capped: false,
+                    remaining: n,
+                    limit: 0,
+                    bucket,
+                };
+                if *n > 0 {
+                    out.push(counted(None, std::mem::take(n)));
+                }
+                for (bucket, n) in buckets.iter_mut().filter(|(_, n)| **n > 0) {
+                    out.push(counted(Some(bucket.clone()), std::mem::take(n)));
+                }
+            }
+        }
+        out.append(&mut q.messages);
+        out
+    }
+}
+
+/// Buckets counted apart for one key at most; requests for others are not counted.
+const MAX_BUCKET_COUNTS: usize = 64;
+
 /// What the pool learns, on its way to the store: an observer in the pool's chain, and the
-/// handle's resets. Sending is a push on an unbounded channel: the request path never waits
-/// on the store.
+/// handle's resets. Sending is a push on the [`Queue`]: the request path never waits on the
+/// store.
 #[derive(Debug)]
 pub(crate) struct Outbox {
-    tx: UnboundedSender<Message>,
+    queue: std::sync::Arc<Queue>,
     origin: u64,
 }
 
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // The pool is gone: so is the store's reason to run.
+        self.queue.close();
+    }
+}
+
 impl Outbox {
-    pub(crate) fn new(tx: UnboundedSender<Message>, origin: u64) -> Outbox {
-        Outbox { tx, origin }
+    pub(crate) fn new(queue: std::sync::Arc<Queue>, origin: u64) -> Outbox {
+        Outbox { queue, origin }
     }
 
     fn send(&self, kind: Kind, until: Option<SystemTime>, key: Key<'_>, bucket: Option<&str>) {
         if APPLYING.with(Cell::get) {
             return;
         }
-        let _ = self.tx.send(Message {
+        self.queue.push(Message {
             seq: 0,
             kind,
             until_ms: until.map_or(0, unix_ms),
@@ -404,12 +553,9 @@ impl KeyEvents for Outbox {
                 fingerprint,
                 bucket,
             } => {
-                let key = Key {
-                    label,
-                    fingerprint,
-                    ..Key::default()
-                };
-                self.send(Kind::Spent, None, key, bucket);
+                if !APPLYING.with(Cell::get) {
+                    self.queue.spend(label, fingerprint, bucket);
+                }
             }
             KeyEvent::WindowReported {
                 key: label,
@@ -538,7 +684,7 @@ impl Merge {
             };
             let bucket = m.bucket.as_deref();
             match m.kind {
-                Kind::Spent => pool.spent_elsewhere(i, bucket),
+                Kind::Spent => pool.spent_elsewhere(i, bucket, m.remaining.max(1)),
                 _ => pool.reported_elsewhere(
                     i,
                     bucket,
@@ -650,8 +796,6 @@ pub fn fuzz_message(data: &[u8]) {
 mod tests {
     use std::sync::Arc;
 
-    use tokio::sync::mpsc::unbounded_channel;
-
     use super::*;
     use crate::{KeyFallbackLayer, KeyHandle, KeySet, KeyState};
 
@@ -674,15 +818,11 @@ mod tests {
         unix_ms(SystemTime::now())
     }
 
-    /// A pool of three keys whose events (those not from the store) reach `rx`.
-    fn pool() -> (
-        KeyHandle,
-        Vec<String>,
-        tokio::sync::mpsc::UnboundedReceiver<Message>,
-    ) {
-        let (tx, rx) = unbounded_channel();
+    /// A pool of three keys whose events (those not from the store) reach the queue.
+    fn pool() -> (KeyHandle, Vec<String>, Arc<Queue>) {
+        let queue = Arc::new(Queue::default());
         let layer = KeyFallbackLayer::builder(KeySet::new(["gsk_a", "gsk_b", "gsk_c"]).unwrap())
-            .events(Arc::new(Outbox::new(tx, 1)))
+            .events(Arc::new(Outbox::new(queue.clone(), 1)))
             .max_cooldown(Duration::from_secs(3600))
             .build();
         let handle = layer.handle();
@@ -692,7 +832,7 @@ mod tests {
             .iter()
             .map(|k| k.fingerprint.clone())
             .collect();
-        (handle, fps, rx)
+        (handle, fps, queue)
     }
 
     fn cooling(h: &KeyHandle, i: usize) -> Option<u64> {
@@ -854,7 +994,7 @@ mod tests {
 
     #[test]
     fn what_the_store_has_not_numbered_comes_back_after_a_reset() {
-        let (h, fps, mut rx) = pool();
+        let (h, fps, queue) = pool();
         let mut merge = Merge::default();
         let (now, pool) = (now_ms(), &h.shared.pool);
         let cool = Kind::Cool(CooldownReason::RateLimited);
@@ -862,7 +1002,10 @@ mod tests {
         // This process learns key-1 is out of quota; the store has not numbered it yet when
         // another replica's reset (numbered before it) arrives.
         h.cool_down("key-1", Duration::from_secs(600)).unwrap();
-        let local = rx.try_recv().expect("the local cooldown goes to the store");
+        let local = queue
+            .take(1)
+            .pop()
+            .expect("the local cooldown goes to the store");
         let id = merge.local(local);
         merge.apply(pool, &msg(2, Kind::Reset, 0, &fps[0]));
         let kept = cooling(&h, 0).expect("the local cooldown is applied again");
@@ -875,7 +1018,7 @@ mod tests {
 
     #[test]
     fn what_comes_from_the_store_is_not_sent_back() {
-        let (h, fps, mut rx) = pool();
+        let (h, fps, queue) = pool();
         let mut merge = Merge::default();
         let pool = &h.shared.pool;
         let cool = Kind::Cool(CooldownReason::RateLimited);
@@ -894,12 +1037,12 @@ mod tests {
         bucket.bucket = Some("llama".into());
         assert_eq!(merge.apply(pool, &bucket), Applied::Changed);
         assert!(
-            rx.try_recv().is_err(),
+            queue.take(1).is_empty(),
             "the store's own state went back to it"
         );
         // What this process learns does go.
         h.disable("key-3").unwrap();
-        let sent = rx.try_recv().unwrap();
+        let sent = queue.take(1).pop().unwrap();
         assert_eq!(sent.kind, Kind::Disable(DisableReason::Manual));
         assert_eq!(sent.fingerprint, fps[2]);
         assert_eq!(sent.seq, 0);
@@ -978,5 +1121,38 @@ mod tests {
             Message::parse(format!("{TAG} 3 {}", spent(7).body()).as_bytes()),
             None
         );
+    }
+
+    #[test]
+    fn requests_sent_are_counted_not_queued_one_by_one() {
+        let queue = Queue::default();
+        let fp = "fp:0123456789abcdef";
+        for _ in 0..3 {
+            queue.spend("key-1", fp, None);
+        }
+        queue.spend("key-1", fp, Some("llama"));
+        queue.spend("key-1", fp, Some("llama"));
+        queue.push(msg(0, Kind::Disable(DisableReason::Manual), 0, fp));
+        let mut got = queue.take(9);
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got.pop().unwrap().kind,
+            Kind::Disable(DisableReason::Manual)
+        );
+        got.sort_by_key(|m| m.bucket.clone());
+        let counts: Vec<_> = got
+            .iter()
+            .map(|m| (m.bucket.as_deref(), m.remaining))
+            .collect();
+        assert_eq!(counts, [(None, 3), (Some("llama"), 2)]);
+        assert!(got
+            .iter()
+            .all(|m| m.kind == Kind::Spent && m.origin == 9 && m.seq == 0));
+        // Each line reads back; the next take has nothing new.
+        for m in &got {
+            let line = format!("{TAG} 0 {}", m.body());
+            assert_eq!(Message::parse(line.as_bytes()).as_ref(), Some(m));
+        }
+        assert!(queue.take(9).is_empty());
     }
 }

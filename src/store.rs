@@ -16,15 +16,16 @@ use std::time::{Duration, SystemTime};
 use futures_core::Stream;
 use redis::aio::{MultiplexedConnection, PubSubStream};
 use redis::{AsyncConnectionConfig, Client, Script};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 use tokio::time::{sleep, timeout};
 
 use crate::driver::Shared;
-use crate::share::{unix_ms, Applied, Kind, Merge, Message, Outbox, TAG};
+use crate::share::{unix_ms, Applied, Kind, Merge, Message, Outbox, Queue, TAG};
 
-/// Window counts sent in one round trip at most.
-const MAX_BATCH: usize = 256;
+/// How long the task lets local updates gather after sending a batch. A lone update goes at
+/// once; in a burst, each request pays a push under a lock, and the task wakes once per
+/// `COALESCE`.
+const COALESCE: Duration = Duration::from_millis(1);
 
 /// Key state shared through Redis by every replica that uses the same keys: cooldowns (with
 /// their reason, wall-clock deadline and bucket), disables, and resets from any replica's
@@ -59,8 +60,19 @@ const MAX_BATCH: usize = 256;
 /// ```
 pub struct RedisStore {
     inner: Arc<Inner>,
-    tx: UnboundedSender<Message>,
+    queue: Arc<Queue>,
     origin: u64,
+    attached: bool,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        // Never attached: nothing will feed the task, which ends. Attached, the pool's
+        // outbox ends it when the pool goes.
+        if !self.attached {
+            self.queue.close();
+        }
+    }
 }
 
 impl fmt::Debug for RedisStore {
@@ -155,7 +167,7 @@ impl RedisStoreBuilder {
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
         let names = Names::new(&self.namespace)?;
         let client = open(&self.url)?;
-        let (tx, rx) = unbounded_channel();
+        let queue = Arc::new(Queue::default());
         let origin = origin();
         let inner = Arc::new(Inner {
             core: Mutex::new(Core {
@@ -168,14 +180,19 @@ impl RedisStoreBuilder {
         let task = Task {
             inner: inner.clone(),
             client,
-            rx,
+            queue: queue.clone(),
             opts: self.opts,
             origin,
             ready: Some(ready_tx),
         };
         tokio::spawn(task.run());
         let _ = timeout(self.opts.start_timeout, ready_rx).await;
-        Ok(RedisStore { inner, tx, origin })
+        Ok(RedisStore {
+            inner,
+            queue,
+            origin,
+            attached: false,
+        })
     }
 }
 
@@ -203,12 +220,13 @@ impl RedisStore {
 
     /// The pool's side: the observer that feeds the store.
     pub(crate) fn outbox(&self) -> Arc<Outbox> {
-        Arc::new(Outbox::new(self.tx.clone(), self.origin))
+        Arc::new(Outbox::new(self.queue.clone(), self.origin))
     }
 
     /// Binds the store to its pool and applies what it loaded so far, before the pool's
     /// first request.
-    pub(crate) fn attach(self, shared: &Arc<Shared>) {
+    pub(crate) fn attach(mut self, shared: &Arc<Shared>) {
+        self.attached = true;
         let mut core = lock(&self.inner.core);
         core.target = Some(Arc::downgrade(shared));
         let waiting = std::mem::take(&mut core.waiting);
@@ -405,7 +423,7 @@ struct Lost(String);
 struct Task {
     inner: Arc<Inner>,
     client: Client,
-    rx: UnboundedReceiver<Message>,
+    queue: Arc<Queue>,
     opts: Options,
     origin: u64,
     ready: Option<oneshot::Sender<()>>,
@@ -441,10 +459,11 @@ impl Task {
             loop {
                 tokio::select! {
                     _ = &mut wake => break,
-                    m = self.rx.recv() => match m {
-                        // A window's count is worth nothing later: the next answer reports.
-                        Some(m) if m.kind.is_budget() => {}
-                        Some(m) => { lock(&self.inner.core).merge.local(m); }
+                    items = self.queue.next(self.origin) => match items {
+                        Some(items) => {
+                            self.keep(items);
+                            sleep(COALESCE).await;
+                        }
                         None => return,
                     },
                 }
@@ -503,6 +522,11 @@ impl Task {
             }
         }
         let mut garbled = false;
+        // After each batch the task lets the queue fill for a moment: a burst of requests
+        // wakes it once, not once each.
+        let hold = sleep(Duration::ZERO);
+        tokio::pin!(hold);
+        let mut holding = false;
         let mut ping = tokio::time::interval(self.opts.ping_every);
         ping.reset();
         loop {
@@ -526,48 +550,15 @@ impl Task {
                         None => {}
                     }
                 }
-                m = self.rx.recv() => {
-                    let Some(m) = m else { return End::Done };
-                    if m.kind.is_budget() {
-                        // Counts go as they come, in one round trip for all that wait.
-                        let mut batch = redis::pipe();
-                        let mut next = Some(m);
-                        let mut held = None;
-                        let mut n = 0;
-                        while let Some(m) = next.take() {
-                            if !m.kind.is_budget() {
-                                held = Some(m);
-                                break;
-                            }
-                            batch.cmd("PUBLISH").arg(&names.prefix).arg(format!("{TAG} 0 {}", m.body())).ignore();
-                            n += 1;
-                            if n < MAX_BATCH {
-                                next = self.rx.try_recv().ok();
-                            }
-                        }
-                        let sent: Result<Result<(), _>, _> = timeout(t, batch.query_async(&mut con)).await;
-                        let lost = match sent {
-                            Ok(Ok(())) => None,
-                            Ok(Err(e)) => Some(e.to_string()),
-                            Err(e) => Some(e.to_string()),
-                        };
-                        if let Some(why) = lost {
-                            // What came after the counts is kept for the next session.
-                            if let Some(m) = held {
-                                lock(&self.inner.core).merge.local(m);
-                            }
-                            return End::Lost(why);
-                        }
-                        let Some(m) = held else { continue };
-                        if let Err(Lost(why)) = self.local(&mut con, &scripts, m).await {
-                            return End::Lost(why);
-                        }
-                        continue;
-                    }
-                    if let Err(Lost(why)) = self.local(&mut con, &scripts, m).await {
+                items = self.queue.next(self.origin), if !holding => {
+                    let Some(items) = items else { return End::Done };
+                    if let Err(Lost(why)) = self.send_all(&mut con, &scripts, items).await {
                         return End::Lost(why);
                     }
+                    holding = true;
+                    hold.as_mut().reset(tokio::time::Instant::now() + COALESCE);
                 }
+                _ = &mut hold, if holding => holding = false,
                 _ = ping.tick() => {
                     let pong: Result<Result<String, _>, _> =
                         timeout(t, redis::cmd("PING").query_async(&mut con)).await;
@@ -579,6 +570,51 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Keeps local updates for the next session; a window's count is worth nothing later
+    /// (the next answer reports again), so counts are dropped.
+    fn keep(&self, items: impl IntoIterator<Item = Message>) {
+        let mut core = lock(&self.inner.core);
+        for m in items.into_iter().filter(|m| !m.kind.is_budget()) {
+            core.merge.local(m);
+        }
+    }
+
+    /// Sends what the pool told, in order: runs of window counts as one pipeline of
+    /// `PUBLISH`es (one round trip), the rest each through its script. When Redis is lost on
+    /// the way, what was not sent is kept.
+    async fn send_all(
+        &self,
+        con: &mut MultiplexedConnection,
+        scripts: &(Script, Script),
+        items: Vec<Message>,
+    ) -> Result<(), Lost> {
+        let prefix = &self.inner.names.prefix;
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let mut counts = redis::pipe();
+            let mut n = 0;
+            while let Some(m) = items.next_if(|m| m.kind.is_budget()) {
+                let line = format!("{TAG} 0 {}", m.body());
+                counts.cmd("PUBLISH").arg(prefix).arg(line).ignore();
+                n += 1;
+            }
+            if n > 0 {
+                let sent = timeout(self.opts.command_timeout, counts.query_async::<()>(con)).await;
+                if let Err(why) = sent.map_err(Lost::from).and_then(|r| r.map_err(Lost::from)) {
+                    self.keep(items);
+                    return Err(why);
+                }
+            }
+            if let Some(m) = items.next() {
+                if let Err(why) = self.local(con, scripts, m).await {
+                    self.keep(items);
+                    return Err(why);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Keeps a local update until Redis has it, and sends it.
