@@ -552,11 +552,7 @@ impl KeyEvents for Outbox {
                 key: label,
                 fingerprint,
                 bucket,
-            } => {
-                if !APPLYING.with(Cell::get) {
-                    self.queue.spend(label, fingerprint, bucket);
-                }
-            }
+            } if !APPLYING.with(Cell::get) => self.queue.spend(label, fingerprint, bucket),
             KeyEvent::WindowReported {
                 key: label,
                 fingerprint,

@@ -22,9 +22,9 @@ use tokio::time::{sleep, timeout};
 use crate::driver::Shared;
 use crate::share::{unix_ms, Applied, Kind, Merge, Message, Outbox, Queue, TAG};
 
-/// How long the task lets local updates gather after sending a batch. A lone update goes at
-/// once; in a burst, each request pays a push under a lock, and the task wakes once per
-/// `COALESCE`.
+/// While Redis is away, how long the task lets local updates gather before it takes them:
+/// requests in a burst then wake it once per `COALESCE`, not once each. (While Redis is
+/// there, what gathers during one round trip goes in the next.)
 const COALESCE: Duration = Duration::from_millis(1);
 
 /// Key state shared through Redis by every replica that uses the same keys: cooldowns (with
@@ -522,11 +522,6 @@ impl Task {
             }
         }
         let mut garbled = false;
-        // After each batch the task lets the queue fill for a moment: a burst of requests
-        // wakes it once, not once each.
-        let hold = sleep(Duration::ZERO);
-        tokio::pin!(hold);
-        let mut holding = false;
         let mut ping = tokio::time::interval(self.opts.ping_every);
         ping.reset();
         loop {
@@ -550,15 +545,12 @@ impl Task {
                         None => {}
                     }
                 }
-                items = self.queue.next(self.origin), if !holding => {
+                items = self.queue.next(self.origin) => {
                     let Some(items) = items else { return End::Done };
                     if let Err(Lost(why)) = self.send_all(&mut con, &scripts, items).await {
                         return End::Lost(why);
                     }
-                    holding = true;
-                    hold.as_mut().reset(tokio::time::Instant::now() + COALESCE);
                 }
-                _ = &mut hold, if holding => holding = false,
                 _ = ping.tick() => {
                     let pong: Result<Result<String, _>, _> =
                         timeout(t, redis::cmd("PING").query_async(&mut con)).await;
