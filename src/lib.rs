@@ -215,6 +215,11 @@ pub mod __fuzz {
     pub fn header_hint(headers: &http::HeaderMap) -> Option<Duration> {
         crate::classify::header_hint(headers, &crate::classify::Now::new())
     }
+    /// A message of the shared key state, read from `data`: if it reads, it writes back as
+    /// itself (asserted inside).
+    pub fn share_message(data: &[u8]) {
+        crate::share::fuzz_message(data)
+    }
 
     /// A `.env` file's variables: name → (value, line).
     #[cfg(feature = "dotenv")]

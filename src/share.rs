@@ -127,12 +127,12 @@ impl Kind {
 }
 
 /// `%`, space and control characters as `%XX`, so that a field is one word; `-` alone
-/// stands for no value, so a lone `-` is written `%2D`.
+/// stands for no value (so a lone `-` is written `%2D`), and `%` alone for an empty one.
 fn escape(out: &mut String, s: Option<&str>) {
     match s {
         None => out.push('-'),
         Some("-") => out.push_str("%2D"),
-        Some("") => out.push_str("%00"),
+        Some("") => out.push('%'),
         Some(s) => {
             for c in s.chars() {
                 if c == '%' || c == ' ' || c.is_control() {
@@ -148,31 +148,36 @@ fn escape(out: &mut String, s: Option<&str>) {
     }
 }
 
+/// Reads a field [`escape`] wrote; anything it would not have written (a raw control
+/// character, lowercase hex, an escape it leaves alone) is refused, so that what reads
+/// writes back the same.
 fn unescape(s: &str) -> Option<Option<String>> {
-    if s == "-" {
-        return Some(None);
-    }
-    if s == "%00" {
-        return Some(Some(String::new()));
-    }
     if s.len() > 3 * MAX_NAME {
         return None;
     }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
+    let value = match s {
+        "-" => return Some(None),
+        "%" => String::new(),
+        _ => {
+            let bytes = s.as_bytes();
+            let mut out = Vec::with_capacity(bytes.len());
+            let mut i = 0;
+            while i < bytes.len() {
+                if bytes[i] == b'%' {
+                    let hex = s.get(i + 1..i + 3)?;
+                    out.push(u8::from_str_radix(hex, 16).ok()?);
+                    i += 3;
+                } else {
+                    out.push(bytes[i]);
+                    i += 1;
+                }
+            }
+            String::from_utf8(out).ok()?
         }
-    }
-    let s = String::from_utf8(out).ok()?;
-    (s.len() <= MAX_NAME).then_some(Some(s))
+    };
+    let mut again = String::with_capacity(s.len());
+    escape(&mut again, Some(&value));
+    (value.len() <= MAX_NAME && again == s).then_some(Some(value))
 }
 
 /// A fingerprint as the pool writes them: `fp:` and 16 lowercase hex digits.
@@ -781,7 +786,7 @@ fn import(pool: &Pool, i: usize, m: &Message) -> bool {
 
 /// Fuzzing entry: a message read from arbitrary bytes writes back as itself.
 #[cfg(fuzzing)]
-pub fn fuzz_message(data: &[u8]) {
+pub(crate) fn fuzz_message(data: &[u8]) {
     if let Some(m) = Message::parse(data) {
         let again = format!("{TAG} {} {}", m.seq, m.body());
         assert_eq!(Message::parse(again.as_bytes()).as_ref(), Some(&m));
@@ -884,6 +889,9 @@ mod tests {
             &good.replacen("rate_limited", "sleepy", 1),
             &format!("{good} extra"),
             &good.replacen("key-1", "key%G1", 1),
+            &good.replacen("key-1", "key\u{1}1", 1),
+            &good.replacen("key-1", "key%2d1", 1),
+            &good.replacen("key-1", "key%411", 1),
             &long,
         ] {
             assert_eq!(Message::parse(bad.as_bytes()), None, "{bad}");

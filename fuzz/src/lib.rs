@@ -306,3 +306,9 @@ fn split_line(data: &[u8]) -> (&[u8], &[u8]) {
         None => (data, b""),
     }
 }
+
+/// A message of the shared key state (feature `redis`) as Redis hands it over: anything a
+/// hostile or broken Redis publishes. It never panics, and what reads writes back as itself.
+pub fn share_message(data: &[u8]) {
+    parse::share_message(data);
+}
