@@ -119,6 +119,8 @@ pub struct RedisStoreBuilder {
     url: String,
     namespace: String,
     opts: Options,
+    /// PEM roots to trust instead of the bundled web roots (feature `redis-tls`).
+    roots: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -161,12 +163,21 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Trusts these root certificates (PEM) for `rediss://` instead of the bundled web
+    /// roots: for a Redis whose certificate a private CA signed (feature `redis-tls`).
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.roots = Some(pem.into());
+        self
+    }
+
     /// Checks the URL and namespace, starts the store's task, and waits (at most the start
     /// timeout) for the stored state. Redis being unreachable is no error: the store warns
     /// once and keeps trying in the background.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
         let names = Names::new(&self.namespace)?;
-        let client = open(&self.url)?;
+        let client = open(&self.url, self.roots)?;
         let queue = Arc::new(Queue::default());
         let origin = origin();
         let inner = Arc::new(Inner {
@@ -207,6 +218,7 @@ impl RedisStore {
         RedisStoreBuilder {
             url: url.to_owned(),
             namespace: namespace.to_owned(),
+            roots: None,
             opts: Options {
                 start_timeout: Duration::from_secs(2),
                 command_timeout: Duration::from_secs(1),
@@ -250,7 +262,7 @@ fn origin() -> u64 {
     h.finish()
 }
 
-fn open(url: &str) -> Result<Client, StoreError> {
+fn open(url: &str, roots: Option<Vec<u8>>) -> Result<Client, StoreError> {
     let scheme = url.split_once("://").map(|(s, _)| s);
     match scheme {
         Some("redis") => {}
@@ -266,9 +278,25 @@ fn open(url: &str) -> Result<Client, StoreError> {
             })
         }
     }
-    Client::open(url).map_err(|_| StoreError::Url {
+    let unread = || StoreError::Url {
         reason: "it is not of the form redis://[user:password@]host[:port][/db]",
-    })
+    };
+    #[cfg(feature = "redis-tls")]
+    {
+        // redis-rs builds its TLS configuration from rustls' process-wide provider: ring,
+        // unless the program chose one (then this changes nothing).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if let Some(pem) = roots {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            return Client::build_with_tls(url, certs).map_err(|_| unread());
+        }
+    }
+    #[cfg(not(feature = "redis-tls"))]
+    let _ = roots;
+    Client::open(url).map_err(|_| unread())
 }
 
 /// The namespace's keys and channel.

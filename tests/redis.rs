@@ -558,3 +558,147 @@ async fn bad_urls_and_namespaces_are_named_never_shown() {
         assert!(!err.contains("hunter2"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn a_password_in_the_url_is_used_and_never_shown() {
+    let warnings = Warnings::default();
+    let _guard = warnings.install();
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret-pass"]);
+    let provider = provider([Behavior::Ok, Behavior::Ok, Behavior::Ok]);
+    let good = format!("redis://:s3cret-pass@127.0.0.1:{}/", redis.port);
+    let mut a = Replica::start(&good, "auth", &provider).await;
+    let mut b = Replica::start(&good, "auth", &provider).await;
+    a.handle
+        .cool_down("key-1", Duration::from_secs(60))
+        .unwrap();
+    b.heard("cooled key-1").await;
+    // A wrong password: no sharing, one warning that names neither password.
+    let bad = format!("redis://:wrong-pass@127.0.0.1:{}/", redis.port);
+    let mut c = Replica::start(&bad, "auth", &provider).await;
+    assert_eq!(c.chat().await, 200);
+    assert_eq!(warnings.count(STOPPED), 1);
+    let logged = String::from_utf8_lossy(&warnings.0.lock().unwrap()).into_owned();
+    assert!(
+        !logged.contains("s3cret") && !logged.contains("wrong-pass"),
+        "{logged}"
+    );
+    let _ = &mut a;
+}
+
+#[cfg(feature = "redis-tls")]
+#[tokio::test]
+async fn rediss_urls_speak_tls() {
+    let warnings = Warnings::default();
+    let _guard = warnings.install();
+    let warnings = Warnings::default();
+    let _guard = warnings.install();
+    // A CA and a certificate it signed for 127.0.0.1, made here with openssl (Debian's
+    // openssl package).
+    let dir = std::env::temp_dir().join(format!("tkf-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    let ext = dir.join("leaf.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let p = |p: &std::path::PathBuf| p.display().to_string();
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=tkf test CA",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([
+            "-keyout".into(),
+            p(&dir.join("ca.key")),
+            "-out".into(),
+            p(&ca),
+        ])
+        .collect::<Vec<_>>(),
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([
+            "-keyout".into(),
+            p(&key),
+            "-out".into(),
+            p(&dir.join("leaf.csr")),
+        ])
+        .collect(),
+        ["x509", "-req", "-days", "1", "-CAcreateserial"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(["-in".into(), p(&dir.join("leaf.csr")), "-CA".into(), p(&ca)])
+            .chain([
+                "-CAkey".into(),
+                p(&dir.join("ca.key")),
+                "-extfile".into(),
+                p(&ext),
+            ])
+            .chain(["-out".into(), p(&cert)])
+            .collect(),
+    ] {
+        let made = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl makes the test certificates: apt-get install -y openssl");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        "{port}",
+        "--tls-cert-file",
+        &cert_s,
+        "--tls-key-file",
+        &key_s,
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let url = format!("rediss://127.0.0.1:{}/", redis.port);
+    let pem = std::fs::read(&ca).unwrap();
+    let provider = provider([Behavior::Ok, Behavior::Ok, Behavior::Ok]);
+    let store = |pem: Vec<u8>| {
+        RedisStore::builder(&url, "tls")
+            .tls_root_certificates(pem)
+            .command_timeout(Duration::from_millis(500))
+            .connect()
+    };
+    let mut a = Replica::with_store(store(pem.clone()).await.unwrap(), &provider);
+    let mut b = Replica::with_store(store(pem).await.unwrap(), &provider);
+    a.handle
+        .cool_down("key-2", Duration::from_secs(60))
+        .unwrap();
+    b.heard("cooled key-2").await;
+    assert_eq!(warnings.count(STOPPED), 0);
+    // Without the CA, the bundled web roots do not trust the server: no sharing, one warning.
+    let mut c = Replica::start(&url, "tls", &provider).await;
+    assert_eq!(c.chat().await, 200);
+    assert_eq!(warnings.count(STOPPED), 1);
+    let _ = (&mut a, std::fs::remove_dir_all(&dir));
+}

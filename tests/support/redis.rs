@@ -27,8 +27,14 @@ pub fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a server on a free loopback port.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts a server on a free loopback port with more options (`--requirepass`, TLS).
+    /// With `--tls-port`, pass `{port}` for the port: the plain port is then closed.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         for _ in 0..5 {
-            if let Some(server) = RedisServer::try_start_on(free_port()) {
+            if let Some(server) = RedisServer::try_start(free_port(), extra) {
                 return server;
             }
         }
@@ -37,16 +43,27 @@ impl RedisServer {
 
     /// Starts a server on `port` (a restart on the same address).
     pub fn start_on(port: u16) -> RedisServer {
-        RedisServer::try_start_on(port)
+        RedisServer::try_start(port, &[])
             .unwrap_or_else(|| panic!("redis-server did not start on 127.0.0.1:{port}"))
     }
 
-    fn try_start_on(port: u16) -> Option<RedisServer> {
+    fn try_start(port: u16, extra: &[&str]) -> Option<RedisServer> {
+        let tls = extra.contains(&"--tls-port");
         let dir = std::env::temp_dir().join(format!("tkf-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let plain = if tls {
+            "0".to_owned()
+        } else {
+            port.to_string()
+        };
+        let extra: Vec<String> = extra
+            .iter()
+            .map(|a| a.replace("{port}", &port.to_string()))
+            .collect();
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--port", &plain])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&extra)
             .arg("--dir")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -62,7 +79,7 @@ impl RedisServer {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if server.ping() {
+            if server.ping(tls) {
                 return Some(server);
             }
             if let Some(child) = server.child.as_mut() {
@@ -84,16 +101,21 @@ impl RedisServer {
         self.child.as_ref().expect("server running").id()
     }
 
-    fn ping(&self) -> bool {
+    /// Whether the server answers: a `PING` answered (`+PONG`, or `-NOAUTH` with a password
+    /// set), or, on a TLS port, a connection taken.
+    fn ping(&self, tls: bool) -> bool {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
+        if tls {
+            return true;
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
         if s.write_all(b"PING\r\n").is_err() {
             return false;
         }
         let mut buf = [0u8; 7];
-        s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        s.read_exact(&mut buf).is_ok() && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
     }
 
     /// Kills the server by its PID (SIGKILL) and waits for it to be gone.
