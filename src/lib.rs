@@ -78,6 +78,8 @@
 //! | `inspect` | reading an error body for classification, with a time bound | `driver`, `body` |
 //! | `future`, `service` | the tower adapter: [`KeyFallback`], [`ResponseFuture`], readiness | `driver`, `wait`, `inspect`, `answer`, `body`, `handle` |
 //! | `layer` | [`KeyFallbackLayer`], [`KeyFallbackBuilder`] | the above |
+//! | `share` | key state between processes without I/O: the messages, the queue the pool's events feed, the merge (feature `redis`) | `pool`, `events`, `status` |
+//! | `store` | [`RedisStore`]: the task that subscribes, loads, publishes and reconnects (feature `redis`) | `share`, `driver` |
 //! | `reqwest_middleware`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
 //!
 //! Where to add things:
@@ -85,7 +87,8 @@
 //! - **a metric, a log, a store's writer**: a [`KeyEvents`] observer, given to
 //!   [`KeyFallbackBuilder::events`];
 //! - **a store's reader** (state learned by other processes): [`KeyHandle::import`], with
-//!   [`KeyHandle::export`] on the other side;
+//!   [`KeyHandle::export`] on the other side; the Redis store (`store`, `share`) is the one
+//!   built in, and another store would reuse `share`'s messages and merge;
 //! - **a cooldown rule**: `config` (`Config::outcome`);
 //! - **a provider's rate-limit headers**: `capacity` (`Report::from_headers`);
 //! - **another client library**: a new adapter beside `future` and `reqwest_middleware`,

@@ -215,12 +215,6 @@ impl Message {
         out
     }
 
-    /// The message as stored and published: `tkf1 seq body`.
-    #[cfg(test)]
-    pub(crate) fn line(&self) -> String {
-        format!("{TAG} {} {}", self.seq, self.body())
-    }
-
     /// Reads a stored or published message; `None` for anything else (another version,
     /// garbage, a field out of bounds).
     pub(crate) fn parse(line: &[u8]) -> Option<Message> {
@@ -800,6 +794,11 @@ mod tests {
     use super::*;
     use crate::{KeyFallbackLayer, KeyHandle, KeySet, KeyState};
 
+    /// The message as stored and published: `tkf1 seq body`.
+    fn line(m: &Message) -> String {
+        format!("{TAG} {} {}", m.seq, m.body())
+    }
+
     fn msg(seq: u64, kind: Kind, until_ms: u64, fp: &str) -> Message {
         Message {
             seq,
@@ -866,7 +865,7 @@ mod tests {
             },
             odd,
         ] {
-            let line = m.line();
+            let line = line(&m);
             assert_eq!(line.split(' ').count(), 12, "{line}");
             assert_eq!(Message::parse(line.as_bytes()), Some(m), "{line}");
         }
@@ -875,7 +874,7 @@ mod tests {
     #[test]
     fn anything_else_reads_as_nothing() {
         let fp = "fp:0123456789abcdef";
-        let good = msg(9, Kind::Cool(CooldownReason::RateLimited), 5, fp).line();
+        let good = line(&msg(9, Kind::Cool(CooldownReason::RateLimited), 5, fp));
         assert!(Message::parse(good.as_bytes()).is_some());
         let long = format!("{} {}", &good[..good.len() - 6], "x".repeat(300));
         for bad in [
