@@ -1158,4 +1158,69 @@ mod tests {
         }
         assert!(queue.take(9).is_empty());
     }
+
+    // Review (redis): the per-bucket request counts of a key never forget a bucket, so
+    // once 64 buckets were ever used, requests in any other bucket are never counted to the
+    // other replicas again, for the life of the process.
+    #[test]
+    fn review_requests_in_a_new_bucket_are_still_counted_after_64_others() {
+        let queue = Queue::default();
+        let fp = "fp:0123456789abcdef";
+        for b in 0..MAX_BUCKET_COUNTS {
+            queue.spend("key-1", fp, Some(&format!("model-{b}")));
+        }
+        assert_eq!(queue.take(9).len(), MAX_BUCKET_COUNTS);
+        // Those models are done with; requests go to another one now.
+        queue.spend("key-1", fp, Some("model-new"));
+        queue.spend("key-1", fp, Some("model-new"));
+        let got = queue.take(9);
+        assert!(
+            got.iter()
+                .any(|m| m.bucket.as_deref() == Some("model-new") && m.remaining == 2),
+            "requests in a 65th bucket were never counted: {got:?}"
+        );
+    }
+
+    // Review (redis): a request in the overflow lane (a 65th bucket while 64 are busy) is
+    // sent to the other replicas as a request with no bucket, and they count it against the
+    // key's default-lane window, a window it was never part of.
+    #[test]
+    fn review_an_overflow_request_does_not_count_against_the_default_window_elsewhere() {
+        let (h, fps, queue) = pool();
+        let p = &h.shared.pool;
+        let now = p.now_ms();
+        for b in 0..crate::budget::MAX_BUCKETS {
+            let lane = p.lanes.lane(&format!("model-{b}"), || now);
+            p.lanes.cool(&lane, 1, now + 60_000, now, false);
+        }
+        let overflow = p.lanes.lane("model-65", || now);
+        assert_eq!(overflow.name.as_deref(), Some(crate::budget::OVERFLOW));
+        p.sending(0, &overflow);
+        let sent = queue.take(1);
+
+        // Another replica knows key-1's default window: 2 left of 5.
+        let (other, other_fps, _q) = pool();
+        assert_eq!(other_fps, fps);
+        let mut merge = Merge::new(2);
+        let window = Message {
+            origin: 7,
+            remaining: 2,
+            limit: 5,
+            ..msg(0, Kind::Window, now_ms() + 60_000, &fps[0])
+        };
+        merge.apply(&other.shared.pool, &window);
+        for m in &sent {
+            merge.apply(&other.shared.pool, m);
+        }
+        let left = other.status().keys[0]
+            .buckets
+            .first()
+            .and_then(|b| b.requests_remaining)
+            .map(|(n, _)| n);
+        assert_eq!(
+            left,
+            Some(2),
+            "a request for another model counted against the default window: {sent:?}"
+        );
+    }
 }
