@@ -78,7 +78,8 @@ pub enum KeyEvent<'a> {
         until: SystemTime,
     },
     /// A request goes out with `key`: what replicas sharing state count against their view
-    /// of the provider's window.
+    /// of the provider's window. (Not told for requests in the overflow bucket, whose
+    /// buckets differ between processes.)
     Spending {
         /// The key's label.
         key: &'a str,

@@ -693,12 +693,15 @@ impl Pool {
             });
         }
         let window = report.map(|r| r.requests);
-        if let Some((remaining, reset)) = window.and_then(|w| w.remaining.zip(w.reset)) {
+        let shared = shared_bucket(lane);
+        if let (Some(bucket), Some((remaining, reset))) =
+            (shared, window.and_then(|w| w.remaining.zip(w.reset)))
+        {
             let slot = &self.slots[i];
             self.events.on_event(&KeyEvent::WindowReported {
                 key: &slot.label,
                 fingerprint: &slot.fingerprint(),
-                bucket: shared_bucket(lane),
+                bucket,
                 remaining,
                 limit: window.and_then(|w| w.limit),
                 resets: self.wall(self.now_ms().saturating_add(ms(reset))),
@@ -709,12 +712,14 @@ impl Pool {
     /// An attempt with key `i` in `lane` goes out: told to the observer, for replicas to
     /// count it against the provider's window.
     pub(crate) fn sending(&self, i: usize, lane: &Lane) {
-        let slot = &self.slots[i];
-        self.events.on_event(&KeyEvent::Spending {
-            key: &slot.label,
-            fingerprint: &slot.fingerprint(),
-            bucket: shared_bucket(lane),
-        });
+        if let Some(bucket) = shared_bucket(lane) {
+            let slot = &self.slots[i];
+            self.events.on_event(&KeyEvent::Spending {
+                key: &slot.label,
+                fingerprint: &slot.fingerprint(),
+                bucket,
+            });
+        }
     }
 
     /// `n` requests sent with key `i` in `bucket` by another replica, counted against the
@@ -1419,10 +1424,14 @@ impl Pool {
     }
 }
 
-/// A lane's name as other replicas know it: `None` for the default lane and the overflow
-/// lane (whose requests name buckets of their own).
-fn shared_bucket(lane: &Lane) -> Option<&str> {
-    lane.name.as_deref().filter(|&n| n != OVERFLOW)
+/// A lane's name as other replicas know it: `Some(None)` for the default lane; `None` for
+/// the overflow lane, whose requests name buckets of their own in each process and are not
+/// told.
+fn shared_bucket(lane: &Lane) -> Option<Option<&str>> {
+    match lane.name.as_deref() {
+        Some(OVERFLOW) => None,
+        name => Some(name),
+    }
 }
 
 #[cfg(test)]

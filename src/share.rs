@@ -417,6 +417,17 @@ impl Queue {
         }
     }
 
+    /// Copies of the updates queued now other than window counts: what a reset applied in
+    /// the meantime must not clear.
+    pub(crate) fn peek_local(&self) -> Vec<Message> {
+        let q = self.lock();
+        q.messages
+            .iter()
+            .filter(|m| !m.kind.is_budget())
+            .cloned()
+            .collect()
+    }
+
     /// The updates queued now.
     pub(crate) fn take(&self, origin: u64) -> Vec<Message> {
         let mut q = self.lock();
@@ -439,8 +450,8 @@ impl Queue {
                 if *n > 0 {
                     out.push(counted(None, std::mem::take(n)));
                 }
-                for (bucket, n) in buckets.iter_mut().filter(|(_, n)| **n > 0) {
-                    out.push(counted(Some(bucket.clone()), std::mem::take(n)));
+                for (bucket, n) in buckets.drain().filter(|(_, n)| *n > 0) {
+                    out.push(counted(Some(bucket), n));
                 }
             }
         }
@@ -601,6 +612,8 @@ pub(crate) const MAX_PENDING: usize = 4096;
 pub(crate) struct Merge {
     /// This process's id: its own window counts, coming back, are not counted twice.
     origin: u64,
+    /// The Redis data set the floors below were numbered in.
+    epoch: String,
     /// The sequence number of the last `reset_all` applied.
     reset_all: u64,
     /// The sequence number of the last reset applied, by fingerprint (keys of this pool only).
@@ -665,11 +678,34 @@ impl Merge {
     }
 
     /// Applies a numbered message from the store to `pool`.
+    #[cfg(test)]
     pub(crate) fn apply(&mut self, pool: &Pool, m: &Message) -> Applied {
-        quietly(|| self.apply_quietly(pool, m))
+        self.apply_queued(pool, m, &[])
     }
 
-    fn apply_quietly(&mut self, pool: &Pool, m: &Message) -> Applied {
+    /// Applies a numbered message from the store to `pool`; `queued` are the local updates
+    /// not yet taken from the [`Queue`], applied again after a reset as `pending` is.
+    pub(crate) fn apply_queued(&mut self, pool: &Pool, m: &Message, queued: &[Message]) -> Applied {
+        quietly(|| self.apply_quietly(pool, m, queued))
+    }
+
+    /// A new session's start: `epoch` names the Redis data set (a Redis that lost its data
+    /// has another), `seq` its counter now. Resets numbered by a data set that is gone order
+    /// nothing in the new one, and no reset is newer than the counter (a hostile message's
+    /// number holds only until the next session).
+    pub(crate) fn rebase(&mut self, epoch: &str, seq: u64) {
+        if self.epoch != epoch {
+            self.epoch = epoch.to_owned();
+            self.reset_all = 0;
+            self.resets.clear();
+        }
+        self.reset_all = self.reset_all.min(seq);
+        for s in self.resets.values_mut() {
+            *s = (*s).min(seq);
+        }
+    }
+
+    fn apply_quietly(&mut self, pool: &Pool, m: &Message, queued: &[Message]) -> Applied {
         if m.kind.is_budget() {
             if m.origin == self.origin {
                 return Applied::Unchanged;
@@ -701,7 +737,7 @@ impl Merge {
                     pool.reset(i);
                 }
             }
-            self.replay(pool, None);
+            self.replay(pool, None, queued);
             return Applied::Changed;
         }
         let Some(i) = pool.by_fingerprint(&m.fingerprint) else {
@@ -720,7 +756,7 @@ impl Merge {
             Kind::Reset => {
                 self.resets.insert(m.fingerprint.clone(), m.seq);
                 pool.reset(i);
-                self.replay(pool, Some(&m.fingerprint));
+                self.replay(pool, Some(&m.fingerprint), queued);
                 true
             }
             _ => import(pool, i, m),
@@ -734,8 +770,8 @@ impl Merge {
 
     /// Applies again, after a reset, what this process learned that the store has not
     /// numbered yet: it comes after the reset in the store's order.
-    fn replay(&self, pool: &Pool, fingerprint: Option<&str>) {
-        for (_, m) in &self.pending {
+    fn replay(&self, pool: &Pool, fingerprint: Option<&str>, queued: &[Message]) {
+        for m in self.pending.iter().map(|(_, m)| m).chain(queued) {
             if fingerprint.is_some_and(|fp| fp != m.fingerprint) {
                 continue;
             }
@@ -1221,6 +1257,57 @@ mod tests {
             left,
             Some(2),
             "a request for another model counted against the default window: {sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_reset_keeps_what_is_still_queued_for_the_store() {
+        let (h, fps, queue) = pool();
+        let mut merge = Merge::new(1);
+        let pool = &h.shared.pool;
+        // Learned here a moment ago: still in the queue, not yet taken by the store's task.
+        h.cool_down("key-1", Duration::from_secs(600)).unwrap();
+        let queued = queue.peek_local();
+        assert_eq!(queued.len(), 1);
+        merge.apply_queued(pool, &msg(4, Kind::Reset, 0, &fps[0]), &queued);
+        assert!(
+            cooling(&h, 0).is_some(),
+            "the queued cooldown is applied again"
+        );
+        // A reset with nothing queued clears it.
+        queue.take(1);
+        merge.apply_queued(pool, &msg(5, Kind::Reset, 0, &fps[0]), &queue.peek_local());
+        assert_eq!(cooling(&h, 0), None);
+    }
+
+    #[test]
+    fn a_redis_that_lost_its_data_numbers_anew() {
+        let (h, fps, _queue) = pool();
+        let mut merge = Merge::new(1);
+        let pool = &h.shared.pool;
+        let cool = Kind::Cool(CooldownReason::RateLimited);
+        merge.rebase("first", 0);
+        let mut all = msg(900, Kind::ResetAll, 0, "");
+        all.fingerprint.clear();
+        merge.apply(pool, &all);
+        // The same data set: older numbers stay older.
+        merge.rebase("first", 950);
+        assert_eq!(
+            merge.apply(pool, &msg(3, cool, now_ms() + 60_000, &fps[0])),
+            Applied::Unchanged
+        );
+        // Another (Redis came back empty, its counter at 3): numbers start over.
+        merge.rebase("second", 3);
+        assert_eq!(
+            merge.apply(pool, &msg(3, cool, now_ms() + 60_000, &fps[0])),
+            Applied::Changed
+        );
+        // A number beyond the counter (a hostile message) holds only until the next session.
+        merge.apply(pool, &msg(u64::MAX, Kind::Reset, 0, &fps[1]));
+        merge.rebase("second", 10);
+        assert_eq!(
+            merge.apply(pool, &msg(11, cool, now_ms() + 60_000, &fps[1])),
+            Applied::Changed
         );
     }
 }

@@ -22,6 +22,16 @@ use tokio::time::{sleep, timeout};
 use crate::driver::Shared;
 use crate::share::{unix_ms, Applied, Kind, Merge, Message, Outbox, Queue, TAG};
 
+/// Messages kept at most for a pool not attached yet.
+const MAX_WAITING: usize = 100_000;
+
+/// The longest a disable or reset is kept in Redis (and any entry's deadline from now).
+const MAX_HOLD: Duration = Duration::from_secs(365 * 86_400);
+
+/// A session that lasted this long without error counts as sharing again, even if it had
+/// nothing to write.
+const STABLE: Duration = Duration::from_secs(10);
+
 /// While Redis is away, how long the task lets local updates gather before it takes them:
 /// requests in a burst then wake it once per `COALESCE`, not once each. (While Redis is
 /// there, what gathers during one round trip goes in the next.)
@@ -113,8 +123,9 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
-/// Options of a [`RedisStore`], from [`RedisStore::builder`].
-#[derive(Debug, Clone)]
+/// Options of a [`RedisStore`], from [`RedisStore::builder`]. Its `Debug` leaves out the URL,
+/// which may hold a password.
+#[derive(Clone)]
 pub struct RedisStoreBuilder {
     url: String,
     namespace: String,
@@ -131,6 +142,16 @@ struct Options {
     reconnect_max: Duration,
     hold: Duration,
     ping_every: Duration,
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("namespace", &self.namespace)
+            .field("options", &self.opts)
+            .field("tls_root_certificates", &self.roots.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisStoreBuilder {
@@ -156,10 +177,11 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long a disable and a reset are kept in Redis (default 24 h): a key disabled for
-    /// an invalid key is not tried by a replica that starts within that time.
+    /// How long a disable and a reset are kept in Redis (default 24 h, at most a year): a
+    /// key disabled for an invalid key is not tried by a replica that starts within that
+    /// time.
     pub fn hold(mut self, d: Duration) -> Self {
-        self.opts.hold = d;
+        self.opts.hold = d.min(MAX_HOLD);
         self
     }
 
@@ -243,8 +265,9 @@ impl RedisStore {
         core.target = Some(Arc::downgrade(shared));
         let waiting = std::mem::take(&mut core.waiting);
         let Core { merge, .. } = &mut *core;
+        let queued = self.queue.peek_local();
         for m in &waiting {
-            merge.apply(&shared.pool, m);
+            merge.apply_queued(&shared.pool, m, &queued);
         }
     }
 }
@@ -313,12 +336,14 @@ impl Names {
                 reason: "it must have 1 to 128 characters",
             });
         }
+        // No `:`: it separates the namespace from its keys' names, so `a` and `a:b` would
+        // read each other's keys.
         if !namespace
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./@".contains(&b))
         {
             return Err(StoreError::Namespace {
-                reason: "it may hold only ASCII letters, digits and - _ . : / @",
+                reason: "it may hold only ASCII letters, digits and - _ . / @",
             });
         }
         Ok(Names {
@@ -328,6 +353,11 @@ impl Names {
 
     fn seq(&self) -> String {
         format!("{}:seq", self.prefix)
+    }
+
+    /// The data set's name: made by the first replica to find none, gone with the data.
+    fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
     }
 
     /// Where a message lives: a key's cooldown or disable, a bucket's cooldown, a key's
@@ -407,16 +437,24 @@ struct Core {
 }
 
 impl Core {
-    /// Applies a numbered message, or keeps it for `attach`. `false`: the pool is gone.
-    fn apply(&mut self, m: Message) -> bool {
+    /// Applies a numbered message, or keeps it for `attach` (window counts excepted: they
+    /// would count against no window yet). `false`: the pool is gone.
+    fn apply(&mut self, m: Message, queue: &Queue) -> bool {
         match &self.target {
             None => {
-                self.waiting.push(m);
+                if !m.kind.is_budget() && self.waiting.len() < MAX_WAITING {
+                    self.waiting.push(m);
+                }
                 true
             }
             Some(weak) => match weak.upgrade() {
                 Some(shared) => {
-                    if self.merge.apply(&shared.pool, &m) == Applied::Changed {
+                    // What a reset must not clear: local updates still in the queue.
+                    let queued = match m.kind {
+                        Kind::Reset | Kind::ResetAll => queue.peek_local(),
+                        _ => Vec::new(),
+                    };
+                    if self.merge.apply_queued(&shared.pool, &m, &queued) == Applied::Changed {
                         tracing::debug!(
                             key = %m.label,
                             fingerprint = %m.fingerprint,
@@ -518,7 +556,7 @@ impl Task {
                     .get_multiplexed_async_connection_with_config(&config),
             )
             .await??;
-            let stored = timeout(t * 4, load(&mut con, names)).await??;
+            let stored = timeout(t * 4, load(&mut con, names, self.origin)).await??;
             Ok::<_, Lost>((sink, stream, con, stored))
         };
         let (_sink, mut stream, mut con, stored) = match connected.await {
@@ -527,8 +565,9 @@ impl Task {
         };
         {
             let mut core = lock(&self.inner.core);
-            for m in stored {
-                if !core.apply(m) {
+            core.merge.rebase(&stored.epoch, stored.seq);
+            for m in stored.messages {
+                if !core.apply(m, &self.queue) {
                     return End::Done;
                 }
             }
@@ -536,10 +575,16 @@ impl Task {
         if let Some(ready) = self.ready.take() {
             let _ = ready.send(());
         }
-        if !*sharing {
-            tracing::info!(redis = %addr, "shared key state: Redis reachable again; sharing resumed");
-            *sharing = true;
-        }
+        // Sharing is back once Redis took a write, or served this session a while: a Redis
+        // that reads but refuses writes (a replica after a failover, an ACL) is no return,
+        // and its reconnections keep backing off without another warning.
+        let started = tokio::time::Instant::now();
+        let prove = |sharing: &mut bool| {
+            if !*sharing {
+                tracing::info!(redis = %addr, "shared key state: Redis reachable again; sharing resumed");
+                *sharing = true;
+            }
+        };
         let scripts = (Script::new(UPDATE), Script::new(RESET));
         // What this process learned while away, then what it learns from now on.
         let now = unix_ms(SystemTime::now());
@@ -548,6 +593,7 @@ impl Task {
             if let Err(Lost(why)) = self.send(&mut con, &scripts, id, &m).await {
                 return End::Lost(why);
             }
+            prove(sharing);
         }
         let mut garbled = false;
         let mut ping = tokio::time::interval(self.opts.ping_every);
@@ -561,7 +607,7 @@ impl Task {
                     };
                     match Message::parse(msg.get_payload_bytes()) {
                         Some(m) => {
-                            let alive = lock(&self.inner.core).apply(m);
+                            let alive = lock(&self.inner.core).apply(m, &self.queue);
                             if !alive {
                                 return End::Done;
                             }
@@ -578,11 +624,13 @@ impl Task {
                     if let Err(Lost(why)) = self.send_all(&mut con, &scripts, items).await {
                         return End::Lost(why);
                     }
+                    prove(sharing);
                 }
                 _ = ping.tick() => {
                     let pong: Result<Result<String, _>, _> =
                         timeout(t, redis::cmd("PING").query_async(&mut con)).await;
                     match pong {
+                        Ok(Ok(_)) if started.elapsed() >= STABLE => prove(sharing),
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return End::Lost(e.to_string()),
                         Err(e) => return End::Lost(e.to_string()),
@@ -687,8 +735,9 @@ impl Task {
             _ => {
                 let mut call = scripts.0.prepare_invoke();
                 call.key(names.entry(m)).key(names.seq());
+                let latest = now.saturating_add(u64::try_from(MAX_HOLD.as_millis()).unwrap_or(0));
                 call.arg(body)
-                    .arg(m.expires_at(now, hold))
+                    .arg(m.expires_at(now, hold).min(latest))
                     .arg(&names.prefix);
                 call
             }
@@ -704,10 +753,32 @@ async fn next(stream: &mut PubSubStream) -> Option<redis::Msg> {
     poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
 }
 
-/// Everything stored under the namespace, oldest first.
-async fn load(con: &mut MultiplexedConnection, names: &Names) -> Result<Vec<Message>, Lost> {
+/// What Redis holds for the namespace: its messages, oldest first, the data set's name and
+/// its counter.
+struct Stored {
+    messages: Vec<Message>,
+    epoch: String,
+    seq: u64,
+}
+
+/// Everything stored under the namespace. The data set is named first (by whoever finds it
+/// unnamed), so that a Redis that lost its data is told apart from one that kept it.
+async fn load(con: &mut MultiplexedConnection, names: &Names, origin: u64) -> Result<Stored, Lost> {
+    let (epoch, seq): (String, Option<u64>) = redis::pipe()
+        .cmd("SET")
+        .arg(names.epoch())
+        .arg(format!("{origin:x}-{}", unix_ms(SystemTime::now())))
+        .arg("NX")
+        .ignore()
+        .cmd("GET")
+        .arg(names.epoch())
+        .cmd("GET")
+        .arg(names.seq())
+        .query_async(con)
+        .await?;
+    let seq_now = seq.unwrap_or(0);
     let pattern = format!("{}:*", names.prefix);
-    let seq = names.seq();
+    let (seq, epoch_key) = (names.seq(), names.epoch());
     let mut keys = Vec::new();
     let mut cursor = 0u64;
     for _ in 0..100_000 {
@@ -719,7 +790,7 @@ async fn load(con: &mut MultiplexedConnection, names: &Names) -> Result<Vec<Mess
             .arg(1000)
             .query_async(con)
             .await?;
-        keys.extend(batch.into_iter().filter(|k| *k != seq));
+        keys.extend(batch.into_iter().filter(|k| *k != seq && *k != epoch_key));
         cursor = next;
         if cursor == 0 {
             break;
@@ -730,8 +801,15 @@ async fn load(con: &mut MultiplexedConnection, names: &Names) -> Result<Vec<Mess
         let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(chunk).query_async(con).await?;
         out.extend(values.iter().flatten().filter_map(|v| Message::parse(v)));
     }
+    // Nothing stored is newer than the counter: what claims to be was not written by a
+    // replica.
+    out.retain(|m| m.seq <= seq_now);
     out.sort_by_key(|m| m.seq);
-    Ok(out)
+    Ok(Stored {
+        messages: out,
+        epoch,
+        seq: seq_now,
+    })
 }
 
 /// Up to a quarter of `d`, different in each process, so that replicas do not reconnect in

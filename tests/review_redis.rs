@@ -157,21 +157,22 @@ async fn review_after_redis_restarts_empty_a_replica_that_saw_a_reset_still_hear
     );
 }
 
-/// Namespaces may hold `:`, but a namespace's keys are `tower-key-fallback:{ns}:…` and its
-/// load scans `tower-key-fallback:{ns}:*`: namespace `team` loads everything stored by
-/// namespace `team:eu` (and a `team:eu` reset numbered by `team:eu`'s own counter, which
-/// then poisons `team`'s reset floors).
+/// Namespaces may not hold `:` (a namespace's keys are `tower-key-fallback:{ns}:…` and its
+/// load scans `tower-key-fallback:{ns}:*`, so `team` would load what `team:eu` stored), and
+/// namespaces that start alike read nothing of each other.
 #[tokio::test]
 async fn review_a_namespace_does_not_load_another_namespaces_state() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let eu = Replica::start(&url, "team:eu").await;
+    let err = RedisStore::connect(&url, "team:eu").await.unwrap_err();
+    assert!(err.to_string().contains("only ASCII letters"), "{err}");
+    let eu = Replica::start(&url, "team-eu").await;
     eu.handle
         .cool_down("key-1", Duration::from_secs(600))
         .unwrap();
     eu.handle.disable("key-2").unwrap();
-    let stored = format!("tower-key-fallback:team:eu:k:{}", eu.fingerprint(1));
-    until("team:eu's disable stored", || {
+    let stored = format!("tower-key-fallback:team-eu:k:{}", eu.fingerprint(1));
+    until("team-eu's disable stored", || {
         redis.cli(&["EXISTS", &stored]) == "1"
     })
     .await;
