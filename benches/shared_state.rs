@@ -34,6 +34,7 @@ use tower_key_fallback::{KeyEvent, KeyEvents, KeyFallback, KeyFallbackLayer, Key
 
 const EVENTS: usize = 1000;
 const REQUESTS: usize = 60;
+const RUNS: usize = 5;
 const KEYS: [&str; 3] = ["gsk_rep1", "gsk_rep2", "gsk_rep3"];
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -176,15 +177,21 @@ fn main() {
         let mut run = 0;
         for latency in [Duration::ZERO, Duration::from_millis(50)] {
             for in_flight in [1, 8] {
-                run += 1;
-                let ns = format!("replicas-{run}");
-                let shared = scenario(3, in_flight, latency, Some((&url, &ns))).await;
-                let apart = scenario(3, in_flight, latency, None).await;
-                let alone = scenario(1, in_flight, latency, None).await;
+                // Each run starts cold (new replicas, a new provider, a new namespace), and
+                // requests in flight race: five runs each, every figure printed.
+                let (mut shared, mut apart, mut alone) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..RUNS {
+                    run += 1;
+                    let ns = format!("replicas-{run}");
+                    shared.push(scenario(3, in_flight, latency, Some((&url, &ns))).await);
+                    apart.push(scenario(3, in_flight, latency, None).await);
+                    alone.push(scenario(1, in_flight, latency, None).await);
+                }
                 println!(
                     "three replicas, keys 5/10 s, 5/10 s, unlimited, {REQUESTS} requests \
-                     round-robin, {in_flight} in flight, provider latency {latency:?}: upstream \
-                     429s {shared} with Redis, {apart} without, {alone} for one replica alone"
+                     round-robin, {in_flight} in flight, provider latency {latency:?}, {RUNS} \
+                     runs: upstream 429s {shared:?} with Redis, {apart:?} without, {alone:?} for \
+                     one replica alone"
                 );
             }
         }
