@@ -714,9 +714,11 @@ impl Pool {
     pub(crate) fn sending(&self, i: usize, lane: &Lane) {
         if let Some(bucket) = shared_bucket(lane) {
             let slot = &self.slots[i];
+            // Borrowed from the credential, not counted: this is on every request.
+            let cred = slot.cred.load();
             self.events.on_event(&KeyEvent::Spending {
                 key: &slot.label,
-                fingerprint: &slot.fingerprint(),
+                fingerprint: &cred.fingerprint,
                 bucket,
             });
         }
