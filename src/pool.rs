@@ -698,9 +698,10 @@ impl Pool {
             (shared, window.and_then(|w| w.remaining.zip(w.reset)))
         {
             let slot = &self.slots[i];
+            let cred = slot.cred.load();
             self.events.on_event(&KeyEvent::WindowReported {
                 key: &slot.label,
-                fingerprint: &slot.fingerprint(),
+                fingerprint: &cred.fingerprint,
                 bucket,
                 remaining,
                 limit: window.and_then(|w| w.limit),

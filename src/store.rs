@@ -599,8 +599,9 @@ impl Task {
         let mut ping = tokio::time::interval(self.opts.ping_every);
         ping.reset();
         loop {
+            // Unbiased: a busy channel (other replicas' counts) does not hold back what this
+            // process sends.
             tokio::select! {
-                biased;
                 msg = next(&mut stream) => {
                     let Some(msg) = msg else {
                         return End::Lost("the subscription ended".into());
