@@ -21,6 +21,8 @@ use tokio::time::{sleep, timeout};
 
 use crate::driver::Shared;
 use crate::share::{unix_ms, Applied, Kind, Merge, Message, Outbox, Queue, TAG};
+#[cfg(test)]
+use crate::status::CooldownReason;
 
 /// Messages kept at most for a pool not attached yet.
 const MAX_WAITING: usize = 100_000;
@@ -401,8 +403,11 @@ return seq
 ";
 
 /// Numbers a reset, deletes what it clears (the keys matching `ARGV[4]` and `KEYS[3]`),
-/// keeps it as a marker for replicas that were away, and publishes it.
+/// keeps it as a marker for replicas that were away, and publishes it; once per `ARGV[5]`
+/// (the sender's id for it), so that a reset sent again after its answer was lost does not
+/// clear what others set since.
 const RESET: &str = r"
+if not redis.call('SET', ARGV[5], '1', 'NX', 'PX', ARGV[2]) then return 0 end
 local seq = redis.call('INCR', KEYS[2])
 local msg = 'tkf1 ' .. seq .. ' ' .. ARGV[1]
 if KEYS[3] then redis.call('DEL', KEYS[3]) end
@@ -730,7 +735,12 @@ impl Task {
                     }
                     _ => format!("{}:[kb]:*", names.prefix),
                 };
-                call.arg(body).arg(hold).arg(&names.prefix).arg(pattern);
+                let once = format!("{}:once:{:x}:{id}", names.prefix, self.origin);
+                call.arg(body)
+                    .arg(hold)
+                    .arg(&names.prefix)
+                    .arg(pattern)
+                    .arg(once);
                 call
             }
             _ => {
@@ -791,7 +801,12 @@ async fn load(con: &mut MultiplexedConnection, names: &Names, origin: u64) -> Re
             .arg(1000)
             .query_async(con)
             .await?;
-        keys.extend(batch.into_iter().filter(|k| *k != seq && *k != epoch_key));
+        let once = format!("{}:once:", names.prefix);
+        keys.extend(
+            batch
+                .into_iter()
+                .filter(|k| *k != seq && *k != epoch_key && !k.starts_with(&once)),
+        );
         cursor = next;
         if cursor == 0 {
             break;
@@ -818,4 +833,74 @@ async fn load(con: &mut MultiplexedConnection, names: &Names, origin: u64) -> Re
 fn jitter(d: Duration, origin: u64) -> Duration {
     let quarter = u64::try_from(d.as_millis() / 4).unwrap_or(0).max(1);
     Duration::from_millis(origin.rotate_left(17) % quarter)
+}
+
+#[cfg(test)]
+#[path = "../tests/support/redis.rs"]
+#[allow(unreachable_pub)]
+mod redis_server;
+
+#[cfg(test)]
+mod tests {
+    use super::redis_server;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reset_sent_again_clears_nothing_set_since() {
+        let redis = redis_server::RedisServer::start();
+        let client = Client::open(redis.url()).unwrap();
+        let mut con = client.get_multiplexed_async_connection().await.unwrap();
+        let names = Names::new("once").unwrap();
+        let fp = "fp:0123456789abcdef";
+        let msg = |kind, until_ms| Message {
+            seq: 0,
+            kind,
+            until_ms,
+            origin: 1,
+            fingerprint: fp.to_owned(),
+            label: "key-1".to_owned(),
+            capped: false,
+            remaining: 0,
+            limit: 0,
+            bucket: None,
+        };
+        let reset = msg(Kind::Reset, 0);
+        let (reset_script, update_script) = (Script::new(RESET), Script::new(UPDATE));
+        let run_reset = |once: &'static str| {
+            let mut call = reset_script.prepare_invoke();
+            call.key(names.entry(&reset))
+                .key(names.seq())
+                .key(format!("{}:k:{fp}", names.prefix))
+                .arg(reset.body())
+                .arg(60_000)
+                .arg(&names.prefix)
+                .arg(format!("{}:b:{fp}:*", names.prefix))
+                .arg(format!("{}:once:1:{once}", names.prefix));
+            call
+        };
+        let first: u64 = run_reset("7").invoke_async(&mut con).await.unwrap();
+        assert!(first > 0);
+        // Another replica's cooldown, after the reset.
+        let cool = msg(
+            Kind::Cool(CooldownReason::RateLimited),
+            unix_ms(SystemTime::now()) + 60_000,
+        );
+        let mut call = update_script.prepare_invoke();
+        call.key(names.entry(&cool))
+            .key(names.seq())
+            .arg(cool.body())
+            .arg(cool.until_ms)
+            .arg(&names.prefix);
+        let stored: u64 = call.invoke_async(&mut con).await.unwrap();
+        assert!(stored > first);
+        // The same reset again (its answer was lost): nothing happens.
+        let again: u64 = run_reset("7").invoke_async(&mut con).await.unwrap();
+        assert_eq!(again, 0);
+        let kept = redis.cli(&["EXISTS", &names.entry(&cool)]);
+        assert_eq!(kept, "1", "the cooldown set since the reset is kept");
+        // Another reset does clear it.
+        let other: u64 = run_reset("8").invoke_async(&mut con).await.unwrap();
+        assert!(other > stored);
+        assert_eq!(redis.cli(&["EXISTS", &names.entry(&cool)]), "0");
+    }
 }
