@@ -58,6 +58,28 @@ where
     );
 }
 
+/// `key_fallback/happy` with its key state shared through the Redis at `url`, the store's
+/// task on `rt`.
+#[cfg(feature = "redis")]
+fn shared(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+) -> tower_key_fallback::KeyFallback<
+    impl tower::Service<Req, Response = Res, Error = std::convert::Infallible> + Clone,
+> {
+    let store = rt
+        .block_on(tower_key_fallback::RedisStore::connect(url, "bench"))
+        .unwrap();
+    let mut svc = tower_key_fallback::KeyFallbackLayer::builder(
+        tower_key_fallback::KeySet::new(KEYS).unwrap(),
+    )
+    .shared_state(store)
+    .build()
+    .layer(upstream(None));
+    assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+    svc
+}
+
 fn single(c: &mut Criterion) {
     c.bench_function("bare", |b| bench_service(b, &mut bare()));
     c.bench_function("set_header", |b| bench_service(b, &mut set_header()));
@@ -83,38 +105,15 @@ fn single(c: &mut Criterion) {
             .enable_all()
             .build()
             .unwrap();
-        let store = rt
-            .block_on(tower_key_fallback::RedisStore::connect(
-                &redis.url(),
-                "bench",
-            ))
-            .unwrap();
-        let mut svc = tower_key_fallback::KeyFallbackLayer::builder(
-            tower_key_fallback::KeySet::new(KEYS).unwrap(),
-        )
-        .shared_state(store)
-        .build()
-        .layer(upstream(None));
-        assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+        let mut svc = shared(&rt, &redis.url());
         g.bench_function("happy_shared", |b| bench_service(b, &mut svc));
-        drop(svc);
-        drop(redis);
+        drop((svc, redis));
         // With Redis down: what the request path itself pays (the store's task only drops
         // the window counts it is handed).
         let down = format!("redis://127.0.0.1:{}/", redis_server::free_port());
-        let store = rt
-            .block_on(tower_key_fallback::RedisStore::connect(&down, "bench"))
-            .unwrap();
-        let mut svc = tower_key_fallback::KeyFallbackLayer::builder(
-            tower_key_fallback::KeySet::new(KEYS).unwrap(),
-        )
-        .shared_state(store)
-        .build()
-        .layer(upstream(None));
-        assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+        let mut svc = shared(&rt, &down);
         g.bench_function("happy_shared_redis_down", |b| bench_service(b, &mut svc));
-        drop(svc);
-        drop(rt);
+        drop((svc, rt));
     }
 
     // Key 1 answers 429 (with `retry-after: 0`, see `common::groq_429`), key 2 answers 200.

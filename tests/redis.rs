@@ -7,13 +7,12 @@
 mod redis_server;
 
 use std::io::Write as _;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use redis_server::{free_port, RedisServer};
+use redis_server::{free_port, RedisServer, Warnings};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tower::{Layer, Service, ServiceExt};
 use tower_key_fallback::testing::{Behavior, FakeProvider};
@@ -345,39 +344,6 @@ async fn a_replica_that_starts_loads_what_is_current() {
     let after = provider.stats();
     assert_eq!(after.key(KEYS[0]).requests, calls.key(KEYS[0]).requests);
     assert_eq!(after.key(KEYS[1]).requests, calls.key(KEYS[1]).requests);
-}
-
-/// A subscriber on this thread that keeps every line logged at `warn`.
-#[derive(Clone, Default)]
-struct Warnings(Arc<Mutex<Vec<u8>>>);
-
-impl Warnings {
-    fn count(&self, needle: &str) -> usize {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let sink = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-}
-
-impl std::io::Write for Warnings {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 const STOPPED: &str = "sharing stopped";

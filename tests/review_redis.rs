@@ -6,10 +6,9 @@
 #[path = "support/redis.rs"]
 mod redis_server;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis_server::RedisServer;
+use redis_server::{RedisServer, Warnings};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tower_key_fallback::{
     KeyEvent, KeyEvents, KeyFallbackLayer, KeyHandle, KeySet, KeyState, RedisStore, TracingEvents,
@@ -183,39 +182,6 @@ async fn review_a_namespace_does_not_load_another_namespaces_state() {
     assert_eq!(team.state("key-2"), KeyState::Active, "key-2 in `team`");
 }
 
-/// A subscriber on this thread that keeps every line logged at `warn`.
-#[derive(Clone, Default)]
-struct Warnings(Arc<Mutex<Vec<u8>>>);
-
-impl Warnings {
-    fn count(&self, needle: &str) -> usize {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let sink = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-}
-
-impl std::io::Write for Warnings {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A Redis that accepts connections, SUBSCRIBE, SCAN and MGET but refuses the scripts'
 /// writes (here: a replica after a failover, `READONLY`; also an ACL without scripting).
 /// Each session connects, loads, says "sharing resumed", fails on the first pending update,
@@ -236,27 +202,22 @@ async fn review_a_redis_that_refuses_writes_warns_once_and_backs_off() {
     // Redis becomes a replica (of a master that is not there): reads are served, writes
     // refused.
     redis.cli(&["REPLICAOF", "127.0.0.1", "1"]);
-    let before = redis
-        .cli(&["INFO", "stats"])
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("total_connections_received:")
-                .map(str::to_owned)
-        })
-        .unwrap();
+    let connections_so_far = || -> u64 {
+        redis
+            .cli(&["INFO", "stats"])
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = connections_so_far();
     a.handle
         .cool_down("key-1", Duration::from_secs(600))
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = redis
-        .cli(&["INFO", "stats"])
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("total_connections_received:")
-                .map(str::to_owned)
-        })
-        .unwrap();
-    let connections = after.trim().parse::<u64>().unwrap() - before.trim().parse::<u64>().unwrap();
+    let connections = connections_so_far() - before;
     // The warnings are counted through a thread-local subscriber, which can miss some
     // when other tests run in parallel; the connections Redis counted cannot be missed.
     let warned = warnings.count("sharing stopped");
