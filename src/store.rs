@@ -24,6 +24,9 @@ use crate::share::{unix_ms, Applied, Kind, Merge, Message, Outbox, Queue, TAG};
 #[cfg(test)]
 use crate::status::CooldownReason;
 
+/// Messages from the channel applied in a row at most before what is queued here is sent.
+const MAX_STREAK: usize = 64;
+
 /// Messages kept at most for a pool not attached yet.
 const MAX_WAITING: usize = 100_000;
 
@@ -601,13 +604,28 @@ impl Task {
             prove(sharing);
         }
         let mut garbled = false;
+        let mut streak = 0;
         let mut ping = tokio::time::interval(self.opts.ping_every);
         ping.reset();
         loop {
-            // Unbiased: a busy channel (other replicas' counts) does not hold back what this
-            // process sends.
+            // What others learned is applied first, as soon as it comes: a replica's next
+            // choice of key should see it. A busy channel (others' counts) still does not
+            // hold back what this process sends: after `MAX_STREAK` messages in a row, what
+            // is queued goes.
+            if streak >= MAX_STREAK {
+                streak = 0;
+                let items = self.queue.take(self.origin);
+                if !items.is_empty() {
+                    if let Err(Lost(why)) = self.send_all(&mut con, &scripts, items).await {
+                        return End::Lost(why);
+                    }
+                    prove(sharing);
+                }
+            }
             tokio::select! {
+                biased;
                 msg = next(&mut stream) => {
+                    streak += 1;
                     let Some(msg) = msg else {
                         return End::Lost("the subscription ended".into());
                     };
@@ -626,6 +644,7 @@ impl Task {
                     }
                 }
                 items = self.queue.next(self.origin) => {
+                    streak = 0;
                     let Some(items) = items else { return End::Done };
                     if let Err(Lost(why)) = self.send_all(&mut con, &scripts, items).await {
                         return End::Lost(why);

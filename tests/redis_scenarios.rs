@@ -7,91 +7,18 @@
 
 #[path = "support/redis.rs"]
 mod redis_server;
+#[path = "support/replicas.rs"]
+mod replicas;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use redis_server::RedisServer;
-use tokio::sync::Semaphore;
-use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_key_fallback::testing::{Behavior, FakeProvider, FakeServer};
-use tower_key_fallback::{KeyFallback, KeyFallbackLayer, KeySet, RedisStore};
+use replicas::{scenario, REQUESTS};
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-type Svc = KeyFallback<HttpClient>;
-
-const KEYS: [&str; 3] = ["gsk_rep1", "gsk_rep2", "gsk_rep3"];
-const REQUESTS: usize = 60;
-const WAIT: Duration = Duration::from_secs(20);
-
-/// Keys of 5 requests per 10 s, 5 per 10 s, and unlimited, answering after 50 ms (a fast
-/// model's answer; `benches/shared_state.rs` also runs them answering at once).
-async fn provider() -> (FakeProvider, FakeServer) {
-    let limited = Behavior::RateLimited {
-        requests: 5,
-        window: Duration::from_secs(10),
-    };
-    let provider = FakeProvider::builder()
-        .key(KEYS[0], limited.clone())
-        .key(KEYS[1], limited)
-        .key(KEYS[2], Behavior::Ok)
-        .latency(Duration::from_millis(50))
-        .build();
-    let server = provider.serve_ephemeral().await.unwrap();
-    (provider, server)
-}
-
-async fn replica(redis: Option<(&str, &str)>) -> Svc {
-    let mut builder = KeyFallbackLayer::builder(KeySet::new(KEYS).unwrap());
-    if let Some((url, namespace)) = redis {
-        builder = builder.shared_state(RedisStore::connect(url, namespace).await.unwrap());
-    }
-    let client = Client::builder(TokioExecutor::new()).build_http();
-    ServiceBuilder::new().layer(builder.build()).service(client)
-}
-
-async fn chat(mut svc: Svc, server: Arc<FakeServer>) -> u16 {
-    let body = r#"{"model":"llama-3.1-8b-instant","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
-    let req = Request::post(server.url("/openai/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
-        .unwrap();
-    let res = svc.ready().await.unwrap().call(req).await.unwrap();
-    let status = res.status().as_u16();
-    let _ = res.into_body().collect().await;
-    status
-}
-
-/// 60 requests spread round-robin over `replicas`, `in_flight` at a time; the upstream 429s.
+/// The provider answers after 50 ms (a fast model's answer; `benches/shared_state.rs` also
+/// runs it answering at once).
 async fn run(replicas: usize, in_flight: usize, redis: Option<(&str, &str)>) -> u64 {
-    let (provider, server) = provider().await;
-    let server = Arc::new(server);
-    let mut svcs = Vec::new();
-    for _ in 0..replicas {
-        svcs.push(replica(redis).await);
-    }
-    let gate = Arc::new(Semaphore::new(in_flight));
-    let mut tasks = Vec::new();
-    for i in 0..REQUESTS {
-        let permit = gate.clone().acquire_owned().await.unwrap();
-        let (svc, server) = (svcs[i % replicas].clone(), server.clone());
-        tasks.push(tokio::spawn(async move {
-            let status = chat(svc, server).await;
-            drop(permit);
-            status
-        }));
-    }
-    for task in tasks {
-        let status = tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
-        assert_eq!(status, 200);
-    }
-    let total = provider.stats().total();
-    total.rate_limited + total.quota_exhausted
+    scenario(replicas, in_flight, Duration::from_millis(50), redis).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
