@@ -1,7 +1,6 @@
 //! `cargo run --example demo` finishes on the embedded provider with every request served:
 //! its logic run in process, and the built example binary run with a bounded burst.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -9,6 +8,8 @@ use std::time::Duration;
 #[allow(dead_code)]
 #[path = "../examples/demo.rs"]
 mod demo;
+#[path = "support/example.rs"]
+mod example;
 
 #[tokio::test]
 async fn the_demos_default_run_wastes_at_most_five_calls() {
@@ -97,34 +98,9 @@ async fn the_live_table_redraws_in_place() {
     assert!(text.contains("20/20 served"), "{text:?}");
 }
 
-/// The example binary, built next to the test binaries (`cargo test` builds examples).
-fn demo_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    profile_dir
-        .join("examples")
-        .join(format!("demo{}", std::env::consts::EXE_SUFFIX))
-}
-
 #[test]
 fn the_demo_binary_finishes_and_prints_its_summary() {
-    let bin = demo_binary();
-    // `cargo test` builds the examples, `cargo test --test demo` does not: make sure the
-    // binary is there and up to date (a no-op when it is), in this test's profile.
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .args(["build", "--example", "demo"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if bin
-        .parent()
-        .and_then(|p| p.parent())
-        .is_some_and(|p| p.ends_with("release"))
-    {
-        build.arg("--release");
-    }
-    let status = build.status().unwrap();
-    assert!(status.success(), "cargo build --example demo: {status}");
-    assert!(bin.exists(), "{} is missing", bin.display());
+    let bin = example::example_binary("demo");
     let out = Command::new(&bin)
         .args(["--requests", "40", "--window-ms", "500"])
         .env_remove("DEMO_REQUESTS")

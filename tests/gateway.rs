@@ -35,6 +35,8 @@ use tower_key_fallback::{KeyFallbackLayer, KeySet};
 // The example itself (its `main` and command line are unused here, hence the allow): the
 // test drives the very router the binary serves. Running the binary instead for every case
 // would hide failures behind a child process; one test below does run it.
+#[path = "support/example.rs"]
+mod example;
 #[allow(dead_code)]
 #[path = "../examples/gateway.rs"]
 mod gateway;
@@ -606,45 +608,7 @@ fn upstream_urls_and_the_command_line() {
 
 /// The example binary, built next to the test binaries.
 fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    // `cargo test` builds the examples, `cargo test --test gateway` does not: make sure the
-    // binary is there and up to date (a no-op when it is), in this test's profile.
-    // With the features this test was built with: another set would rebuild the crate and
-    // replace the binary with one that lacks them.
-    let features: Vec<&str> = [
-        ("hyper", cfg!(feature = "hyper")),
-        ("testing", cfg!(feature = "testing")),
-        ("serde", cfg!(feature = "serde")),
-        ("dotenv", cfg!(feature = "dotenv")),
-        ("reqwest-middleware", cfg!(feature = "reqwest-middleware")),
-        ("retry", cfg!(feature = "retry")),
-        ("redis", cfg!(feature = "redis")),
-        ("redis-tls", cfg!(feature = "redis-tls")),
-    ]
-    .into_iter()
-    .filter_map(|(name, on)| on.then_some(name))
-    .collect();
-    let mut build = std::process::Command::new(env!("CARGO"));
-    build
-        .args([
-            "build",
-            "--example",
-            "gateway",
-            "--features",
-            &features.join(","),
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().unwrap();
-    assert!(status.success(), "cargo build --example gateway: {status}");
-    assert!(bin.exists(), "{} is missing", bin.display());
-    bin
+    example::example_binary("gateway")
 }
 
 /// Leaves out the gateway's variables that the environment running the tests may have.

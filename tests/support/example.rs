@@ -1,0 +1,66 @@
+//! An example's binary for the tests that run one (`tests/demo.rs`, `tests/gateway.rs`).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The example `name`, built next to the test binaries, in this test's profile and with the
+/// features this test was built with. `cargo test` builds the examples and `cargo test --test
+/// x` does not, so it is built here (a no-op when it is up to date).
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    // Another set of features would rebuild the crate and replace the binary with one that
+    // lacks them.
+    let features: Vec<&str> = [
+        ("hyper", cfg!(feature = "hyper")),
+        ("testing", cfg!(feature = "testing")),
+        ("serde", cfg!(feature = "serde")),
+        ("dotenv", cfg!(feature = "dotenv")),
+        ("reqwest-middleware", cfg!(feature = "reqwest-middleware")),
+        ("retry", cfg!(feature = "retry")),
+        ("redis", cfg!(feature = "redis")),
+        ("redis-tls", cfg!(feature = "redis-tls")),
+    ]
+    .into_iter()
+    .filter_map(|(feature, on)| on.then_some(feature))
+    .collect();
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args([
+            "build",
+            "--example",
+            name,
+            "--features",
+            &features.join(","),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    // Without what cargo set for this test binary (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …):
+    // build scripts that watch those variables (ring's does) would see them change between
+    // this build and the next `cargo test`, and each would rebuild what the other built.
+    for (var, _) in std::env::vars_os() {
+        let var = var.to_string_lossy();
+        let set_by_cargo = [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| var.starts_with(p))
+            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&&*var);
+        if set_by_cargo {
+            build.env_remove(&*var);
+        }
+    }
+    let status = build.status().unwrap();
+    assert!(status.success(), "cargo build --example {name}: {status}");
+    assert!(bin.exists(), "{} is missing", bin.display());
+    bin
+}
