@@ -1093,12 +1093,17 @@ fn request_timeout(limit: Duration) -> Response {
 }
 
 fn too_large(cap: usize) -> Response {
-    error(
+    let mut res = error(
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("The request body is larger than the gateway's limit of {cap} bytes."),
         "invalid_request_error",
         "request_too_large",
-    )
+    );
+    // The rest of the body is not read, so the connection is closed after this answer: say
+    // so, or a client may send its next request on it as it closes (and get no answer).
+    res.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    res
 }
 
 /// An error in the OpenAI shape: `{"error":{"message":…,"type":…,"code":…}}`.

@@ -43,8 +43,9 @@ const STABLE: Duration = Duration::from_secs(10);
 const COALESCE: Duration = Duration::from_millis(1);
 
 /// Key state shared through Redis by every replica that uses the same keys: cooldowns (with
-/// their reason, wall-clock deadline and bucket), disables, and resets from any replica's
-/// [`KeyHandle`](crate::KeyHandle). Given to
+/// their reason, wall-clock deadline and bucket), disables, resets from any replica's
+/// [`KeyHandle`](crate::KeyHandle), and each request sent and window reported (so that the
+/// replicas spend a provider's window of requests together). Given to
 /// [`KeyFallbackBuilder::shared_state`](crate::KeyFallbackBuilder::shared_state).
 ///
 /// - **Pushed**: what one replica learns reaches the others over pub/sub within

@@ -258,8 +258,10 @@ async fn forwards_falls_back_streams_caps_and_reports() {
     // Bodies past the cap get a 413 and never reach the provider: one with a length, one
     // streamed in chunks with none. A body of exactly the cap is forwarded.
     let before = setup.provider.stats().total().requests;
-    let (status, _, body) = setup.call("POST", CHAT, full(vec![b' '; CAP + 1])).await;
+    let (status, headers, body) = setup.call("POST", CHAT, full(vec![b' '; CAP + 1])).await;
     assert_eq!(status, 413, "{body}");
+    // The unread body's connection closes: the client is told, so it sends no more on it.
+    assert_eq!(headers["connection"], "close");
     let error: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error["error"]["code"], "request_too_large");
     assert_eq!(error["error"]["type"], "invalid_request_error");
