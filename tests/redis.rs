@@ -12,33 +12,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use redis_server::{free_port, RedisServer, Warnings};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use redis_server::{free_port, RedisServer, Warnings, Watch};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower::{Layer, Service, ServiceExt};
 use tower_key_fallback::testing::{Behavior, FakeProvider};
 use tower_key_fallback::{
-    CooldownReason, DisableReason, KeyEvent, KeyEvents, KeyFallback, KeyFallbackLayer, KeyHandle,
-    KeySet, KeyState, RecordedState, RedisStore, TracingEvents,
+    CooldownReason, DisableReason, KeyFallback, KeyFallbackLayer, KeyHandle, KeySet, KeyState,
+    RecordedState, RedisStore, TracingEvents,
 };
 
 const KEYS: [&str; 3] = ["gsk_share1", "gsk_share2", "gsk_share3"];
 const WAIT: Duration = Duration::from_secs(10);
-
-/// What a replica's pool tells its observer, as `"kind key"` lines.
-struct Watch(UnboundedSender<String>);
-
-impl KeyEvents for Watch {
-    fn on_event(&self, event: &KeyEvent<'_>) {
-        let line = match event {
-            KeyEvent::CooledDown { key, .. } => format!("cooled {key}"),
-            KeyEvent::BucketCooledDown { key, bucket, .. } => format!("bucket {key} {bucket}"),
-            KeyEvent::Disabled { key, .. } => format!("disabled {key}"),
-            KeyEvent::Reset { key, .. } => format!("reset {key}"),
-            _ => return,
-        };
-        let _ = self.0.send(line);
-    }
-}
 
 struct Replica {
     service: KeyFallback<FakeProvider>,

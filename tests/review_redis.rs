@@ -8,28 +8,14 @@ mod redis_server;
 
 use std::time::{Duration, Instant};
 
-use redis_server::{RedisServer, Warnings};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use redis_server::{RedisServer, Warnings, Watch};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower_key_fallback::{
-    KeyEvent, KeyEvents, KeyFallbackLayer, KeyHandle, KeySet, KeyState, RedisStore, TracingEvents,
+    KeyFallbackLayer, KeyHandle, KeySet, KeyState, RedisStore, TracingEvents,
 };
 
 const KEYS: [&str; 3] = ["gsk_review1", "gsk_review2", "gsk_review3"];
 const WAIT: Duration = Duration::from_secs(10);
-
-struct Watch(UnboundedSender<String>);
-
-impl KeyEvents for Watch {
-    fn on_event(&self, event: &KeyEvent<'_>) {
-        let line = match event {
-            KeyEvent::CooledDown { key, .. } => format!("cooled {key}"),
-            KeyEvent::Disabled { key, .. } => format!("disabled {key}"),
-            KeyEvent::Reset { key, .. } => format!("reset {key}"),
-            _ => return,
-        };
-        let _ = self.0.send(line);
-    }
-}
 
 struct Replica {
     handle: KeyHandle,

@@ -189,3 +189,20 @@ impl Write for Warnings {
         Ok(())
     }
 }
+
+/// What a replica's pool tells its observer, as `"kind key"` lines.
+pub struct Watch(pub tokio::sync::mpsc::UnboundedSender<String>);
+
+impl tower_key_fallback::KeyEvents for Watch {
+    fn on_event(&self, event: &tower_key_fallback::KeyEvent<'_>) {
+        use tower_key_fallback::KeyEvent;
+        let line = match event {
+            KeyEvent::CooledDown { key, .. } => format!("cooled {key}"),
+            KeyEvent::BucketCooledDown { key, bucket, .. } => format!("bucket {key} {bucket}"),
+            KeyEvent::Disabled { key, .. } => format!("disabled {key}"),
+            KeyEvent::Reset { key, .. } => format!("reset {key}"),
+            _ => return,
+        };
+        let _ = self.0.send(line);
+    }
+}
