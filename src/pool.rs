@@ -1014,7 +1014,7 @@ impl Pool {
                 match in_lane {
                     Some(lane) => {
                         self.lanes.cool(lane, i, until, now, refused);
-                        if let Some(bucket) = lane.name.as_deref().filter(|&n| n != OVERFLOW) {
+                        if let Some(Some(bucket)) = shared_bucket(lane) {
                             self.events.on_event(&KeyEvent::BucketCooledDown {
                                 key: &slot.label,
                                 fingerprint: &slot.fingerprint(),
@@ -1337,10 +1337,9 @@ impl Pool {
         if until <= now {
             return false;
         }
-        let lane = self.lanes.lane(bucket, || self.now_ms());
-        if lane.name.as_deref() == Some(OVERFLOW) {
+        let Some(lane) = self.shared_lane(Some(bucket)) else {
             return false;
-        }
+        };
         self.lanes.cool(&lane, i, until, now, false);
         self.changed();
         true
