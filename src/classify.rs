@@ -220,6 +220,14 @@ pub struct DefaultClassifier {
     /// The patterns added by the user.
     patterns: Patterns,
     long_wait_is_quota: Duration,
+    /// Whether `x-should-retry` is read ([`honor_should_retry`](Self::honor_should_retry)).
+    should_retry: bool,
+    /// A header giving the end of the window in milliseconds since the Unix epoch
+    /// (OpenRouter's `X-RateLimit-Reset`), read after the standard ones.
+    reset_epoch_ms: Option<HeaderName>,
+    /// Every 403 is the request's fault (Together's "input tokens + `max_tokens` exceed the
+    /// context length"), never the key's.
+    forbidden_is_request: bool,
 }
 
 /// What a body pattern marks.
@@ -390,6 +398,9 @@ impl DefaultClassifier {
             builtin: true,
             patterns: Patterns::default(),
             long_wait_is_quota: Duration::from_secs(3600),
+            should_retry: false,
+            reset_epoch_ms: None,
+            forbidden_is_request: false,
         }
     }
 
@@ -437,6 +448,48 @@ impl DefaultClassifier {
     pub fn long_wait_is_quota(mut self, wait: Duration) -> Self {
         self.long_wait_is_quota = wait;
         self
+    }
+
+    /// Reads the `x-should-retry` header that OpenAI's, Anthropic's and Groq's APIs send
+    /// (their SDKs obey it before anything else): `false` on an answer that would count as
+    /// the provider's failure ([`Verdict::ServerError`]) makes it the request's own
+    /// ([`Verdict::RequestFault`]: handed back, no key blamed, since the provider says
+    /// sending it again fails too); `true` on an answer that would be the request's fault
+    /// makes it worth another key ([`Verdict::ServerError`]). The header never changes what a
+    /// rate limit, a quota or an invalid key does to the key: another key may well serve.
+    /// Default: off; on in the [`Provider`](crate::Provider) presets of the APIs that send it.
+    pub fn honor_should_retry(mut self, honor: bool) -> Self {
+        self.should_retry = honor;
+        self
+    }
+
+    /// Reads `header` as the end of the rate-limit window in milliseconds since the Unix
+    /// epoch, after `retry-after` and the `x-ratelimit-reset-*` headers.
+    pub(crate) fn reset_epoch_ms(mut self, header: HeaderName) -> Self {
+        self.reset_epoch_ms = Some(header);
+        self
+    }
+
+    /// Makes every 403 the request's fault.
+    pub(crate) fn forbidden_is_request(mut self) -> Self {
+        self.forbidden_is_request = true;
+        self
+    }
+
+    /// `x-should-retry`, when honoured: see [`honor_should_retry`](Self::honor_should_retry).
+    fn should_retry(&self, headers: &HeaderMap, verdict: Verdict) -> Verdict {
+        const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+        if !self.should_retry || !matches!(verdict, Verdict::ServerError | Verdict::RequestFault) {
+            return verdict;
+        }
+        match (
+            verdict,
+            headers.get(SHOULD_RETRY).map(|v| v.as_bytes().trim_ascii()),
+        ) {
+            (Verdict::ServerError, Some(b"false")) => Verdict::RequestFault,
+            (Verdict::RequestFault, Some(b"true")) => Verdict::ServerError,
+            _ => verdict,
+        }
     }
 }
 
@@ -556,6 +609,19 @@ fn any_remaining_zero(headers: &HeaderMap) -> bool {
 
 impl Classify for DefaultClassifier {
     fn classify_head(&self, status: StatusCode, headers: &HeaderMap) -> HeadVerdict {
+        match self.head(status, headers) {
+            HeadVerdict::Done(verdict) => HeadVerdict::Done(self.should_retry(headers, verdict)),
+            inspect => inspect,
+        }
+    }
+
+    fn classify_body(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
+        self.should_retry(headers, self.body(status, headers, body))
+    }
+}
+
+impl DefaultClassifier {
+    fn head(&self, status: StatusCode, headers: &HeaderMap) -> HeadVerdict {
         let code = status.as_u16();
         let verdict = match code {
             100..=399 => {
@@ -578,7 +644,7 @@ impl Classify for DefaultClassifier {
         HeadVerdict::Done(verdict)
     }
 
-    fn classify_body(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
+    fn body(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
         let fields = if self.builtin {
             ErrorFields::scan(body)
         } else {
@@ -589,7 +655,32 @@ impl Classify for DefaultClassifier {
         };
         let added = self.patterns.scan(body);
         let has = |mark: Mark| added & mark as u8 != 0;
-        let hint = || header_hint(headers, &Now::new()).or_else(|| body_hint(&fields, body));
+        let now = Now::new();
+        let hint = || {
+            header_hint(headers, &now)
+                .or_else(|| self.epoch_hint(headers, &now))
+                .or_else(|| body_hint(&fields, body))
+        };
+        // A quota's own end, where the provider names it, over any shorter hint: Gemini's
+        // per-day quotas end at midnight Pacific time (their `RetryInfo` says seconds), and
+        // Anthropic's monthly cap says when access returns.
+        let quota_hint = || {
+            if fields.per_day_quota {
+                return Some(parse::until_pacific_midnight(now.get()));
+            }
+            if fields.error_code == Some(b"enforced_spend_limit_reached")
+                || fields.message_starts_with(QUOTA_MESSAGES)
+            {
+                if let Some(d) = fields
+                    .message
+                    .and_then(|m| parse::regain_access(m, now.get()))
+                    .filter(|d| !d.is_zero())
+                {
+                    return Some(d);
+                }
+            }
+            hint()
+        };
         match status.as_u16() {
             429 => {
                 if fields.too_large() || has(Mark::TooLarge) {
@@ -598,7 +689,7 @@ impl Classify for DefaultClassifier {
                     Verdict::InvalidKey
                 } else if fields.quota() || has(Mark::Quota) {
                     Verdict::QuotaExhausted {
-                        retry_after: hint(),
+                        retry_after: quota_hint(),
                     }
                 } else if fields.overloaded() || has(Mark::Overloaded) {
                     Verdict::ServerError
@@ -615,7 +706,7 @@ impl Classify for DefaultClassifier {
                 retry_after: hint(),
             },
             403 => {
-                if fields.not_key() || has(Mark::NotKey) {
+                if self.forbidden_is_request || fields.not_key() || has(Mark::NotKey) {
                     Verdict::RequestFault
                 } else {
                     Verdict::InvalidKey
@@ -626,17 +717,25 @@ impl Classify for DefaultClassifier {
                     Verdict::InvalidKey
                 } else if fields.quota() || has(Mark::Quota) {
                     Verdict::QuotaExhausted {
-                        retry_after: hint(),
+                        retry_after: quota_hint(),
                     }
                 } else {
                     Verdict::RequestFault
                 }
             }
-            _ => match self.classify_head(status, headers) {
+            _ => match self.head(status, headers) {
                 HeadVerdict::Done(v) => v,
                 HeadVerdict::InspectBody => Verdict::RequestFault,
             },
         }
+    }
+}
+
+impl DefaultClassifier {
+    /// The end of the window from the epoch-milliseconds header, if this classifier reads one.
+    fn epoch_hint(&self, headers: &HeaderMap, now: &Now) -> Option<Duration> {
+        let value = headers.get(self.reset_epoch_ms.as_ref()?)?;
+        parse::epoch_millis_until(value.as_bytes(), now.get())
     }
 }
 

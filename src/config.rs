@@ -20,6 +20,12 @@ pub enum Credential {
     /// The key alone in the named header (`x-api-key` for Anthropic, `api-key` for Azure
     /// OpenAI, `x-goog-api-key` for Gemini).
     Header(HeaderName),
+    /// The key in the named query parameter of the URL (`?key=` for Gemini), percent-encoded.
+    /// Each attempt replaces every parameter of that name the URL had, the caller's own
+    /// included, and the credential headers the caller set are removed. The URL then holds
+    /// the key: a client that logs or shows URLs shows it too, so prefer a header where the
+    /// API takes one.
+    Query(String),
     /// No header is set: the caller's credentials are removed, and each attempt's key is
     /// handed to the inner service as a [`KeyInUse`](crate::KeyInUse) request extension for
     /// it to sign with (the keys are still chosen, cooled and reported).
@@ -131,14 +137,25 @@ impl Config {
         match &self.credential {
             Credential::Bearer => Some(&http::header::AUTHORIZATION),
             Credential::Header(name) => Some(name),
-            Credential::None => None,
+            Credential::None | Credential::Query(_) => None,
         }
     }
 
-    /// The header value for `secret`, marked sensitive so that `Debug` and HTTP/2 HPACK
-    /// never expose it.
+    /// The query parameter the key goes in, with [`Credential::Query`].
+    pub(crate) fn credential_query(&self) -> Option<&str> {
+        match &self.credential {
+            Credential::Query(name) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The header value for `secret` (percent-encoded for a query parameter), marked
+    /// sensitive so that `Debug` and HTTP/2 HPACK never expose it.
     pub(crate) fn credential_value(&self, secret: &str) -> Striped {
-        Striped::new(self.credential == Credential::Bearer, secret)
+        match self.credential {
+            Credential::Query(_) => Striped::new(false, &percent_encode(secret)),
+            _ => Striped::new(self.credential == Credential::Bearer, secret),
+        }
     }
 
     /// The caller's credential headers to remove: the known ones but the layer's own, which
@@ -155,6 +172,40 @@ impl Config {
             .fold(0u64, |mask, h| mask | 1u64 << h.as_str().len().min(63));
         Strip { names, lengths }
     }
+}
+
+/// `text` with every byte but the URL's unreserved characters (`A-Z a-z 0-9 - . _ ~`)
+/// percent-encoded, in a buffer zeroed when dropped.
+fn percent_encode(text: &str) -> zeroize::Zeroizing<String> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = zeroize::Zeroizing::new(String::with_capacity(text.len() * 3));
+    for &b in text.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
+    out
+}
+
+/// `query` without any parameter named `name`, then `name=value` (`value` already encoded).
+pub(crate) fn query_with(query: Option<&str>, name: &str, value: &str) -> String {
+    let mut out = String::with_capacity(query.map_or(0, str::len) + name.len() + value.len() + 2);
+    for pair in query.unwrap_or("").split('&') {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if pair.is_empty() || key == name {
+            continue;
+        }
+        out.push_str(pair);
+        out.push('&');
+    }
+    out.push_str(name);
+    out.push('=');
+    out.push_str(value);
+    out
 }
 
 /// Credential headers to remove from what the caller sent.
@@ -177,5 +228,32 @@ impl Strip {
                 headers.remove(name);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameter_replaced_and_encoded() {
+        assert_eq!(query_with(None, "key", "k1"), "key=k1");
+        assert_eq!(query_with(Some(""), "key", "k1"), "key=k1");
+        assert_eq!(
+            query_with(Some("alt=sse&key=caller&key=again&keys=3"), "key", "k2"),
+            "alt=sse&keys=3&key=k2"
+        );
+        assert_eq!(query_with(Some("key"), "key", "k2"), "key=k2");
+        assert_eq!(query_with(Some("a=1&&b"), "key", "k2"), "a=1&b&key=k2");
+        assert_eq!(&*percent_encode("AIza-_.~09"), "AIza-_.~09");
+        assert_eq!(&*percent_encode("a+b&c=d%/ #"), "a%2Bb%26c%3Dd%25%2F%20%23");
+        let config = Config {
+            credential: Credential::Query("key".into()),
+            ..Config::default()
+        };
+        assert_eq!(config.credential_value("a&b").get(), "a%26b");
+        assert!(config.credential_value("a&b").get().is_sensitive());
+        assert_eq!(config.credential_header(), None);
+        assert_eq!(config.credential_query(), Some("key"));
     }
 }

@@ -48,6 +48,33 @@ impl fmt::Debug for Shared {
     }
 }
 
+/// A request as an adapter sends it, for [`Driver::prepare`] to put the key on.
+pub(crate) trait Outgoing {
+    fn headers_mut(&mut self) -> &mut HeaderMap;
+    /// Replaces every query parameter `name` with `name=value` (`value` percent-encoded).
+    fn set_query_param(&mut self, name: &str, value: &str);
+}
+
+impl<B> Outgoing for http::Request<B> {
+    fn headers_mut(&mut self) -> &mut HeaderMap {
+        http::Request::headers_mut(self)
+    }
+
+    fn set_query_param(&mut self, name: &str, value: &str) {
+        let uri = self.uri();
+        let query = crate::config::query_with(uri.query(), name, value);
+        let mut parts = uri.clone().into_parts();
+        let path = parts.path_and_query.as_ref().map_or("/", |p| p.path());
+        // The path was valid and the query is made of its valid pairs and an encoded value.
+        if let Ok(pq) = http::uri::PathAndQuery::try_from(format!("{path}?{query}")) {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *self.uri_mut() = uri;
+            }
+        }
+    }
+}
+
 /// What to do after an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
@@ -387,7 +414,8 @@ impl Driver {
     /// counts the attempt. With `Credential::None` the key is returned instead, as a
     /// [`KeyInUse`] for the request's extensions, for the inner service to sign with.
     #[must_use]
-    pub(crate) fn prepare(&mut self, shared: &Shared, headers: &mut HeaderMap) -> Option<KeyInUse> {
+    pub(crate) fn prepare(&mut self, shared: &Shared, req: &mut impl Outgoing) -> Option<KeyInUse> {
+        let headers = req.headers_mut();
         let cred = shared.pool.begin(self.key);
         if let Some((_, sent)) = &mut self.ticket {
             *sent = true;
@@ -400,9 +428,15 @@ impl Driver {
             attempt: self.count,
         });
         shared.pool.sending(self.key, self.lane(shared));
-        match shared.config.credential_header() {
+        if let Some(name) = shared.config.credential_header() {
+            headers.insert(name.clone(), cred.value.get().clone());
+            return None;
+        }
+        match shared.config.credential_query() {
             Some(name) => {
-                headers.insert(name.clone(), cred.value.get().clone());
+                // Percent-encoded when it was made: visible ASCII.
+                let value = cred.value.get().to_str().unwrap_or_default();
+                req.set_query_param(name, value);
                 None
             }
             None => Some(KeyInUse {

@@ -117,7 +117,7 @@ where
         let mut held = Held::new(shared, driver);
         let backup = held.get().first_copy(shared, &req, try_clone_request);
         let svc = backup.as_ref().map(|_| inner.clone());
-        if let Some(key) = held.get().prepare(shared, req.headers_mut()) {
+        if let Some(key) = held.get().prepare(shared, &mut req) {
             req.extensions_mut().insert(key);
         }
         let fut = inner.call(req);
@@ -235,7 +235,7 @@ where
                     }
                     let driver = this.driver.as_mut().expect("a driver while replaying");
                     let mut req = driver.next_request(shared, this.backup, try_clone_request);
-                    if let Some(key) = driver.prepare(shared, req.headers_mut()) {
+                    if let Some(key) = driver.prepare(shared, &mut req) {
                         req.extensions_mut().insert(key);
                     }
                     let fut = svc.call(req);

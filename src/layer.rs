@@ -16,6 +16,7 @@ use crate::events::{KeyEvents, Observer};
 use crate::handle::KeyHandle;
 use crate::keys::KeySet;
 use crate::pool::Pool;
+use crate::provider::Provider;
 use crate::service::KeyFallback;
 
 /// A [`Layer`] that runs each request over a pool of API keys, falling back to the next key
@@ -77,6 +78,20 @@ impl KeyFallbackLayer {
     /// A builder to change the defaults.
     pub fn builder(keys: KeySet) -> KeyFallbackBuilder {
         KeyFallbackBuilder::new(keys)
+    }
+
+    /// A builder with the keys of `provider`'s environment variables (`GROQ_API_KEY`,
+    /// `GROQ_API_KEY_2`, … for [`Provider::groq`]) and its preset: how the key is sent and
+    /// the signals of its answers.
+    ///
+    /// ```no_run
+    /// use tower_key_fallback::{KeyFallbackLayer, Provider};
+    ///
+    /// let layer = KeyFallbackLayer::for_provider(Provider::anthropic())?.build();
+    /// # Ok::<(), tower_key_fallback::ConfigError>(())
+    /// ```
+    pub fn for_provider(provider: Provider) -> Result<KeyFallbackBuilder, ConfigError> {
+        Ok(Self::builder(provider.keys_from_env()?).provider(provider))
     }
 
     /// A handle on the key pool shared by every service this layer makes.
@@ -241,6 +256,13 @@ impl KeyFallbackBuilder {
     pub fn shared_state(mut self, store: crate::store::RedisStore) -> Self {
         self.store = Some(store);
         self
+    }
+
+    /// A provider's preset ([`Provider`]): sets the [`credential`](Self::credential) and the
+    /// [`classifier`](Self::classifier), which later calls may change again.
+    pub fn provider(self, provider: Provider) -> Self {
+        let (credential, classifier) = provider.into_parts();
+        self.credential(credential).classifier(classifier)
     }
 
     /// How responses are classified. Default: [`DefaultClassifier`].

@@ -66,6 +66,7 @@
 //! | `classify` | [`Classify`], [`DefaultClassifier`], [`Verdict`], [`ErrorVerdict`]: what an answer means | `parse`, `errorbody` |
 //! | `keys` | [`KeySet`], fingerprints, credential header values, [`KeyInUse`] | `error` |
 //! | `config` | [`Credential`] and the one cooldown policy: what a verdict does to a key | `classify`, `status`, `keys` |
+//! | `provider` | [`Provider`]: the presets (credential, key variables, base URL, classifier settings) | `classify`, `config`, `keys`, `error` |
 //! | `events` | [`KeyEvents`], [`KeyEvent`], [`TracingEvents`] | `classify`, `status` |
 //! | `capacity` | [`Bucket`], [`TokenCost`], [`Limits`], and what an answer's headers report of a key's allowance | `parse`, `errorbody` |
 //! | `budget` | per key (or group) and bucket: the provider's remaining counts less what was sent since, bucket cooldowns and probes, the wait queues, shared limits noticed | `capacity` |
@@ -83,7 +84,8 @@
 //! | `reqwest_middleware`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
 //!
 //! Where to add things:
-//! - **a provider's signals**: `classify` (and `errorbody` for a field of its error JSON);
+//! - **a provider preset**: `provider` (and its signals in `classify`, `errorbody` for a
+//!   field of its error JSON);
 //! - **a metric, a log, a store's writer**: a [`KeyEvents`] observer, given to
 //!   [`KeyFallbackBuilder::events`];
 //! - **a store's reader** (state learned by other processes): [`KeyHandle::import`], with
@@ -118,6 +120,7 @@ mod keys;
 mod layer;
 mod parse;
 mod pool;
+mod provider;
 mod service;
 mod status;
 // The pool's atomics, mutex and credential cell: std's, or loom's in the model check.
@@ -159,6 +162,7 @@ pub use future::ResponseFuture;
 pub use handle::KeyHandle;
 pub use keys::{KeyInUse, KeySet};
 pub use layer::{KeyFallbackBuilder, KeyFallbackLayer};
+pub use provider::Provider;
 pub use service::KeyFallback;
 pub use status::{
     BucketStatus, CooldownReason, DisableReason, KeyRecord, KeyState, KeyStatus, PoolStatus,

@@ -224,6 +224,102 @@ fn rfc3339_unix_nanos(s: &[u8]) -> Option<i128> {
     Some(i128::from(secs) * 1_000_000_000 + nanos)
 }
 
+/// Anthropic's monthly spend cap names the moment access returns in its message: "You will
+/// regain access on 2026-09-01 at 00:00 UTC." The time left until then (zero once past), or
+/// `None` when the message does not say it in that form.
+pub(crate) fn regain_access(message: &[u8], now: SystemTime) -> Option<Duration> {
+    const MARK: &[u8] = b"regain access on ";
+    let at = rfind_ci(message, MARK)?;
+    let rest = &message[at + MARK.len()..];
+    // `YYYY-MM-DD at HH:MM UTC`
+    let date = rest.get(..10)?;
+    let rest = rest.get(10..)?.strip_prefix(b" at ")?;
+    let time = rest.get(..5)?;
+    if !rest.get(5..)?.starts_with(b" UTC") {
+        return None;
+    }
+    let mut stamp = [0u8; 20];
+    stamp[..10].copy_from_slice(date);
+    stamp[10] = b'T';
+    stamp[11..16].copy_from_slice(time);
+    stamp[16..].copy_from_slice(b":00Z");
+    rfc3339_until(&stamp, now)
+}
+
+/// OpenRouter's `X-RateLimit-Reset`: the end of the window as milliseconds since the Unix
+/// epoch (`1790812800000`). The time left until then; `None` when it is not such a number or
+/// already past.
+pub(crate) fn epoch_millis_until(value: &[u8], now: SystemTime) -> Option<Duration> {
+    let value = trim(value);
+    if value.is_empty() || value.len() > 16 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let ms = value.iter().fold(0u64, |a, b| a * 10 + u64::from(b - b'0'));
+    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))?;
+    at.duration_since(now)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .map(saturate)
+}
+
+/// The time from `now` until the next midnight in the US Pacific time zone, when Gemini's
+/// per-day quotas reset: 08:00 UTC in standard time, 07:00 UTC in daylight time (from the
+/// second Sunday of March to the first Sunday of November, switching at 02:00 local time).
+pub(crate) fn until_pacific_midnight(now: SystemTime) -> Duration {
+    const HOUR: i64 = 3600;
+    const DAY: i64 = 86_400;
+    let Ok(since) = now.duration_since(SystemTime::UNIX_EPOCH) else {
+        return Duration::ZERO;
+    };
+    let t = since.as_secs() as i64;
+    // The Sundays that start and end daylight time in `year`, as days since the epoch.
+    let sundays = |year: i64| {
+        let march_1 = days_from_civil(year, 3, 1);
+        let nov_1 = days_from_civil(year, 11, 1);
+        let first_sunday = |d: i64| d + (7 - weekday(d)) % 7;
+        (first_sunday(march_1) + 7, first_sunday(nov_1))
+    };
+    // The offset now: daylight time runs from 10:00 UTC of its first day to 09:00 UTC of
+    // its last (02:00 local on both).
+    let (year, _, _) = civil_from_days((t - 8 * HOUR).div_euclid(DAY));
+    let (start, end) = sundays(year);
+    let dst_now = (start * DAY + 10 * HOUR..end * DAY + 9 * HOUR).contains(&t);
+    let offset = if dst_now { -7 * HOUR } else { -8 * HOUR };
+    // The next local midnight, and the offset in force then: daylight time at midnight of
+    // the days after its first Sunday up to and including its last.
+    let midnight = ((t + offset).div_euclid(DAY) + 1) * DAY;
+    let day = midnight / DAY;
+    let (year, _, _) = civil_from_days(day);
+    let (start, end) = sundays(year);
+    let offset = if day > start && day <= end {
+        -7 * HOUR
+    } else {
+        -8 * HOUR
+    };
+    let at = midnight - offset;
+    let left = Duration::from_secs((at - t).max(0) as u64);
+    left.saturating_sub(Duration::from_nanos(u64::from(since.subsec_nanos())))
+}
+
+/// The day of the week of a day since the epoch: 0 for Sunday (1970-01-01 was a Thursday).
+fn weekday(days: i64) -> i64 {
+    (days + 4).rem_euclid(7)
+}
+
+/// The proleptic Gregorian date of a day since the epoch (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -315,6 +411,90 @@ fn token(s: &[u8], keep: impl Fn(u8) -> bool) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(stamp: &str) -> SystemTime {
+        let nanos = rfc3339_unix_nanos(stamp.as_bytes()).unwrap();
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos as u64)
+    }
+
+    #[test]
+    fn pacific_midnight_in_standard_and_daylight_time() {
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        let m = |n: u64| Duration::from_secs(n * 60);
+        // 11:00 PST: midnight PST is 08:00 UTC the next day.
+        assert_eq!(until_pacific_midnight(at("2026-12-01T19:00:00Z")), h(13));
+        // 23:30 PDT on June 30: midnight PDT is 07:00 UTC.
+        assert_eq!(until_pacific_midnight(at("2026-07-01T06:30:00Z")), m(30));
+        // 00:00 PST exactly: the next midnight, a day later.
+        assert_eq!(until_pacific_midnight(at("2026-01-15T08:00:00Z")), h(24));
+        // Saturday 2026-03-07 20:00 PST; daylight time starts Sunday 2026-03-08 at 02:00, so
+        // Sunday's midnight is still standard time (08:00 UTC), and Monday's is daylight time.
+        assert_eq!(until_pacific_midnight(at("2026-03-08T04:00:00Z")), h(4));
+        assert_eq!(until_pacific_midnight(at("2026-03-08T12:00:00Z")), h(19));
+        // Saturday 2026-10-31 20:00 PDT; daylight time ends Sunday 2026-11-01 at 02:00: that
+        // Sunday's midnight is daylight time (07:00 UTC), Monday's standard time (08:00 UTC).
+        assert_eq!(until_pacific_midnight(at("2026-11-01T03:00:00Z")), h(4));
+        assert_eq!(until_pacific_midnight(at("2026-11-01T12:00:00Z")), h(20));
+        // Sub-second parts count.
+        assert_eq!(
+            until_pacific_midnight(at("2026-12-01T19:00:00.250Z")),
+            h(13) - Duration::from_millis(250)
+        );
+        assert_eq!(
+            until_pacific_midnight(SystemTime::UNIX_EPOCH - h(1)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn anthropic_regain_access_date() {
+        let msg = b"You have reached your API usage limits: your organization has crossed its monthly API usage threshold, set based on your organization's API tier. You will regain access on 2026-09-01 at 00:00 UTC.";
+        assert_eq!(
+            regain_access(msg, at("2026-08-31T12:00:00Z")),
+            Some(Duration::from_secs(12 * 3600))
+        );
+        assert_eq!(
+            regain_access(msg, at("2026-09-02T00:00:00Z")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            regain_access(b"You will regain access on 2026-09-01.", SystemTime::now()),
+            None
+        );
+        assert_eq!(
+            regain_access(
+                b"regain access on 2026-13-01 at 00:00 UTC",
+                SystemTime::now()
+            ),
+            None
+        );
+        assert_eq!(
+            regain_access(
+                b"regain access on 2026-09-01 at 00:00 PST",
+                SystemTime::now()
+            ),
+            None
+        );
+        assert_eq!(regain_access(b"regain access on ", SystemTime::now()), None);
+    }
+
+    #[test]
+    fn openrouter_epoch_millis() {
+        let now = at("2026-09-30T12:00:00Z");
+        // 1790812800000 is 2026-10-01T00:00:00Z.
+        assert_eq!(
+            epoch_millis_until(b"1790812800000", now),
+            Some(Duration::from_secs(12 * 3600))
+        );
+        assert_eq!(
+            epoch_millis_until(b"1790812800000", at("2026-10-02T00:00:00Z")),
+            None
+        );
+        assert_eq!(epoch_millis_until(b"17908128e5", now), None);
+        assert_eq!(epoch_millis_until(b"", now), None);
+        assert_eq!(epoch_millis_until(b"99999999999999999999", now), None);
+        assert_eq!(epoch_millis_until(b"9999999999999999", now), Some(MAX_WAIT));
+    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

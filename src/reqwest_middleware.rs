@@ -141,6 +141,17 @@ impl fmt::Debug for KeyFallbackMiddleware {
     }
 }
 
+impl crate::driver::Outgoing for Request {
+    fn headers_mut(&mut self) -> &mut http::HeaderMap {
+        Request::headers_mut(self)
+    }
+
+    fn set_query_param(&mut self, name: &str, value: &str) {
+        let query = crate::config::query_with(self.url().query(), name, value);
+        self.url_mut().set_query(Some(&query));
+    }
+}
+
 /// A response before it is handed on: untouched, or with a prefix of its body read.
 enum Raw {
     Untouched(Response),
@@ -230,7 +241,7 @@ impl Middleware for KeyFallbackMiddleware {
         };
         loop {
             let driver = &mut walk.driver;
-            if let Some(key) = driver.prepare(shared, req.headers_mut()) {
+            if let Some(key) = driver.prepare(shared, &mut req) {
                 extensions.insert(key);
             }
             let has_copy = backup.is_some();
