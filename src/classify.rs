@@ -207,7 +207,10 @@ pub trait Classify: Send + Sync + 'static {
 /// `x-ratelimit-reset-tokens` (Go durations such as `2m59.56s`), and the body: google.rpc's
 /// `retryDelay`, else the last "try again in 9.54s" / "retry after 6 seconds" of the
 /// provider's message. A rate limit whose reset is an hour or more away is reported as an
-/// exhausted quota (Azure's "retry after 86400 seconds"). How long a key is then set aside is
+/// exhausted quota (Azure's "retry after 86400 seconds"). A quota's own end comes first where
+/// the provider names it: a Gemini per-day quota (`quotaId` `…PerDay…`) ends at the next
+/// midnight Pacific time, whatever its `retryDelay` says, and Anthropic's monthly cap ends
+/// when "You will regain access on 2026-09-01 at 00:00 UTC" says. How long a key is then set aside is
 /// capped by [`max_cooldown`](crate::KeyFallbackBuilder::max_cooldown).
 ///
 /// Added patterns ([`quota_pattern`](DefaultClassifier::quota_pattern), …) are matched
