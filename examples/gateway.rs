@@ -19,7 +19,9 @@
 //! Options (or the environment variable in brackets):
 //!
 //! ```text
-//! --upstream URL           where to forward (UPSTREAM_URL), e.g. http://127.0.0.1:9000
+//! --upstream URL           where to forward (UPSTREAM_URL): https://api.groq.com, or
+//!                          http://127.0.0.1:9000
+//! UPSTREAM_CA_FILE         PEM roots to trust for an https upstream besides the bundled ones
 //! --listen ADDR            where to listen (GATEWAY_LISTEN, default 127.0.0.1:8080)
 //! --keys-env PREFIX        the keys' variables: PREFIX, PREFIX_2, … (default GROQ_API_KEY)
 //! --max-body BYTES         the largest request body accepted (default 8 MiB)
@@ -74,10 +76,8 @@
 //! `--allowed-host`. Nothing authenticates `/openai/v1/*` itself: keep the gateway where only
 //! its clients reach it.
 //!
-//! The example speaks plain HTTP to the upstream: it uses hyper-util's `HttpConnector` so it
-//! builds with no TLS stack. To reach `https://api.groq.com` build the client in
-//! [`http_client`] with an HTTPS connector (hyper-rustls or hyper-tls), or put a local
-//! TLS-originating proxy in between. An `https://` upstream is refused at startup.
+//! The upstream may be `https://` (rustls with ring, and the bundled Mozilla roots, plus those
+//! of `UPSTREAM_CA_FILE` for a private CA) or plain `http://`.
 
 use std::fmt;
 use std::future::Future;
@@ -98,6 +98,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{StatusCode, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -131,15 +132,52 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`serve`] waits, once told to stop, for answers under way (streams included).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// The client the gateway forwards with: hyper-util's, plain HTTP/1.1.
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The client the gateway forwards with: hyper-util's, HTTP/1.1 over TLS or plain TCP.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// hyper-util's client over plain HTTP, with a connect timeout.
-pub fn http_client() -> HttpClient {
+/// hyper-util's client for `https://` (rustls with ring; the bundled Mozilla roots and
+/// `extra_roots`) and `http://` upstreams, with a connect timeout.
+pub fn http_client(extra_roots: &[rustls::pki_types::CertificateDer<'static>]) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
+    connector.enforce_http(false);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for root in extra_roots {
+        // A root rustls cannot use was refused when the file was read.
+        let _ = roots.add(root.clone());
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+/// The roots of a PEM file (`UPSTREAM_CA_FILE`), checked to be usable; the error names the
+/// variable and the file.
+pub fn read_roots(path: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let roots: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| format!("UPSTREAM_CA_FILE {path:?}: not a PEM file of certificates: {e}"))?;
+    let mut store = rustls::RootCertStore::empty();
+    let (_, refused) = store.add_parsable_certificates(roots.iter().cloned());
+    if roots.is_empty() || refused > 0 {
+        return Err(format!(
+            "UPSTREAM_CA_FILE {path:?}: holds no usable CA certificate"
+        ));
+    }
+    Ok(roots)
 }
 
 /// The gateway's limits and protections: everything [`app`] and [`serve`] need besides the
@@ -160,6 +198,8 @@ pub struct Settings {
     pub allow_same_site: bool,
     /// Who may use the `/keys` endpoints.
     pub admin: Admin,
+    /// Roots trusted for an `https://` upstream besides the bundled ones.
+    pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl Default for Settings {
@@ -171,6 +211,7 @@ impl Default for Settings {
             allowed_hosts: AllowedHosts::loopback(),
             allow_same_site: false,
             admin: Admin::LoopbackOnly,
+            upstream_roots: Vec::new(),
         }
     }
 }
@@ -421,15 +462,17 @@ struct Gateway {
 ///
 /// # Panics
 ///
-/// If `upstream` is not an `http://` URL with a host ([`parse_upstream`] checks one).
+/// If `upstream` is not an `http://` or `https://` URL with a host ([`parse_upstream`]
+/// checks one).
 pub fn app(upstream: Uri, layer: KeyFallbackLayer, settings: &Settings) -> Router {
     assert!(
-        upstream.scheme() == Some(&Scheme::HTTP) && upstream.authority().is_some(),
-        "the upstream must be an http:// URL with a host, not {upstream}"
+        (upstream.scheme() == Some(&Scheme::HTTP) || upstream.scheme() == Some(&Scheme::HTTPS))
+            && upstream.authority().is_some(),
+        "the upstream must be an http:// or https:// URL with a host, not {upstream}"
     );
     let handle = layer.handle();
     let gateway = Gateway {
-        service: tower::Layer::layer(&layer, http_client()),
+        service: tower::Layer::layer(&layer, http_client(&settings.upstream_roots)),
         handle,
         upstream,
         body_cap: settings.max_body,
@@ -862,17 +905,11 @@ pub fn parse_upstream(url: &str) -> Result<Uri, String> {
         .parse()
         .map_err(|e| format!("UPSTREAM_URL {url:?} is not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "UPSTREAM_URL {url:?} is https: this example speaks plain HTTP upstream (it has \
-                 no TLS stack). Build `http_client()` with an HTTPS connector such as \
-                 hyper-rustls, or forward through a local TLS-originating proxy"
-            ))
-        }
+        Some("http" | "https") => {}
         _ => {
             return Err(format!(
-                "UPSTREAM_URL {url:?} must start with http://, e.g. http://127.0.0.1:9000"
+                "UPSTREAM_URL {url:?} must start with https:// or http://, e.g. \
+                 https://api.groq.com"
             ))
         }
     }
@@ -1198,6 +1235,8 @@ pub struct Config {
     pub redis: Option<String>,
     /// The keys' namespace in Redis.
     pub redis_namespace: String,
+    /// Roots trusted for an `https://` upstream besides the bundled ones (`UPSTREAM_CA_FILE`).
+    pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl Config {
@@ -1210,6 +1249,7 @@ impl Config {
             allowed_hosts: self.allowed_hosts.clone(),
             allow_same_site: self.allow_same_site,
             admin: self.admin.clone(),
+            upstream_roots: self.upstream_roots.clone(),
         }
     }
 }
@@ -1230,7 +1270,8 @@ usage: cargo run --example gateway -- [options]
 Forwards /openai/v1/* to the upstream with key fallback; GET /keys shows the keys,
 POST /keys/reset resets them.
 
-  --upstream URL          where to forward, plain http (UPSTREAM_URL), e.g. http://127.0.0.1:9000
+  --upstream URL          where to forward (UPSTREAM_URL): https://api.groq.com or http://127.0.0.1:9000
+  UPSTREAM_CA_FILE        PEM roots trusted for an https upstream besides the bundled ones
   --listen ADDR           where to listen (GATEWAY_LISTEN, default 127.0.0.1:8080)
   --keys-env PREFIX       read keys from PREFIX, PREFIX_2, ... (default GROQ_API_KEY)
   --max-body BYTES        the largest request body accepted (default 8388608)
@@ -1320,7 +1361,7 @@ impl Command {
             match name.as_str() {
                 "--help" | "-h" => return Ok(Command::Help),
                 "--listen" => listen = Some(value("an address such as 127.0.0.1:8080")?),
-                "--upstream" => upstream = Some(value("a URL such as http://127.0.0.1:9000")?),
+                "--upstream" => upstream = Some(value("a URL such as https://api.groq.com")?),
                 "--keys-env" => keys_env = Some(value("a variable name such as GROQ_API_KEY")?),
                 "--max-body" => max_body = Some(value("a number of bytes")?),
                 "--allowed-host" => {
@@ -1396,7 +1437,7 @@ impl Command {
             (false, Some(url)) => Some(parse_upstream(&url)?),
             (false, None) => {
                 return Err("no upstream: set UPSTREAM_URL (or pass --upstream), e.g. \
-                            UPSTREAM_URL=http://127.0.0.1:9000, or try --fake"
+                            UPSTREAM_URL=https://api.groq.com, or try --fake"
                     .to_owned())
             }
         };
@@ -1414,6 +1455,10 @@ impl Command {
             body_timeout,
             redis,
             redis_namespace: redis_namespace.unwrap_or_else(|| "gateway".to_owned()),
+            upstream_roots: match env("UPSTREAM_CA_FILE").filter(|f| !f.trim().is_empty()) {
+                Some(path) => read_roots(path.trim())?,
+                None => Vec::new(),
+            },
         })))
     }
 }

@@ -40,6 +40,8 @@ mod example;
 #[allow(dead_code)]
 #[path = "../examples/gateway.rs"]
 mod gateway;
+#[path = "support/tls.rs"]
+mod tls;
 
 /// Every wait in these tests is bounded by this.
 const WAIT: Duration = Duration::from_secs(10);
@@ -551,10 +553,15 @@ fn upstream_urls_and_the_command_line() {
         gateway::upstream_uri(&prefixed, "/openai/v1/chat/completions").unwrap(),
         "http://proxy.local:8080/groq/openai/v1/chat/completions"
     );
-    let https = gateway::parse_upstream("https://api.groq.com").unwrap_err();
+    let https = gateway::parse_upstream("https://api.groq.com/openai/").unwrap();
+    assert_eq!(
+        gateway::upstream_uri(&https, "/v1/models").unwrap(),
+        "https://api.groq.com/openai/v1/models"
+    );
+    let ftp = gateway::parse_upstream("ftp://api.groq.com").unwrap_err();
     assert!(
-        https.contains("plain HTTP") && https.contains("TLS"),
-        "{https}"
+        ftp.contains("https://") && ftp.contains("UPSTREAM_URL"),
+        "{ftp}"
     );
     assert!(gateway::parse_upstream("api.groq.com").is_err());
     assert!(gateway::parse_upstream("http://h/?a=1").is_err());
@@ -804,7 +811,8 @@ async fn the_binary_runs_as_the_readme_says() {
     assert_eq!(keys["keys"][1]["successes"], 2, "{keys}");
     drop(running);
 
-    // Missing keys and an https upstream are refused with a message naming the variable.
+    // Missing keys are refused with a message naming the variable, and so is a CA file that
+    // holds no certificate.
     let out = Command::new(&bin)
         .args([
             "--keys-env",
@@ -818,16 +826,111 @@ async fn the_binary_runs_as_the_readme_says() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("set GATEWAY_TEST_NO_SUCH_KEY"), "{stderr}");
-    let out = Command::new(&bin)
+    let mut cmd = Command::new(&bin);
+    clear_gateway_env(&mut cmd);
+    let out = cmd
         .env("UPSTREAM_URL", "https://api.groq.com")
+        .env(
+            "UPSTREAM_CA_FILE",
+            env!("CARGO_MANIFEST_DIR").to_owned() + "/Cargo.toml",
+        )
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("UPSTREAM_URL") && stderr.contains("TLS"),
+        stderr.contains("UPSTREAM_CA_FILE") && stderr.contains("Cargo.toml"),
         "{stderr}"
     );
+}
+
+/// An `https://` upstream: the fake provider behind a TLS front whose certificate a test CA
+/// signed, trusted through `UPSTREAM_CA_FILE`'s roots. Key 1 is refused over TLS, key 2
+/// serves; without the CA the handshake fails and the gateway answers 502.
+#[tokio::test]
+async fn an_https_upstream_is_reached_over_tls() {
+    use std::sync::Arc as StdArc;
+    use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
+
+    let test_ca = tls::TestCa::make("gateway");
+    let provider = FakeProvider::builder()
+        .key("gsk_tls_one", Behavior::InvalidKey)
+        .key("gsk_tls_two", Behavior::Ok)
+        .build();
+    let plain = provider.serve_ephemeral().await.unwrap();
+    let plain_addr: SocketAddr = plain
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    // The TLS front: terminates TLS, then pipes the bytes to the plain fake provider.
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(&test_ca.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&test_ca.key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(StdArc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(StdArc::new(config));
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = front.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut inner = TcpStream::connect(plain_addr).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut inner).await;
+            });
+        }
+    });
+
+    let keys = || {
+        KeySet::from_vars(
+            "GROQ_API_KEY",
+            [
+                ("GROQ_API_KEY", "gsk_tls_one"),
+                ("GROQ_API_KEY_2", "gsk_tls_two"),
+            ],
+        )
+        .unwrap()
+    };
+    let base =
+        gateway::parse_upstream(&format!("https://127.0.0.1:{}/", front_addr.port())).unwrap();
+    let trusting = gateway::Settings {
+        upstream_roots: gateway::read_roots(test_ca.ca.to_str().unwrap()).unwrap(),
+        ..settings()
+    };
+    let addr = serve(gateway::app(
+        base.clone(),
+        KeyFallbackLayer::new(keys()),
+        &trusting,
+    ))
+    .await;
+    let (status, body) = post_chat(addr).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(provider.stats().key("gsk_tls_one").requests, 1);
+    assert_eq!(provider.stats().key("gsk_tls_two").requests, 1);
+
+    // The bundled roots alone do not know the test CA.
+    let addr = serve(gateway::app(
+        base,
+        KeyFallbackLayer::new(keys()),
+        &settings(),
+    ))
+    .await;
+    let (status, body) = post_chat(addr).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(provider.stats().key("gsk_tls_two").requests, 1);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 
 #[path = "support/redis.rs"]
 mod redis_server;
+#[path = "support/tls.rs"]
+mod tls;
 
 use std::io::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -542,83 +544,7 @@ async fn rediss_urls_speak_tls() {
     let _guard = warnings.install();
     let warnings = Warnings::default();
     let _guard = warnings.install();
-    // A CA and a certificate it signed for 127.0.0.1, made here with openssl (Debian's
-    // openssl package).
-    let dir = std::env::temp_dir().join(format!("tkf-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    let ext = dir.join("leaf.ext");
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let p = |p: &std::path::PathBuf| p.display().to_string();
-    for args in [
-        vec![
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=tkf test CA",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .chain([
-            "-keyout".into(),
-            p(&dir.join("ca.key")),
-            "-out".into(),
-            p(&ca),
-        ])
-        .collect::<Vec<_>>(),
-        [
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]
-        .into_iter()
-        .map(str::to_owned)
-        .chain([
-            "-keyout".into(),
-            p(&key),
-            "-out".into(),
-            p(&dir.join("leaf.csr")),
-        ])
-        .collect(),
-        ["x509", "-req", "-days", "1", "-CAcreateserial"]
-            .into_iter()
-            .map(str::to_owned)
-            .chain(["-in".into(), p(&dir.join("leaf.csr")), "-CA".into(), p(&ca)])
-            .chain([
-                "-CAkey".into(),
-                p(&dir.join("ca.key")),
-                "-extfile".into(),
-                p(&ext),
-            ])
-            .chain(["-out".into(), p(&cert)])
-            .collect(),
-    ] {
-        let made = std::process::Command::new("openssl")
-            .args(&args)
-            .output()
-            .expect("openssl makes the test certificates: apt-get install -y openssl");
-        assert!(
-            made.status.success(),
-            "{}",
-            String::from_utf8_lossy(&made.stderr)
-        );
-    }
+    let tls::TestCa { ca, cert, key } = tls::TestCa::make("tls");
     let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
     let redis = RedisServer::start_with(&[
         "--tls-port",
