@@ -931,6 +931,7 @@ async fn an_https_upstream_is_reached_over_tls() {
     let (status, body) = post_chat(addr).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(provider.stats().key("gsk_tls_two").requests, 1);
+    let _ = std::fs::remove_dir_all(&test_ca.dir);
 }
 
 // ---------------------------------------------------------------------------------------

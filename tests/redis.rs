@@ -544,7 +544,7 @@ async fn rediss_urls_speak_tls() {
     let _guard = warnings.install();
     let warnings = Warnings::default();
     let _guard = warnings.install();
-    let tls::TestCa { ca, cert, key } = tls::TestCa::make("tls");
+    let tls::TestCa { dir, ca, cert, key } = tls::TestCa::make("tls");
     let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
     let redis = RedisServer::start_with(&[
         "--tls-port",

@@ -7,6 +7,8 @@ use std::process::Command;
 
 /// The files of a test CA and its leaf certificate for `127.0.0.1`, valid for a day.
 pub struct TestCa {
+    /// The folder that holds them (remove it when done).
+    pub dir: PathBuf,
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -91,6 +93,7 @@ impl TestCa {
         }
         TestCa {
             ca: dir.join("ca.pem"),
+            dir: dir.clone(),
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
         }
