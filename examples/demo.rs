@@ -74,8 +74,10 @@ impl Default for Options {
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Display {
-    /// A table redrawn in place (ANSI escapes), with or without colours.
-    Live { color: bool },
+    /// A table redrawn in place (ANSI escapes), with or without colours, for a terminal
+    /// `width` columns wide: below 78 columns a narrower table, and no line is ever wider
+    /// than the terminal (a wrapped line would break the redraw).
+    Live { color: bool, width: usize },
     /// Plain lines: one per key state change, one per second of progress.
     Plain,
 }
@@ -208,6 +210,7 @@ async fn main() -> ExitCode {
     } else {
         Display::Live {
             color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            width: terminal_width(),
         }
     };
     let mut out = std::io::stdout();
@@ -412,7 +415,7 @@ impl View {
 
     fn paint(&self, code: &str, text: &str) -> String {
         match self.display {
-            Display::Live { color: true } => format!("\x1b[{code}m{text}\x1b[0m"),
+            Display::Live { color: true, .. } => format!("\x1b[{code}m{text}\x1b[0m"),
             _ => text.to_owned(),
         }
     }
@@ -425,7 +428,7 @@ impl View {
         elapsed: Duration,
     ) -> std::io::Result<()> {
         match self.display {
-            Display::Live { .. } => self.draw_live(out, status, counters, elapsed),
+            Display::Live { width, .. } => self.draw_live(out, status, counters, elapsed, width),
             Display::Plain => self.draw_plain(out, status, counters, elapsed),
         }
     }
@@ -436,45 +439,71 @@ impl View {
         status: &PoolStatus,
         counters: &Counters,
         elapsed: Duration,
+        width: usize,
     ) -> std::io::Result<()> {
+        // The full table is 77 columns wide; narrower terminals get the key, its calls, 429s,
+        // state and time left (44 columns).
+        let wide = width >= 78;
+        let header = if wide {
+            format!(
+                "  {:<6} {:>10} {:>6} {:>6} {:>4}  {:<24} {}",
+                "KEY", "LIMIT", "CALLS", "SERVED", "429", "STATE", "COOLDOWN"
+            )
+        } else {
+            format!(
+                "  {:<6} {:>5} {:>4}  {:<18} {}",
+                "KEY", "CALLS", "429", "STATE", "LEFT"
+            )
+        };
         let mut lines = vec![
             self.paint("1", &self.title),
             self.subtitle.clone(),
             String::new(),
-            self.paint(
-                "2",
-                &format!(
-                    "  {:<6} {:>10} {:>6} {:>6} {:>4}  {:<24} {}",
-                    "KEY", "LIMIT", "CALLS", "SERVED", "429", "STATE", "COOLDOWN"
-                ),
-            ),
+            self.paint("2", &header),
         ];
         for (i, key) in status.keys.iter().enumerate() {
             let (state, color, remaining) = describe(&key.state);
             let cooldown = match remaining {
-                Some(left) => {
+                Some(left) if wide => {
                     let frac = left.as_secs_f64() / self.window.as_secs_f64().max(1e-3);
                     format!("{} {:>5}", bar(frac.min(1.0), 6), fmt_secs(left))
                 }
+                Some(left) => format!("{:>5}", fmt_secs(left)),
                 None => String::new(),
             };
-            lines.push(format!(
-                "  {:<6} {:>10} {:>6} {:>6} {:>4}  {} {}",
-                key.label,
-                self.limits.get(i).map_or("", String::as_str),
-                key.requests,
-                key.successes,
-                key.rate_limited,
-                self.paint(color, &format!("{:<24}", format!("● {state}"))),
-                self.paint("33", &cooldown),
-            ));
+            lines.push(if wide {
+                format!(
+                    "  {:<6} {:>10} {:>6} {:>6} {:>4}  {} {}",
+                    key.label,
+                    self.limits.get(i).map_or("", String::as_str),
+                    key.requests,
+                    key.successes,
+                    key.rate_limited,
+                    self.paint(color, &format!("{:<24}", format!("● {state}"))),
+                    self.paint("33", &cooldown),
+                )
+            } else {
+                format!(
+                    "  {:<6} {:>5} {:>4}  {} {}",
+                    key.label,
+                    key.requests,
+                    key.rate_limited,
+                    self.paint(color, &format!("{:<18}", format!("● {state}"))),
+                    self.paint("33", &cooldown),
+                )
+            });
         }
         let served = counters.served.load(Ordering::SeqCst);
         let failed = counters.failed.load(Ordering::SeqCst);
         lines.push(String::new());
+        let bar_cells = if wide {
+            BAR
+        } else {
+            BAR.min(width.saturating_sub(30)).max(4)
+        };
         let mut progress = format!(
             "  {} {:>3}/{} served  {:>5}",
-            self.paint("32", &bar(served as f64 / self.total as f64, BAR)),
+            self.paint("32", &bar(served as f64 / self.total as f64, bar_cells)),
             served,
             self.total,
             fmt_secs(elapsed),
@@ -504,7 +533,7 @@ impl View {
             let _ = write!(frame, "\x1b[{}A", self.drawn_lines);
         }
         for line in &lines {
-            let _ = writeln!(frame, "\r\x1b[2K{line}");
+            let _ = writeln!(frame, "\r\x1b[2K{}", fit(line, width.saturating_sub(1)));
         }
         self.drawn_lines = lines.len();
         out.write_all(frame.as_bytes())?;
@@ -630,6 +659,74 @@ fn describe(state: &KeyState) -> (String, &'static str, Option<Duration>) {
         KeyState::Disabled { reason } => (format!("disabled ({})", reason.as_str()), "31", None),
         _ => ("unknown".into(), "0", None),
     }
+}
+
+/// `line` cut to `width` visible characters (ANSI escapes take none), colours reset if cut.
+pub fn fit(line: &str, width: usize) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut visible = 0;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            out.push(c);
+            // An escape runs to its final letter.
+            for e in chars.by_ref() {
+                out.push(e);
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        if visible == width {
+            out.push_str("\x1b[0m");
+            break;
+        }
+        out.push(c);
+        visible += 1;
+    }
+    out
+}
+
+/// The visible width of `line` (ANSI escapes take none).
+pub fn visible_width(line: &str) -> usize {
+    let mut n = 0;
+    let mut escape = false;
+    for c in line.chars() {
+        match (escape, c) {
+            (false, '\x1b') => escape = true,
+            (true, c) if c.is_ascii_alphabetic() => escape = false,
+            (true, _) => {}
+            (false, _) => n += 1,
+        }
+    }
+    n
+}
+
+/// The terminal's width: `COLUMNS`, else what `stty size` says of the terminal, else 80.
+fn terminal_width() -> usize {
+    if let Some(n) = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse().ok())
+    {
+        return n;
+    }
+    std::fs::File::open("/dev/tty")
+        .ok()
+        .and_then(|tty| {
+            std::process::Command::new("stty")
+                .arg("size")
+                .stdin(tty)
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()
+        })
+        .and_then(|out| {
+            let text = String::from_utf8(out.stdout).ok()?;
+            text.split_whitespace().nth(1)?.parse().ok()
+        })
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(80)
 }
 
 /// A bar `width` cells wide, filled to `frac` (0 to 1), in eighths of a cell.

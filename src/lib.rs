@@ -147,6 +147,10 @@ mod store;
 pub use affinity::Affinity;
 pub use answer::Exhausted;
 pub use body::{InspectedBody, KeyFallbackBody, SendOnce, TryCloneBody};
+
+/// The responses of [`KeyFallback`] over a client whose responses have bodies `B`
+/// (`hyper::body::Incoming` for hyper-util's client).
+pub type KeyFallbackResponse<B> = http::Response<KeyFallbackBody<B>>;
 pub use capacity::{annotate_openai_json, Bucket, Limits, TokenCost};
 
 /// The old name of [`InspectedBody`].

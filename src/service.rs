@@ -25,6 +25,56 @@ use crate::handle::KeyHandle;
 /// Its errors are boxed; when no key can serve a request the error is an
 /// [`Exhausted`](crate::Exhausted).
 ///
+/// # Naming the types
+///
+/// Over a client `C` whose responses have bodies `B`, the service is `KeyFallback<C>` and its
+/// responses are [`KeyFallbackResponse<B>`](crate::KeyFallbackResponse)
+/// (`http::Response<KeyFallbackBody<B>>`). Name them once with aliases, for an axum state or
+/// a struct field; the service is cheap to clone (one `Arc` and the client's own clone):
+///
+/// ```
+/// use axum::{extract::State, routing::post, Router};
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use hyper_util::client::legacy::{connect::HttpConnector, Client};
+/// use hyper_util::rt::TokioExecutor;
+/// use tower::ServiceExt;
+/// use tower_key_fallback::{KeyFallback, KeyFallbackLayer, KeyFallbackResponse, KeyHandle, KeySet};
+///
+/// type Upstream = Client<HttpConnector, Full<Bytes>>; // an HttpsConnector for real use
+/// type Keyed = KeyFallback<Upstream>;
+/// type Answer = KeyFallbackResponse<hyper::body::Incoming>;
+///
+/// #[derive(Clone)]
+/// struct AppState {
+///     client: Keyed,
+///     keys: KeyHandle,
+/// }
+///
+/// async fn ask(State(state): State<AppState>, body: Bytes) -> String {
+///     let req = http::Request::post("http://127.0.0.1:9/openai/v1/chat/completions")
+///         .body(Full::new(body))
+///         .unwrap();
+///     let answer: Result<Answer, _> = state.client.oneshot(req).await;
+///     match answer {
+///         Ok(res) => res.status().to_string(),
+///         Err(err) => format!("error: {err}; keys: {:?}", state.keys.status().keys.len()),
+///     }
+/// }
+///
+/// let layer = KeyFallbackLayer::new(KeySet::new(["gsk_a", "gsk_b"])?);
+/// let state = AppState {
+///     keys: layer.handle(),
+///     client: tower::Layer::layer(&layer, Client::builder(TokioExecutor::new()).build_http()),
+/// };
+/// let app: Router = Router::new().route("/ask", post(ask)).with_state(state);
+/// # drop(app);
+/// # Ok::<(), tower_key_fallback::ConfigError>(())
+/// ```
+///
+/// To hide the client's type as well, box the stack:
+/// `tower::util::BoxCloneSyncService<http::Request<Full<Bytes>>, Answer, BoxError>`.
+///
 /// [`KeyFallbackLayer`]: crate::KeyFallbackLayer
 pub struct KeyFallback<S> {
     inner: S,

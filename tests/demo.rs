@@ -86,9 +86,11 @@ async fn the_live_table_redraws_in_place() {
         latency: Duration::from_millis(40),
     };
     let mut out = Vec::new();
-    let summary = demo::run(&opts, demo::Display::Live { color: true }, &mut out)
-        .await
-        .unwrap();
+    let display = demo::Display::Live {
+        color: true,
+        width: 80,
+    };
+    let summary = demo::run(&opts, display, &mut out).await.unwrap();
     assert!(summary.all_served(), "{summary:#?}");
     let text = String::from_utf8(out).unwrap();
     // The table is drawn, then redrawn over itself (cursor up, clear line).
@@ -127,4 +129,41 @@ fn the_demo_binary_finishes_and_prints_its_summary() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("requests served       12 / 12"));
     let out = Command::new(&bin).arg("--requests=lots").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// The live table fits an 80-column terminal and narrower ones, every frame: no line is as
+/// wide as the terminal (a wrapped line would break the redraw in place).
+#[tokio::test]
+async fn the_live_table_fits_80_columns_and_narrower() {
+    let opts = demo::Options {
+        requests: 20,
+        concurrency: 4,
+        window: Duration::from_millis(500),
+        latency: Duration::from_millis(40),
+    };
+    for width in [80, 60, 40] {
+        let mut out = Vec::new();
+        let display = demo::Display::Live { color: true, width };
+        let summary = demo::run(&opts, display, &mut out).await.unwrap();
+        assert!(summary.all_served(), "{summary:#?}");
+        let text = String::from_utf8(out).unwrap();
+        let mut table_lines = 0;
+        for line in text.split('\n') {
+            // A table line starts with "\r\x1b[2K"; the summary after it is plain text.
+            let Some(drawn) = line.strip_prefix("\r\x1b[2K") else {
+                continue;
+            };
+            table_lines += 1;
+            let w = demo::visible_width(drawn);
+            assert!(w < width, "{w} columns at width {width}: {drawn:?}");
+        }
+        assert!(table_lines > 9, "{text:?}");
+        // The narrow table still names every key and shows the progress.
+        assert!(
+            text.contains("key-3") && text.contains("served"),
+            "{text:?}"
+        );
+    }
+    assert_eq!(demo::fit("\x1b[1mabcdef\x1b[0m", 3), "\x1b[1mabc\x1b[0m");
+    assert_eq!(demo::visible_width("\x1b[33m● cooling\x1b[0m"), 9);
 }
