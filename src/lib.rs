@@ -81,6 +81,7 @@
 //! | `layer` | [`KeyFallbackLayer`], [`KeyFallbackBuilder`] | the above |
 //! | `share` | key state between processes without I/O: the messages, the queue the pool's events feed, the merge (feature `redis`) | `pool`, `events`, `status` |
 //! | `store` | [`RedisStore`]: the task that subscribes, loads, publishes and reconnects (feature `redis`) | `share`, `driver` |
+//! | `reqwest_walk` | one request's attempts for the adapters of `reqwest::Request`s: copies, inspection, waits (feature `reqwest-middleware`) | `driver`, `wait`, `inspect`, `config`, `answer`, `body` |
 //! | `reqwest_middleware`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
 //!
 //! Where to add things:
@@ -94,7 +95,8 @@
 //! - **a cooldown rule**: `config` (`Config::outcome`);
 //! - **a provider's rate-limit headers**: `capacity` (`Report::from_headers`);
 //! - **another client library**: a new adapter beside `future` and `reqwest_middleware`,
-//!   doing the I/O and asking the `driver` what to do.
+//!   doing the I/O and asking the `driver` what to do (one whose requests are
+//!   `reqwest::Request`s needs only an `Attempt` for `reqwest_walk`).
 //!
 //! [tower]: https://docs.rs/tower
 //! [README]: https://github.com/tower-key-fallback/tower-key-fallback#readme
@@ -137,6 +139,9 @@ pub mod testing;
 mod dotenv;
 #[cfg(feature = "reqwest-middleware")]
 mod reqwest_middleware;
+// The loop of the adapters whose requests are `reqwest::Request`s.
+#[cfg(feature = "reqwest-middleware")]
+mod reqwest_walk;
 #[cfg(feature = "retry")]
 mod retry;
 #[cfg(any(feature = "redis", fuzzing))]
