@@ -81,8 +81,8 @@
 //! | `layer` | [`KeyFallbackLayer`], [`KeyFallbackBuilder`] | the above |
 //! | `share` | key state between processes without I/O: the messages, the queue the pool's events feed, the merge (feature `redis`) | `pool`, `events`, `status` |
 //! | `store` | [`RedisStore`]: the task that subscribes, loads, publishes and reconnects (feature `redis`) | `share`, `driver` |
-//! | `reqwest_walk` | one request's attempts for the adapters of `reqwest::Request`s: copies, inspection, waits (feature `reqwest-middleware`) | `driver`, `wait`, `inspect`, `config`, `answer`, `body` |
-//! | `reqwest_middleware`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
+//! | `reqwest_walk` | one request's attempts for the adapters of `reqwest::Request`s: copies, inspection, waits (features `reqwest-middleware`, `async-openai`) | `driver`, `wait`, `inspect`, `classify`, `config`, `answer`, `body` |
+//! | `reqwest_middleware`, `async_openai`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
 //!
 //! Where to add things:
 //! - **a provider preset**: `provider` (and its signals in `classify`, `errorbody` for a
@@ -96,7 +96,7 @@
 //! - **a provider's rate-limit headers**: `capacity` (`Report::from_headers`);
 //! - **another client library**: a new adapter beside `future` and `reqwest_middleware`,
 //!   doing the I/O and asking the `driver` what to do (one whose requests are
-//!   `reqwest::Request`s needs only an `Attempt` for `reqwest_walk`).
+//!   `reqwest::Request`s needs only an `Attempt` for `reqwest_walk`, as `async_openai` does).
 //!
 //! [tower]: https://docs.rs/tower
 //! [README]: https://github.com/tower-key-fallback/tower-key-fallback#readme
@@ -135,12 +135,14 @@ mod serialize;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
+#[cfg(feature = "async-openai")]
+mod async_openai;
 #[cfg(feature = "dotenv")]
 mod dotenv;
 #[cfg(feature = "reqwest-middleware")]
 mod reqwest_middleware;
 // The loop of the adapters whose requests are `reqwest::Request`s.
-#[cfg(feature = "reqwest-middleware")]
+#[cfg(any(feature = "reqwest-middleware", feature = "async-openai"))]
 mod reqwest_walk;
 #[cfg(feature = "retry")]
 mod retry;
@@ -178,6 +180,9 @@ pub use status::{
     Probing, RecordedState, SharedLimit,
 };
 
+#[cfg(feature = "async-openai")]
+#[cfg_attr(docsrs, doc(cfg(feature = "async-openai")))]
+pub use crate::async_openai::{KeyFallbackOpenAI, KeyFallbackOpenAILayer};
 #[cfg(feature = "dotenv")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dotenv")))]
 pub use crate::dotenv::DotenvError;

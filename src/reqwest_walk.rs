@@ -1,5 +1,5 @@
 //! One request's walk over the keys for the adapters whose requests are `reqwest::Request`s
-//! (feature `reqwest-middleware`): the I/O around the [`Driver`].
+//! (features `reqwest-middleware` and `async-openai`): the I/O around the [`Driver`].
 //!
 //! The adapters differ only in how one attempt is sent ([`Attempt`]) and in their error
 //! type; the copies of the request (`reqwest::Request::try_clone`), the bounded inspection of
