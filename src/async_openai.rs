@@ -196,6 +196,13 @@ where
     fn from_box(err: BoxError) -> OpenAIError {
         OpenAIError::Boxed(err)
     }
+
+    fn without_url(err: OpenAIError) -> OpenAIError {
+        match err {
+            OpenAIError::Reqwest(err) => OpenAIError::Reqwest(err.without_url()),
+            other => other,
+        }
+    }
 }
 
 /// A factory for the prepared request: a copy each time it is built (a retry layer inside

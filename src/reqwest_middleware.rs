@@ -154,6 +154,13 @@ impl Attempt for Rest<'_> {
     fn from_box(err: BoxError) -> Error {
         Error::Middleware(anyhow::anyhow!(err))
     }
+
+    fn without_url(err: Error) -> Error {
+        match err {
+            Error::Reqwest(err) => Error::Reqwest(err.without_url()),
+            other => other,
+        }
+    }
 }
 
 #[async_trait::async_trait]

@@ -37,6 +37,10 @@ pub(crate) trait Attempt {
     /// A boxed error as the adapter's error. Only for an error that is not `Self::Error`,
     /// which the walk never makes (it boxes the attempts' own errors, and unboxes them).
     fn from_box(err: BoxError) -> Self::Error;
+
+    /// The error without the request's URL, which holds the key when it is sent in the
+    /// query ([`Credential::Query`](crate::Credential::Query)): reqwest's errors print it.
+    fn without_url(err: Self::Error) -> Self::Error;
 }
 
 /// Why a walk ended without a response.
@@ -67,6 +71,9 @@ pub(crate) async fn run<A: Attempt>(
     let arc = shared;
     let shared = &**arc;
     let url = req.url().clone();
+    // With the key in the query, the URLs reqwest keeps in errors and responses hold it: both
+    // are given the caller's URL back (or none), before anything logs or keeps them.
+    let key_in_url = shared.config.credential_query().is_some();
     let (driver, waits) = match Driver::start(shared, extensions) {
         Started::Send(driver) => (driver, false),
         Started::Wait(driver) => (driver, true),
@@ -95,7 +102,12 @@ pub(crate) async fn run<A: Attempt>(
             extensions.insert(key);
         }
         let has_copy = backup.is_some();
-        let (step, raw) = match attempt.send(req, extensions).await {
+        let sent = match attempt.send(req, extensions).await {
+            Ok(res) if key_in_url => Ok(with_url_of(res, &url)),
+            Err(err) if key_in_url => Err(A::without_url(err)),
+            sent => sent,
+        };
+        let (step, raw) = match sent {
             Ok(res) => {
                 let taken = std::mem::replace(driver, Driver::done());
                 let (raw, verdict, back) = classify(arc, taken, res).await;
@@ -254,6 +266,13 @@ fn give_up<E>(shared: &Shared, exhausted: Exhausted, url: Url) -> Result<Respons
         return Ok(with_url(answer::proxy_answer(&exhausted), url));
     }
     Err(Failed::Exhausted(Box::new(exhausted)))
+}
+
+/// `res` as for `url` (`Response::url` is what reqwest sent to, the key in the query included).
+fn with_url_of(res: Response, url: &Url) -> Response {
+    let mut res: http::Response<reqwest::Body> = res.into();
+    res.extensions_mut().extend(url_extension(url.clone()));
+    Response::from(res)
 }
 
 /// A response the layer made, as a `reqwest::Response` for `url`.
