@@ -139,6 +139,8 @@ pub mod testing;
 mod async_openai;
 #[cfg(feature = "dotenv")]
 mod dotenv;
+#[cfg(feature = "metrics")]
+mod metrics;
 #[cfg(feature = "reqwest-middleware")]
 mod reqwest_middleware;
 // The loop of the adapters whose requests are `reqwest::Request`s.
@@ -186,6 +188,9 @@ pub use crate::async_openai::{KeyFallbackOpenAI, KeyFallbackOpenAILayer};
 #[cfg(feature = "dotenv")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dotenv")))]
 pub use crate::dotenv::DotenvError;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub use crate::metrics::MetricsEvents;
 #[cfg(feature = "reqwest-middleware")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest-middleware")))]
 pub use crate::reqwest_middleware::KeyFallbackMiddleware;
