@@ -9,6 +9,9 @@
 //! GET  /keys                   every key's state and counters, as JSON (never a key)
 //! POST /keys/reset             every key active again; answers the new status
 //! POST /keys/{label}/reset     one key active again
+//! GET  /metrics                the layer's metrics in Prometheus' text format (never a key);
+//!                              needs the crate feature `metrics`
+//!                              (`cargo run --example gateway --features metrics`)
 //! ```
 //!
 //! The request body is read whole, up to a cap (413 past it), so it can be replayed with the
@@ -60,7 +63,7 @@
 //!   cross-site` (and `same-site` unless `--allow-same-site`), or an `Origin` whose host is
 //!   not served, whatever the method and content type, so a form or `text/plain` `POST`
 //!   from another site is refused too. Requests with neither header (curl, the SDKs) pass;
-//! - the `/keys` endpoints without the admin token (`401` with `WWW-Authenticate: Bearer`)
+//! - the `/keys` endpoints and `/metrics` without the admin token (`401` with `WWW-Authenticate: Bearer`)
 //!   when `GATEWAY_ADMIN_TOKEN` is set, or from a client whose TCP peer address is not
 //!   loopback (`403`) when it is not; headers such as `X-Forwarded-For` are not looked at;
 //! - a path with a dot segment (`.`, `..`), raw or percent-encoded (`%2e%2e`, `.%2e`,
@@ -109,6 +112,11 @@ use tower_key_fallback::{
     BoxError, Exhausted, KeyFallback, KeyFallbackBuilder, KeyFallbackLayer, KeyHandle, KeySet,
     PoolStatus,
 };
+
+// `GET /metrics`: a `metrics` recorder that writes Prometheus text.
+#[cfg(feature = "metrics")]
+#[path = "support/prometheus.rs"]
+mod prometheus;
 
 /// The listen address unless told otherwise: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -488,6 +496,7 @@ pub fn app(upstream: Uri, layer: KeyFallbackLayer, settings: &Settings) -> Route
         .route("/keys", get(keys))
         .route("/keys/reset", post(reset_all))
         .route("/keys/{label}/reset", post(reset_one))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         // After the routes and the fallback: every request goes through it first.
         .layer(axum::middleware::from_fn_with_state(guard, check_request))
@@ -756,7 +765,7 @@ impl Guard {
     /// For `/keys` and below: the bearer token when one is set, a loopback peer otherwise.
     fn check_admin(&self, req: &Request) -> Result<(), Refusal> {
         let path = req.uri().path();
-        if path != "/keys" && !path.starts_with("/keys/") {
+        if path != "/keys" && !path.starts_with("/keys/") && path != "/metrics" {
             return Ok(());
         }
         match &self.admin {
@@ -776,7 +785,7 @@ impl Guard {
                     _ => {
                         return Err(unauthorized(
                             r#"Bearer realm="gateway admin""#,
-                            "The /keys endpoints need the gateway's admin token: send \
+                            "The admin endpoints (/keys, /metrics) need the gateway's admin token: send \
                              Authorization: Bearer <token>.",
                         ))
                     }
@@ -803,7 +812,7 @@ impl Guard {
                     StatusCode::FORBIDDEN,
                     "permission_error",
                     "admin_loopback_only",
-                    "The /keys endpoints answer clients on this machine only while no admin \
+                    "The admin endpoints (/keys, /metrics) answer clients on this machine only while no admin \
                      token is set: set GATEWAY_ADMIN_TOKEN where the gateway runs and send \
                      Authorization: Bearer <token>.",
                 ))
@@ -1170,6 +1179,47 @@ fn status(handle: &KeyHandle) -> Response {
     )
 }
 
+/// The observer whose metrics `GET /metrics` serves (crate feature `metrics`), one for the
+/// process: give it to the layer's builder, beside `TracingEvents`. The first call installs
+/// the gateway's recorder as the process' `metrics` recorder.
+#[cfg(feature = "metrics")]
+pub fn metrics_events() -> tower_key_fallback::MetricsEvents {
+    static EVENTS: std::sync::OnceLock<tower_key_fallback::MetricsEvents> =
+        std::sync::OnceLock::new();
+    EVENTS
+        .get_or_init(|| {
+            if !prometheus::install() {
+                tracing::warn!("another metrics recorder is installed; GET /metrics shows none");
+            }
+            tower_key_fallback::MetricsEvents::new()
+        })
+        .clone()
+}
+
+/// `GET /metrics`: every metric in Prometheus' text format, each key's state as it is now.
+#[cfg(feature = "metrics")]
+async fn metrics(State(gw): State<Gateway>) -> Response {
+    metrics_events().record_status(&gw.handle.status());
+    let mut res = Response::new(Body::from(prometheus::render()));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(prometheus::CONTENT_TYPE),
+    );
+    res
+}
+
+/// `GET /metrics` without the crate feature `metrics`: a 404 that says how to build it in.
+#[cfg(not(feature = "metrics"))]
+async fn metrics() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "This gateway was built without the crate feature `metrics`; run \
+         `cargo run --example gateway --features metrics` to serve GET /metrics.",
+        "invalid_request_error",
+        "metrics_not_built",
+    )
+}
+
 /// `GET /keys`.
 async fn keys(State(gw): State<Gateway>) -> Response {
     status(&gw.handle)
@@ -1198,7 +1248,7 @@ async fn reset_one(State(gw): State<Gateway>, Path(label): Path<String>) -> Resp
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "Unknown path. The gateway serves /openai/v1/*, GET /keys, POST /keys/reset and POST /keys/{label}/reset.",
+        "Unknown path. The gateway serves /openai/v1/*, GET /keys, POST /keys/reset, POST /keys/{label}/reset and GET /metrics.",
         "invalid_request_error",
         "unknown_url",
     )
@@ -1551,6 +1601,8 @@ async fn run(config: Config) -> Result<(), BoxError> {
     };
     let labels: Vec<String> = keys.labels().map(str::to_owned).collect();
     let builder = KeyFallbackLayer::builder(keys);
+    #[cfg(feature = "metrics")]
+    let builder = builder.events((tower_key_fallback::TracingEvents, metrics_events()));
     let builder = match &config.redis {
         None => builder,
         Some(url) => shared_state(builder, url, &config.redis_namespace).await?,

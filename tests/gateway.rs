@@ -741,6 +741,212 @@ async fn get_keys(addr: SocketAddr) -> Value {
     serde_json::from_slice(&body).unwrap()
 }
 
+/// `GET /metrics` on the binary: Prometheus text with the attempts and the cooldowns of two
+/// 429s (a rate limit on the request's model, a spent quota) when it was built with the
+/// crate feature `metrics`, a 404 naming the command otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_metrics_when_built_with_them() {
+    let bin = gateway_binary();
+    let limited = "gsk_metrics_test_limited";
+    let spent = "gsk_metrics_test_spent";
+    let good = "gsk_metrics_test_good";
+    let provider = FakeProvider::builder()
+        .key(
+            limited,
+            Behavior::RateLimited {
+                requests: 0,
+                window: Duration::from_secs(30),
+            },
+        )
+        .key(spent, Behavior::QuotaExhausted)
+        .key(good, Behavior::Ok)
+        .build();
+    let upstream = provider.serve_ephemeral().await.unwrap();
+    let mut command = Command::new(&bin);
+    command
+        .args(["--listen", "127.0.0.1:0", "--keys-env", "GATEWAY_TEST_KEY"])
+        .env("UPSTREAM_URL", upstream.url(""))
+        .env("GATEWAY_TEST_KEY", limited)
+        .env("GATEWAY_TEST_KEY_2", spent)
+        .env("GATEWAY_TEST_KEY_3", good);
+    clear_gateway_env(&mut command);
+    let running = launch(command);
+    let (status, body) = post_chat(running.addr).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(provider.stats().key(limited).rate_limited, 1);
+    assert_eq!(provider.stats().key(spent).quota_exhausted, 1);
+
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::get(format!("http://{}/metrics", running.addr))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = timeout(WAIT, client.request(req)).await.unwrap().unwrap();
+    let (head, body) = res.into_parts();
+    let body = timeout(WAIT, body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(!text.contains("gsk_"), "a key in /metrics: {text}");
+
+    if cfg!(not(feature = "metrics")) {
+        assert_eq!(head.status, 404, "{text}");
+        assert!(
+            text.contains("cargo run --example gateway --features metrics"),
+            "{text}"
+        );
+        return;
+    }
+    assert_eq!(head.status, 200, "{text}");
+    assert_eq!(
+        head.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let samples = prometheus_samples(&text);
+    let value = |series: &str| {
+        samples
+            .iter()
+            .find(|(s, _)| s == series)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    let expected = [
+        (
+            r#"key_fallback_attempts_total{key="GATEWAY_TEST_KEY",verdict="rate_limited"}"#,
+            1.0,
+        ),
+        (
+            r#"key_fallback_attempts_total{key="GATEWAY_TEST_KEY_2",verdict="quota_exhausted"}"#,
+            1.0,
+        ),
+        (
+            r#"key_fallback_attempts_total{key="GATEWAY_TEST_KEY_3",verdict="success"}"#,
+            1.0,
+        ),
+        // The rate limit holds for the request's model (the gateway's bucket) only.
+        (
+            r#"key_fallback_bucket_cooldowns_total{key="GATEWAY_TEST_KEY",reason="rate_limited"}"#,
+            1.0,
+        ),
+        (
+            r#"key_fallback_cooldowns_total{key="GATEWAY_TEST_KEY_2",reason="quota_exhausted"}"#,
+            1.0,
+        ),
+        (
+            r#"key_fallback_cooldown_seconds_count{reason="quota_exhausted"}"#,
+            1.0,
+        ),
+        (
+            r#"key_fallback_switches_total{key="GATEWAY_TEST_KEY",reason="rate_limited"}"#,
+            1.0,
+        ),
+        (
+            r#"key_fallback_switches_total{key="GATEWAY_TEST_KEY_2",reason="quota_exhausted"}"#,
+            1.0,
+        ),
+        (
+            r#"key_fallback_key_state{key="GATEWAY_TEST_KEY_2",state="cooling_down"}"#,
+            1.0,
+        ),
+        (
+            r#"key_fallback_key_state{key="GATEWAY_TEST_KEY_2",state="active"}"#,
+            0.0,
+        ),
+        (
+            r#"key_fallback_key_state{key="GATEWAY_TEST_KEY_3",state="active"}"#,
+            1.0,
+        ),
+    ];
+    for (series, expected) in expected {
+        assert_eq!(value(series), expected, "{series} in:\n{text}");
+    }
+    let until =
+        value(r#"key_fallback_key_cooldown_until_timestamp_seconds{key="GATEWAY_TEST_KEY_2"}"#);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(until > now, "the cooldown ends later: {until} vs {now}");
+    assert!(
+        text.contains("# TYPE key_fallback_attempts_total counter\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE key_fallback_key_state gauge\n"),
+        "{text}"
+    );
+}
+
+/// The samples of a Prometheus text exposition, as (`name{labels}`, value), checked line by
+/// line: `# HELP` and `# TYPE` lines, a `# TYPE` before each metric's samples, counters named
+/// `_total`, label values quoted, values numbers.
+fn prometheus_samples(text: &str) -> Vec<(String, f64)> {
+    let mut types: Vec<(String, String)> = Vec::new();
+    let mut samples = Vec::new();
+    assert!(text.ends_with('\n'), "{text}");
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect(line);
+            assert!(
+                ["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind),
+                "{line}"
+            );
+            if kind == "counter" {
+                assert!(
+                    name.ends_with("_total"),
+                    "a counter not named _total: {line}"
+                );
+            }
+            assert!(
+                types.iter().all(|(n, _)| n != name),
+                "two TYPE lines: {line}"
+            );
+            types.push((name.to_owned(), kind.to_owned()));
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        assert!(!line.starts_with('#') && !line.is_empty(), "{line:?}");
+        let name_end = line.find(['{', ' ']).expect(line);
+        let name = &line[..name_end];
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        let (series, value) = line.rsplit_once(' ').expect(line);
+        if series.len() > name.len() {
+            let labels = &series[name.len()..];
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            for pair in labels[1..labels.len() - 1].split("\",") {
+                let (label, value) = pair.split_once("=\"").expect(line);
+                assert!(
+                    label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{line}"
+                );
+                assert!(!value.trim_end_matches('"').contains('"'), "{line}");
+            }
+        }
+        let value: f64 = value.parse().expect(line);
+        // Its metric: the name, or a summary's or histogram's name without the suffix.
+        let family = types.last().map(|(n, k)| (n.as_str(), k.as_str()));
+        let belongs = family.is_some_and(|(n, k)| {
+            n == name
+                || (k == "summary" || k == "histogram")
+                    && ["_sum", "_count", "_bucket"]
+                        .iter()
+                        .any(|suffix| name.strip_suffix(suffix) == Some(n))
+        });
+        assert!(belongs, "a sample after another metric's TYPE line: {line}");
+        samples.push((series.to_owned(), value));
+    }
+    assert!(!samples.is_empty(), "{text}");
+    samples
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_runs_as_the_readme_says() {
     let bin = gateway_binary();

@@ -24,6 +24,7 @@ pub fn example_binary(name: &str) -> PathBuf {
         ("retry", cfg!(feature = "retry")),
         ("redis", cfg!(feature = "redis")),
         ("redis-tls", cfg!(feature = "redis-tls")),
+        ("metrics", cfg!(feature = "metrics")),
     ]
     .into_iter()
     .filter_map(|(feature, on)| on.then_some(feature))
