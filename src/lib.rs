@@ -48,6 +48,10 @@
 //! Keys, their order and their cooldowns are described in the [README]; [`KeyHandle`] shows
 //! and changes their state at run time.
 //!
+//! With the feature `metrics`, [`MetricsEvents`] records what the layer does on the `metrics`
+//! facade (attempts by key and verdict, cooldowns, switches, exhaustion, each key's state), for
+//! Prometheus or any other recorder.
+//!
 //! With the feature `serde`, [`PoolStatus`] and the other status types implement
 //! `serde::Serialize` as flat, stable JSON (labels and fingerprints, never a key), for a
 //! status endpoint such as the gateway example's `GET /keys`.
@@ -83,6 +87,7 @@
 //! | `store` | [`RedisStore`]: the task that subscribes, loads, publishes and reconnects (feature `redis`) | `share`, `driver` |
 //! | `reqwest_walk` | one request's attempts for the adapters of `reqwest::Request`s: copies, inspection, waits (features `reqwest-middleware`, `async-openai`) | `driver`, `wait`, `inspect`, `classify`, `config`, `answer`, `body` |
 //! | `reqwest_middleware`, `async_openai`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
+//! | `metrics` | [`MetricsEvents`]: the events as counters, gauges and histograms of the `metrics` facade (feature `metrics`) | `events`, `classify`, `status` |
 //!
 //! Where to add things:
 //! - **a provider preset**: `provider` (and its signals in `classify`, `errorbody` for a
