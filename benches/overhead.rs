@@ -32,7 +32,9 @@ use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use http::{Response, StatusCode};
-use tower::{Layer, Service};
+#[cfg(feature = "redis")]
+use tower::Layer;
+use tower::Service;
 
 mod common;
 use common::*;

@@ -86,8 +86,8 @@
 //! | `share` | key state between processes without I/O: the messages, the queue the pool's events feed, the merge (feature `redis`) | `pool`, `events`, `status` |
 //! | `store` | [`RedisStore`]: the task that subscribes, loads, publishes and reconnects (feature `redis`) | `share`, `driver` |
 //! | `reqwest_walk` | one request's attempts for the adapters of `reqwest::Request`s: copies, inspection, waits (features `reqwest-middleware`, `async-openai`) | `driver`, `wait`, `inspect`, `classify`, `config`, `answer`, `body` |
-//! | `reqwest_middleware`, `async_openai`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
 //! | `metrics` | [`MetricsEvents`]: the events as counters, gauges and histograms of the `metrics` facade (feature `metrics`) | `events`, `classify`, `status` |
+//! | `reqwest_middleware`, `async_openai`, `metrics`, `retry`, `dotenv`, `serialize`, `testing` | the optional parts, one feature each | the above |
 //!
 //! Where to add things:
 //! - **a provider preset**: `provider` (and its signals in `classify`, `errorbody` for a

@@ -25,6 +25,8 @@ pub fn example_binary(name: &str) -> PathBuf {
         ("redis", cfg!(feature = "redis")),
         ("redis-tls", cfg!(feature = "redis-tls")),
         ("metrics", cfg!(feature = "metrics")),
+        ("async-openai", cfg!(feature = "async-openai")),
+        ("metrics", cfg!(feature = "metrics")),
     ]
     .into_iter()
     .filter_map(|(feature, on)| on.then_some(feature))
