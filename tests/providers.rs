@@ -380,8 +380,14 @@ async fn anthropic_spend_cap_lasts_until_the_date_it_names() {
     let mut case = case_of(&value);
     // The fixture's date has passed: the same message, two days from the next UTC midnight.
     let at = (unix_now() / 86_400 + 3) * 86_400;
-    let (y, m, d) = civil(at / 86_400);
-    let stamp = format!("{y:04}-{m:02}-{d:02}");
+    // "Fri, 04 Dec 2026 00:00:00 GMT" as "2026-12-04".
+    let date = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(at));
+    let parts: Vec<&str> = date.split(' ').collect();
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = months.iter().position(|m| *m == parts[2]).unwrap() + 1;
+    let stamp = format!("{}-{month:02}-{}", parts[3], parts[1]);
     case.body = case.body.replace("2026-09-01", &stamp);
     assert!(case
         .body
@@ -557,17 +563,4 @@ fn presets_name_their_variables_and_urls() {
         .keys_from_env()
         .unwrap_err();
     assert!(err.to_string().contains("TKF_TEST_NO_SUCH_PREFIX"), "{err}");
-}
-
-/// The date of a day since the epoch.
-fn civil(days: u64) -> (i64, i64, i64) {
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
