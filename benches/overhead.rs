@@ -43,6 +43,61 @@ use common::*;
 #[path = "../tests/support/redis.rs"]
 mod redis_server;
 
+/// A `metrics` recorder whose counters, gauges and histograms are one shared atomic each
+/// call adds to: the least a real recorder does.
+#[cfg(feature = "metrics")]
+mod counting {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+
+    pub static TOTAL: AtomicU64 = AtomicU64::new(0);
+
+    pub struct Recorder;
+    struct Handle;
+
+    impl metrics::CounterFn for Handle {
+        fn increment(&self, n: u64) {
+            TOTAL.fetch_add(n, Ordering::Relaxed);
+        }
+        fn absolute(&self, n: u64) {
+            TOTAL.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    impl metrics::GaugeFn for Handle {
+        fn increment(&self, _: f64) {
+            TOTAL.fetch_add(1, Ordering::Relaxed);
+        }
+        fn decrement(&self, _: f64) {
+            TOTAL.fetch_add(1, Ordering::Relaxed);
+        }
+        fn set(&self, _: f64) {
+            TOTAL.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    impl metrics::HistogramFn for Handle {
+        fn record(&self, _: f64) {
+            TOTAL.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    impl metrics::Recorder for Recorder {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(Arc::new(Handle))
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(Arc::new(Handle))
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(Arc::new(Handle))
+        }
+    }
+}
+
 /// Times `svc` on the usual request: build outside the timing, drive, drop the response.
 fn bench_service<S, ResB>(b: &mut criterion::Bencher<'_>, svc: &mut S)
 where
@@ -116,6 +171,27 @@ fn single(c: &mut Criterion) {
         let mut svc = shared(&rt, &down);
         g.bench_function("happy_shared_redis_down", |b| bench_service(b, &mut svc));
         drop((svc, rt));
+    }
+
+    // The same with the metrics observer beside the logs (feature `metrics`), into a
+    // recorder whose counters are plain atomics: what the observer itself costs a request.
+    #[cfg(feature = "metrics")]
+    {
+        let _ = ::metrics::set_global_recorder(counting::Recorder);
+        let mut svc = tower_key_fallback::KeyFallbackLayer::builder(
+            tower_key_fallback::KeySet::new(KEYS).unwrap(),
+        )
+        .events((
+            tower_key_fallback::TracingEvents,
+            tower_key_fallback::MetricsEvents::new(),
+        ))
+        .build()
+        .layer(upstream(None));
+        assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+        let before = counting::TOTAL.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(drive(&mut svc, request()).status(), StatusCode::OK);
+        assert!(counting::TOTAL.load(std::sync::atomic::Ordering::Relaxed) > before);
+        g.bench_function("happy_metrics", |b| bench_service(b, &mut svc));
     }
 
     // Key 1 answers 429 (with `retry-after: 0`, see `common::groq_429`), key 2 answers 200.

@@ -604,7 +604,7 @@ mod tests {
         ];
         fn piece(next: &mut impl FnMut() -> u64, text: &mut Vec<u8>) {
             let r = next();
-            if r % 64 == 0 {
+            if r.is_multiple_of(64) {
                 // Now and then any byte, invalid UTF-8 too.
                 text.push((r >> 8) as u8);
             } else {

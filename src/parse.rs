@@ -621,7 +621,7 @@ mod tests {
             let input: Vec<u8> = (0..len)
                 .map(|i| {
                     let r = state.rotate_left(i as u32 * 7);
-                    if r % 5 == 0 {
+                    if r.is_multiple_of(5) {
                         (r >> 8) as u8
                     } else {
                         alphabet[(r >> 16) as usize % alphabet.len()]

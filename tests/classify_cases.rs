@@ -298,7 +298,7 @@ fn generated_responses_classify_within_bounds() {
     ];
     /// Half the time one whole value, else a few pieces of them run together.
     fn value(next: &mut impl FnMut() -> u64) -> HeaderValue {
-        let value: String = if next() % 2 == 0 {
+        let value: String = if next().is_multiple_of(2) {
             WHOLE[next() as usize % WHOLE.len()].to_owned()
         } else {
             (0..2 + next() % 3)
