@@ -192,11 +192,13 @@ fn percent_encode(text: &str) -> zeroize::Zeroizing<String> {
 }
 
 /// `query` without any parameter named `name`, then `name=value` (`value` already encoded).
+/// A parameter's name is compared decoded (`%6Bey` and `k%65y` are `key`), as the server
+/// reads it.
 pub(crate) fn query_with(query: Option<&str>, name: &str, value: &str) -> String {
     let mut out = String::with_capacity(query.map_or(0, str::len) + name.len() + value.len() + 2);
     for pair in query.unwrap_or("").split('&') {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        if pair.is_empty() || key == name {
+        if pair.is_empty() || decodes_to(key.as_bytes(), name.as_bytes()) {
             continue;
         }
         out.push_str(pair);
@@ -206,6 +208,34 @@ pub(crate) fn query_with(query: Option<&str>, name: &str, value: &str) -> String
     out.push('=');
     out.push_str(value);
     out
+}
+
+/// Whether the query text `raw` percent-decodes (`+` as a space) to `name`.
+fn decodes_to(raw: &[u8], name: &[u8]) -> bool {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let (mut i, mut j) = (0, 0);
+    while i < raw.len() {
+        let byte = match raw[i] {
+            b'%' => match (
+                raw.get(i + 1).and_then(|&b| hex(b)),
+                raw.get(i + 2).and_then(|&b| hex(b)),
+            ) {
+                (Some(h), Some(l)) => {
+                    i += 2;
+                    (h * 16 + l) as u8
+                }
+                _ => b'%',
+            },
+            b'+' => b' ',
+            b => b,
+        };
+        if name.get(j) != Some(&byte) {
+            return false;
+        }
+        i += 1;
+        j += 1;
+    }
+    j == name.len()
 }
 
 /// Credential headers to remove from what the caller sent.
@@ -255,5 +285,23 @@ mod tests {
         assert!(config.credential_value("a&b").get().is_sensitive());
         assert_eq!(config.credential_header(), None);
         assert_eq!(config.credential_query(), Some("key"));
+    }
+
+    #[test]
+    fn query_parameter_replaced_whatever_the_encoding_of_its_name() {
+        // Servers decode parameter names: `%6Bey` is `key` to them, so the caller's own must
+        // go as the plain one does, or it would be sent beside the pool's key.
+        assert_eq!(
+            query_with(
+                Some("%6Bey=caller&alt=sse&k%65y=x&%6b%65%79=y"),
+                "key",
+                "k2"
+            ),
+            "alt=sse&key=k2"
+        );
+        assert_eq!(
+            query_with(Some("%6B=1&%=2&%6Bey%=3&key%2=4"), "key", "k2"),
+            "%6B=1&%=2&%6Bey%=3&key%2=4&key=k2"
+        );
     }
 }
