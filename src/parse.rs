@@ -271,7 +271,14 @@ pub(crate) fn until_pacific_midnight(now: SystemTime) -> Duration {
     let Ok(since) = now.duration_since(SystemTime::UNIX_EPOCH) else {
         return Duration::ZERO;
     };
-    let t = since.as_secs() as i64;
+    // Past some 146 billion years the sums below would overflow: a clock that far off gets
+    // a day, the length of the quota's window.
+    let Some(t) = i64::try_from(since.as_secs())
+        .ok()
+        .filter(|t| *t <= i64::MAX / 2)
+    else {
+        return Duration::from_secs(DAY as u64);
+    };
     // The Sundays that start and end daylight time in `year`, as days since the epoch.
     let sundays = |year: i64| {
         let march_1 = days_from_civil(year, 3, 1);
@@ -444,6 +451,15 @@ mod tests {
             until_pacific_midnight(SystemTime::UNIX_EPOCH - h(1)),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn pacific_midnight_is_total_for_far_future_clocks() {
+        for secs in [i64::MAX as u64, i64::MAX as u64 - 3600, u64::MAX >> 2] {
+            if let Some(t) = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)) {
+                assert!(until_pacific_midnight(t) <= Duration::from_secs(25 * 3600));
+            }
+        }
     }
 
     #[test]
