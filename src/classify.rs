@@ -457,8 +457,10 @@ impl DefaultClassifier {
     /// (their SDKs obey it before anything else): `false` on an answer that would count as
     /// the provider's failure ([`Verdict::ServerError`]) makes it the request's own
     /// ([`Verdict::RequestFault`]: handed back, no key blamed, since the provider says
-    /// sending it again fails too); `true` on an answer that would be the request's fault
-    /// makes it worth another key ([`Verdict::ServerError`]). The header never changes what a
+    /// sending it again fails too); `true` on an answer that its status alone makes the
+    /// request's fault (a 409, a 404) makes it worth another key ([`Verdict::ServerError`]),
+    /// but not where the body says what is wrong with the request ("Request too large for
+    /// …", a region refusal): another key would be blamed for it. The header never changes what a
     /// rate limit, a quota or an invalid key does to the key: another key may well serve.
     /// Default: off; on in the [`Provider`](crate::Provider) presets of the APIs that send it.
     pub fn honor_should_retry(mut self, honor: bool) -> Self {
@@ -480,7 +482,10 @@ impl DefaultClassifier {
     }
 
     /// `x-should-retry`, when honoured: see [`honor_should_retry`](Self::honor_should_retry).
-    fn should_retry(&self, headers: &HeaderMap, verdict: Verdict) -> Verdict {
+    /// `true` makes a request's fault worth another key only when the status alone decided it
+    /// (`head`): where the body says what is wrong with the request ("Request too large",
+    /// a region refusal), another key gets the same answer, and would be blamed for it.
+    fn should_retry(&self, headers: &HeaderMap, verdict: Verdict, head: bool) -> Verdict {
         const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
         if !self.should_retry || !matches!(verdict, Verdict::ServerError | Verdict::RequestFault) {
             return verdict;
@@ -490,7 +495,7 @@ impl DefaultClassifier {
             headers.get(SHOULD_RETRY).map(|v| v.as_bytes().trim_ascii()),
         ) {
             (Verdict::ServerError, Some(b"false")) => Verdict::RequestFault,
-            (Verdict::RequestFault, Some(b"true")) => Verdict::ServerError,
+            (Verdict::RequestFault, Some(b"true")) if head => Verdict::ServerError,
             _ => verdict,
         }
     }
@@ -613,13 +618,15 @@ fn any_remaining_zero(headers: &HeaderMap) -> bool {
 impl Classify for DefaultClassifier {
     fn classify_head(&self, status: StatusCode, headers: &HeaderMap) -> HeadVerdict {
         match self.head(status, headers) {
-            HeadVerdict::Done(verdict) => HeadVerdict::Done(self.should_retry(headers, verdict)),
+            HeadVerdict::Done(verdict) => {
+                HeadVerdict::Done(self.should_retry(headers, verdict, true))
+            }
             inspect => inspect,
         }
     }
 
     fn classify_body(&self, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
-        self.should_retry(headers, self.body(status, headers, body))
+        self.should_retry(headers, self.body(status, headers, body), false)
     }
 }
 

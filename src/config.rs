@@ -48,6 +48,9 @@ pub(crate) struct ErrorPolicy {
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) credential: Credential,
+    /// A query parameter that is a credential to the API (Gemini's `key`), removed from what
+    /// the caller sent when the key goes in a header.
+    pub(crate) strip_query: Option<String>,
     pub(crate) round_robin: bool,
     /// `None`: one attempt per key.
     pub(crate) max_attempts: Option<u32>,
@@ -70,6 +73,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             credential: Credential::Bearer,
+            strip_query: None,
             round_robin: false,
             max_attempts: None,
             inspect_limit: 64 * 1024,
@@ -191,12 +195,23 @@ fn percent_encode(text: &str) -> zeroize::Zeroizing<String> {
     out
 }
 
-/// `query` without any parameter named `name`, then `name=value` (`value` already encoded).
+/// `query` without any parameter named `name` (however its name is encoded), then, with a
+/// `value` (already encoded), `name=value`; `None` when there is nothing to remove and nothing
+/// to add. An empty result means no query at all.
 /// A parameter's name is compared decoded (`%6Bey` and `k%65y` are `key`), as the server
 /// reads it.
-pub(crate) fn query_with(query: Option<&str>, name: &str, value: &str) -> String {
-    let mut out = String::with_capacity(query.map_or(0, str::len) + name.len() + value.len() + 2);
-    for pair in query.unwrap_or("").split('&') {
+pub(crate) fn query_with(query: Option<&str>, name: &str, value: Option<&str>) -> Option<String> {
+    let query = query.unwrap_or("");
+    let found = query.split('&').any(|pair| {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        decodes_to(key.as_bytes(), name.as_bytes())
+    });
+    if value.is_none() && !found {
+        return None;
+    }
+    let mut out =
+        String::with_capacity(query.len() + 3 * name.len() + value.map_or(0, str::len) + 2);
+    for pair in query.split('&') {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
         if pair.is_empty() || decodes_to(key.as_bytes(), name.as_bytes()) {
             continue;
@@ -204,10 +219,17 @@ pub(crate) fn query_with(query: Option<&str>, name: &str, value: &str) -> String
         out.push_str(pair);
         out.push('&');
     }
-    out.push_str(name);
-    out.push('=');
-    out.push_str(value);
-    out
+    match value {
+        Some(value) => {
+            out.push_str(&percent_encode(name));
+            out.push('=');
+            out.push_str(value);
+        }
+        None => {
+            out.pop();
+        }
+    }
+    Some(out)
 }
 
 /// Whether the query text `raw` percent-decodes (`+` as a space) to `name`.
@@ -267,14 +289,38 @@ mod tests {
 
     #[test]
     fn query_parameter_replaced_and_encoded() {
-        assert_eq!(query_with(None, "key", "k1"), "key=k1");
-        assert_eq!(query_with(Some(""), "key", "k1"), "key=k1");
+        assert_eq!(query_with(None, "key", Some("k1")).unwrap(), "key=k1");
+        assert_eq!(query_with(Some(""), "key", Some("k1")).unwrap(), "key=k1");
         assert_eq!(
-            query_with(Some("alt=sse&key=caller&key=again&keys=3"), "key", "k2"),
+            query_with(
+                Some("alt=sse&key=caller&key=again&keys=3"),
+                "key",
+                Some("k2")
+            )
+            .unwrap(),
             "alt=sse&keys=3&key=k2"
         );
-        assert_eq!(query_with(Some("key"), "key", "k2"), "key=k2");
-        assert_eq!(query_with(Some("a=1&&b"), "key", "k2"), "a=1&b&key=k2");
+        assert_eq!(
+            query_with(Some("key"), "key", Some("k2")).unwrap(),
+            "key=k2"
+        );
+        assert_eq!(
+            query_with(Some("a=1&&b"), "key", Some("k2")).unwrap(),
+            "a=1&b&key=k2"
+        );
+        // Removal only: nothing to do without the parameter; an emptied query is "".
+        assert_eq!(query_with(Some("alt=sse"), "key", None), None);
+        assert_eq!(query_with(None, "key", None), None);
+        assert_eq!(
+            query_with(Some("alt=sse&key=c"), "key", None).unwrap(),
+            "alt=sse"
+        );
+        assert_eq!(query_with(Some("%6Bey=c"), "key", None).unwrap(), "");
+        // A name that a URL cannot hold as it is goes encoded.
+        assert_eq!(
+            query_with(None, "api key", Some("v")).unwrap(),
+            "api%20key=v"
+        );
         assert_eq!(&*percent_encode("AIza-_.~09"), "AIza-_.~09");
         assert_eq!(&*percent_encode("a+b&c=d%/ #"), "a%2Bb%26c%3Dd%25%2F%20%23");
         let config = Config {
@@ -295,12 +341,13 @@ mod tests {
             query_with(
                 Some("%6Bey=caller&alt=sse&k%65y=x&%6b%65%79=y"),
                 "key",
-                "k2"
-            ),
+                Some("k2")
+            )
+            .unwrap(),
             "alt=sse&key=k2"
         );
         assert_eq!(
-            query_with(Some("%6B=1&%=2&%6Bey%=3&key%2=4"), "key", "k2"),
+            query_with(Some("%6B=1&%=2&%6Bey%=3&key%2=4"), "key", Some("k2")).unwrap(),
             "%6B=1&%=2&%6Bey%=3&key%2=4&key=k2"
         );
     }

@@ -51,8 +51,9 @@ impl fmt::Debug for Shared {
 /// A request as an adapter sends it, for [`Driver::prepare`] to put the key on.
 pub(crate) trait Outgoing {
     fn headers_mut(&mut self) -> &mut HeaderMap;
-    /// Replaces every query parameter `name` with `name=value` (`value` percent-encoded).
-    fn set_query_param(&mut self, name: &str, value: &str);
+    /// Replaces every query parameter `name` with `name=value` (`value` percent-encoded), or
+    /// with `None` removes them.
+    fn set_query_param(&mut self, name: &str, value: Option<&str>);
 }
 
 impl<B> Outgoing for http::Request<B> {
@@ -60,13 +61,19 @@ impl<B> Outgoing for http::Request<B> {
         http::Request::headers_mut(self)
     }
 
-    fn set_query_param(&mut self, name: &str, value: &str) {
+    fn set_query_param(&mut self, name: &str, value: Option<&str>) {
         let uri = self.uri();
-        let query = crate::config::query_with(uri.query(), name, value);
+        let Some(query) = crate::config::query_with(uri.query(), name, value) else {
+            return;
+        };
         let mut parts = uri.clone().into_parts();
         let path = parts.path_and_query.as_ref().map_or("/", |p| p.path());
-        // The path was valid and the query is made of its valid pairs and an encoded value.
-        if let Ok(pq) = http::uri::PathAndQuery::try_from(format!("{path}?{query}")) {
+        let pq = match query.is_empty() {
+            true => path.to_owned(),
+            false => format!("{path}?{query}"),
+        };
+        // The path was valid, the query is made of its valid pairs and an encoded pair.
+        if let Ok(pq) = http::uri::PathAndQuery::try_from(pq) {
             parts.path_and_query = Some(pq);
             if let Ok(uri) = http::Uri::from_parts(parts) {
                 *self.uri_mut() = uri;
@@ -430,13 +437,16 @@ impl Driver {
         shared.pool.sending(self.key, self.lane(shared));
         if let Some(name) = shared.config.credential_header() {
             headers.insert(name.clone(), cred.value.get().clone());
+            if let Some(param) = &shared.config.strip_query {
+                req.set_query_param(param, None);
+            }
             return None;
         }
         match shared.config.credential_query() {
             Some(name) => {
                 // Percent-encoded when it was made: visible ASCII.
                 let value = cred.value.get().to_str().unwrap_or_default();
-                req.set_query_param(name, value);
+                req.set_query_param(name, Some(value));
                 None
             }
             None => Some(KeyInUse {

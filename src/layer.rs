@@ -260,8 +260,9 @@ impl KeyFallbackBuilder {
 
     /// A provider's preset ([`Provider`]): sets the [`credential`](Self::credential) and the
     /// [`classifier`](Self::classifier), which later calls may change again.
-    pub fn provider(self, provider: Provider) -> Self {
-        let (credential, classifier) = provider.into_parts();
+    pub fn provider(mut self, provider: Provider) -> Self {
+        let (credential, classifier, strip_query) = provider.into_parts();
+        self.config.strip_query = strip_query.map(str::to_owned);
         self.credential(credential).classifier(classifier)
     }
 

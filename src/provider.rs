@@ -56,6 +56,8 @@ pub struct Provider {
     base_url: Cow<'static, str>,
     credential: Credential,
     classifier: DefaultClassifier,
+    /// A query parameter the API reads as a credential, removed from what the caller sent.
+    strip_query: Option<&'static str>,
 }
 
 impl Provider {
@@ -66,6 +68,7 @@ impl Provider {
             base_url: Cow::Borrowed(base_url),
             credential: Credential::Bearer,
             classifier: DefaultClassifier::new(),
+            strip_query: None,
         }
     }
 
@@ -146,8 +149,9 @@ impl Provider {
         .should_retry()
     }
 
-    /// Google Gemini (generativelanguage). The key goes in `x-goog-api-key`;
-    /// [`key_in_query`](Provider::key_in_query) puts it in `?key=` instead. (Its
+    /// Google Gemini (generativelanguage). The key goes in `x-goog-api-key`, and a `key` query
+    /// parameter the caller sent is removed (Gemini would read it too);
+    /// [`key_in_query`](Provider::key_in_query) puts the key in `?key=` instead. (Its
     /// OpenAI-compatible endpoint, `…/v1beta/openai`, takes `Authorization: Bearer`:
     /// `.with_credential(Credential::Bearer)`.) Also reads:
     /// - 429 `RESOURCE_EXHAUSTED` with a `QuotaFailure` whose `quotaId` is per minute
@@ -167,11 +171,15 @@ impl Provider {
     /// Gemini counts limits per project, not per key: keys of one project belong in one
     /// [`group`](crate::KeyFallbackBuilder::group).
     pub fn gemini() -> Provider {
-        Provider::new(
-            "gemini",
-            "GEMINI_API_KEY",
-            "https://generativelanguage.googleapis.com/v1beta",
-        )
+        Provider {
+            // Gemini reads `?key=` too: a caller's own would go beside the pool's.
+            strip_query: Some("key"),
+            ..Provider::new(
+                "gemini",
+                "GEMINI_API_KEY",
+                "https://generativelanguage.googleapis.com/v1beta",
+            )
+        }
         .header("x-goog-api-key")
     }
 
@@ -314,8 +322,8 @@ impl Provider {
         self
     }
 
-    /// The credential and classifier, for the builder.
-    pub(crate) fn into_parts(self) -> (Credential, DefaultClassifier) {
-        (self.credential, self.classifier)
+    /// The credential, the classifier and the query credential to remove, for the builder.
+    pub(crate) fn into_parts(self) -> (Credential, DefaultClassifier, Option<&'static str>) {
+        (self.credential, self.classifier, self.strip_query)
     }
 }

@@ -161,9 +161,11 @@ impl Outgoing for Request {
         Request::headers_mut(self)
     }
 
-    fn set_query_param(&mut self, name: &str, value: &str) {
-        let query = crate::config::query_with(self.url().query(), name, value);
-        self.url_mut().set_query(Some(&query));
+    fn set_query_param(&mut self, name: &str, value: Option<&str>) {
+        if let Some(query) = crate::config::query_with(self.url().query(), name, value) {
+            self.url_mut()
+                .set_query(Some(query.as_str()).filter(|q| !q.is_empty()));
+        }
     }
 }
 

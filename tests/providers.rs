@@ -565,11 +565,10 @@ fn presets_name_their_variables_and_urls() {
     assert!(err.to_string().contains("TKF_TEST_NO_SUCH_PREFIX"), "{err}");
 }
 
-/// Review finding (not fixed): with the Gemini preset's header credential, a caller's own
-/// `?key=` stays in the URL beside `x-goog-api-key`. Gemini reads `?key=` too, so a client
-/// can have its (invalid) key read and each pool key disabled for the 400 `API_KEY_INVALID`.
+/// With the Gemini preset's header credential, a caller's own `?key=` must not stay in the
+/// URL beside `x-goog-api-key`: Gemini reads `?key=` too, so a client could have its (invalid)
+/// key read and each pool key disabled for the 400 `API_KEY_INVALID`. (A review finding.)
 #[tokio::test]
-#[ignore = "review finding: the header presets leave the caller's ?key= in the URL"]
 async fn gemini_header_preset_drops_the_callers_query_key() {
     let server = serve(
         Case {
@@ -590,14 +589,26 @@ async fn gemini_header_preset_drops_the_callers_query_key() {
         seen[0].credentials,
         vec![("x-goog-api-key", "first-key".to_owned())]
     );
+    // Other presets leave a `key` parameter alone: it is no credential to them.
+    let layer = KeyFallbackLayer::builder(KeySet::new(["first-key", "second-key"]).unwrap())
+        .provider(Provider::groq())
+        .build();
+    send_to(&mut client(layer), server.addr, "key=caller-key").await;
+    let seen = server.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen[1].credentials,
+        vec![
+            ("authorization", "Bearer first-key".to_owned()),
+            ("?key", "caller-key".to_owned())
+        ]
+    );
 }
 
-/// Review finding (design, not fixed): `x-should-retry: true` turns a request fault that the
-/// body asserts (OpenAI's 429 "Request too large for …": the request's own size) into a
-/// server error, counted against every key the request is replayed on. A client repeating
-/// an oversized request then sets every key aside for errors.
+/// `x-should-retry: true` must not turn a request fault that the body asserts (OpenAI's 429
+/// "Request too large for …": the request's own size) into a server error, counted against
+/// every key the request is replayed on: a client repeating an oversized request would set
+/// every key aside for errors. (A review finding.)
 #[test]
-#[ignore = "review finding: x-should-retry: true blames keys for a request the body says is too large"]
 fn x_should_retry_true_does_not_blame_keys_for_a_request_too_large() {
     use tower_key_fallback::{Classify, Verdict};
     let mut headers = http::HeaderMap::new();
