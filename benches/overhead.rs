@@ -32,7 +32,7 @@ use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use http::{Response, StatusCode};
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "metrics"))]
 use tower::Layer;
 use tower::Service;
 
