@@ -92,7 +92,7 @@ impl TokenCost {
 }
 
 /// Sets a request's [`Bucket`] (its `"model"`) and [`TokenCost`] from its OpenAI-style JSON
-/// body, for a caller that has the body's bytes (the gateway example does this).
+/// body, for a caller that has the body's bytes (the gateway binary does this).
 pub fn annotate_openai_json<B>(req: &mut http::Request<B>, body: &[u8]) {
     if let Some(bucket) = Bucket::from_openai_json(body) {
         req.extensions_mut().insert(bucket);

@@ -54,7 +54,7 @@
 //!
 //! With the feature `serde`, [`PoolStatus`] and the other status types implement
 //! `serde::Serialize` as flat, stable JSON (labels and fingerprints, never a key), for a
-//! status endpoint such as the gateway example's `GET /keys`.
+//! status endpoint such as the gateway's `GET /keys` (`key-fallback-gateway`, feature `gateway`).
 //!
 //! # How the crate is built
 //!

@@ -778,13 +778,14 @@ async fn exhausted_response_option_answers_502_when_the_upstream_is_unreachable(
     assert!(res.headers().get("retry-after").is_none());
 }
 
-/// A body type from another crate that cannot be copied (axum's) goes through the layer
+/// A body type from another crate that cannot be copied (http-body-util's `BoxBody`) goes through the layer
 /// wrapped in `SendOnce`: sent once with the first usable key, the key still learning from
 /// the answer.
 #[tokio::test(start_paused = true)]
 async fn a_foreign_body_type_wrapped_in_send_once_is_sent_once() {
     use tower_key_fallback::SendOnce;
-    type AReq = Request<SendOnce<axum::body::Body>>;
+    type AReq =
+        Request<SendOnce<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>>>;
     let (mock, mut handle) = mock::pair::<AReq, Res>();
     let layer = KeyFallbackLayer::new(keys(2));
     let keys = layer.handle();
@@ -792,7 +793,9 @@ async fn a_foreign_body_type_wrapped_in_send_once_is_sent_once() {
     handle.allow(2);
     svc.ready().await.unwrap();
     let req = Request::post("https://x/v1")
-        .body(SendOnce::new(axum::body::Body::from("{}")))
+        .body(SendOnce::new(http_body_util::BodyExt::boxed(
+            http_body_util::Full::new(Bytes::from("{}")),
+        )))
         .unwrap();
     let call = tokio::spawn(svc.call(req));
     let (req, send) = next(&mut handle).await;

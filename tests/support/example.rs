@@ -1,4 +1,5 @@
-//! An example's binary for the tests that run one (`tests/demo.rs`, `tests/gateway.rs`).
+//! An example's or the crate's binary, for the tests that run one (`tests/demo.rs`,
+//! `tests/quickstart.rs`, `tests/gateway.rs`).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -8,11 +9,24 @@ use std::process::Command;
 /// features this test was built with. `cargo test` builds the examples and `cargo test --test
 /// x` does not, so it is built here (a no-op when it is up to date).
 pub fn example_binary(name: &str) -> PathBuf {
+    build("--example", name)
+}
+
+/// The crate's binary `name` (`key-fallback-gateway`), built as [`example_binary`] builds an
+/// example.
+pub fn binary(name: &str) -> PathBuf {
+    build("--bin", name)
+}
+
+fn build(kind: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let dir = if kind == "--example" {
+        profile_dir.join("examples")
+    } else {
+        profile_dir.to_path_buf()
+    };
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     // Another set of features would rebuild the crate and replace the binary with one that
     // lacks them.
     let features: Vec<&str> = [
@@ -26,6 +40,7 @@ pub fn example_binary(name: &str) -> PathBuf {
         ("redis-tls", cfg!(feature = "redis-tls")),
         ("metrics", cfg!(feature = "metrics")),
         ("async-openai", cfg!(feature = "async-openai")),
+        ("gateway", cfg!(feature = "gateway")),
         ("metrics", cfg!(feature = "metrics")),
     ]
     .into_iter()
@@ -33,13 +48,7 @@ pub fn example_binary(name: &str) -> PathBuf {
     .collect();
     let mut build = Command::new(env!("CARGO"));
     build
-        .args([
-            "build",
-            "--example",
-            name,
-            "--features",
-            &features.join(","),
-        ])
+        .args(["build", kind, name, "--features", &features.join(",")])
         .current_dir(env!("CARGO_MANIFEST_DIR"));
     if profile_dir.ends_with("release") {
         build.arg("--release");
@@ -63,7 +72,7 @@ pub fn example_binary(name: &str) -> PathBuf {
         }
     }
     let status = build.status().unwrap();
-    assert!(status.success(), "cargo build --example {name}: {status}");
+    assert!(status.success(), "cargo build {kind} {name}: {status}");
     assert!(bin.exists(), "{} is missing", bin.display());
     bin
 }

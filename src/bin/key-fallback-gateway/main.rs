@@ -1,4 +1,6 @@
-//! `cargo run --example gateway`: an OpenAI-compatible gateway with key fallback.
+//! `key-fallback-gateway` (the crate feature `gateway`): an OpenAI-compatible gateway with key
+//! fallback. `cargo install --path . --features gateway` installs it; `cargo run --features
+//! gateway --bin key-fallback-gateway -- --fake` runs it from a checkout.
 //!
 //! It forwards `/openai/v1/*` to an upstream API through `KeyFallbackLayer`, so any
 //! OpenAI-compatible client (the official SDKs with `base_url` pointed here, curl) gets key
@@ -9,9 +11,7 @@
 //! GET  /keys                   every key's state and counters, as JSON (never a key)
 //! POST /keys/reset             every key active again; answers the new status
 //! POST /keys/{label}/reset     one key active again
-//! GET  /metrics                the layer's metrics in Prometheus' text format (never a key);
-//!                              needs the crate feature `metrics`
-//!                              (`cargo run --example gateway --features metrics`)
+//! GET  /metrics                the layer's metrics in Prometheus' text format (never a key)
 //! ```
 //!
 //! The request body is read whole, up to a cap (413 past it), so it can be replayed with the
@@ -22,8 +22,8 @@
 //! Options (or the environment variable in brackets):
 //!
 //! ```text
-//! --upstream URL           where to forward (UPSTREAM_URL): https://api.groq.com, or
-//!                          http://127.0.0.1:9000
+//! --upstream URL           where to forward (UPSTREAM_URL, default https://api.groq.com),
+//!                          e.g. http://127.0.0.1:9000
 //! UPSTREAM_CA_FILE         PEM roots to trust for an https upstream besides the bundled ones
 //! --listen ADDR            where to listen (GATEWAY_LISTEN, default 127.0.0.1:8080)
 //! --keys-env PREFIX        the keys' variables: PREFIX, PREFIX_2, … (default GROQ_API_KEY)
@@ -43,7 +43,7 @@
 //!                          keys: no key and no network needed
 //! --redis URL              share the keys' state with every gateway given the same Redis
 //!                          (REDIS_URL), e.g. redis://127.0.0.1:6379/; needs the crate feature
-//!                          `redis` (`cargo run --example gateway --features redis -- ...`)
+//!                          `redis` (`--features gateway,redis`)
 //! --redis-namespace NAME   the keys' namespace in Redis (GATEWAY_REDIS_NAMESPACE, default
 //!                          gateway): gateways with one set of keys share one namespace
 //! ```
@@ -114,14 +114,16 @@ use tower_key_fallback::{
 };
 
 // `GET /metrics`: a `metrics` recorder that writes Prometheus text.
-#[cfg(feature = "metrics")]
-#[path = "support/prometheus.rs"]
+#[path = "prometheus.rs"]
 mod prometheus;
 
 /// The listen address unless told otherwise: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// The keys' variable prefix unless told otherwise.
 pub const DEFAULT_KEYS_ENV: &str = "GROQ_API_KEY";
+/// Where requests go unless told otherwise: Groq's API (`/openai/v1/*` is its
+/// OpenAI-compatible path).
+pub const DEFAULT_UPSTREAM: &str = "https://api.groq.com";
 /// The largest request body accepted unless told otherwise: chat requests with images or
 /// long contexts fit.
 pub const DEFAULT_MAX_BODY: usize = 8 * 1024 * 1024;
@@ -1182,7 +1184,6 @@ fn status(handle: &KeyHandle) -> Response {
 /// The observer whose metrics `GET /metrics` serves (crate feature `metrics`), one for the
 /// process: give it to the layer's builder, beside `TracingEvents`. The first call installs
 /// the gateway's recorder as the process' `metrics` recorder.
-#[cfg(feature = "metrics")]
 pub fn metrics_events() -> tower_key_fallback::MetricsEvents {
     static EVENTS: std::sync::OnceLock<tower_key_fallback::MetricsEvents> =
         std::sync::OnceLock::new();
@@ -1197,7 +1198,6 @@ pub fn metrics_events() -> tower_key_fallback::MetricsEvents {
 }
 
 /// `GET /metrics`: every metric in Prometheus' text format, each key's state as it is now.
-#[cfg(feature = "metrics")]
 async fn metrics(State(gw): State<Gateway>) -> Response {
     metrics_events().record_status(&gw.handle.status());
     let mut res = Response::new(Body::from(prometheus::render()));
@@ -1206,18 +1206,6 @@ async fn metrics(State(gw): State<Gateway>) -> Response {
         HeaderValue::from_static(prometheus::CONTENT_TYPE),
     );
     res
-}
-
-/// `GET /metrics` without the crate feature `metrics`: a 404 that says how to build it in.
-#[cfg(not(feature = "metrics"))]
-async fn metrics() -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        "This gateway was built without the crate feature `metrics`; run \
-         `cargo run --example gateway --features metrics` to serve GET /metrics.",
-        "invalid_request_error",
-        "metrics_not_built",
-    )
 }
 
 /// `GET /keys`.
@@ -1315,12 +1303,12 @@ pub enum Command {
 
 /// The usage, for `--help` and errors.
 pub const USAGE: &str = "\
-usage: cargo run --example gateway -- [options]
+usage: key-fallback-gateway [options]
 
 Forwards /openai/v1/* to the upstream with key fallback; GET /keys shows the keys,
 POST /keys/reset resets them.
 
-  --upstream URL          where to forward (UPSTREAM_URL): https://api.groq.com or http://127.0.0.1:9000
+  --upstream URL          where to forward (UPSTREAM_URL, default https://api.groq.com)
   UPSTREAM_CA_FILE        PEM roots trusted for an https upstream besides the bundled ones
   --listen ADDR           where to listen (GATEWAY_LISTEN, default 127.0.0.1:8080)
   --keys-env PREFIX       read keys from PREFIX, PREFIX_2, ... (default GROQ_API_KEY)
@@ -1485,11 +1473,7 @@ impl Command {
         let upstream = match (fake, upstream) {
             (true, _) => None,
             (false, Some(url)) => Some(parse_upstream(&url)?),
-            (false, None) => {
-                return Err("no upstream: set UPSTREAM_URL (or pass --upstream), e.g. \
-                            UPSTREAM_URL=https://api.groq.com, or try --fake"
-                    .to_owned())
-            }
+            (false, None) => Some(parse_upstream(DEFAULT_UPSTREAM)?),
         };
         Ok(Command::Run(Box::new(Config {
             listen,
@@ -1567,7 +1551,7 @@ async fn shared_state(
 ) -> Result<KeyFallbackBuilder, BoxError> {
     Err(
         "REDIS_URL / --redis: this gateway was built without the crate feature `redis`; \
-         run `cargo run --example gateway --features redis -- --redis URL`"
+         build it with `cargo install --path . --features gateway,redis`"
             .into(),
     )
 }
@@ -1601,7 +1585,6 @@ async fn run(config: Config) -> Result<(), BoxError> {
     };
     let labels: Vec<String> = keys.labels().map(str::to_owned).collect();
     let builder = KeyFallbackLayer::builder(keys);
-    #[cfg(feature = "metrics")]
     let builder = builder.events((tower_key_fallback::TracingEvents, metrics_events()));
     let builder = match &config.redis {
         None => builder,
