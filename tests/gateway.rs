@@ -604,8 +604,27 @@ fn upstream_urls_and_the_command_line() {
     let config = run(parse(&["--fake"], &[]));
     assert!(config.fake && config.upstream.is_none());
 
+    // Client tokens: from GATEWAY_CLIENT_TOKENS or the variable named; errors name the
+    // variable, never a token.
+    let config = run(parse(&[], &[("GATEWAY_CLIENT_TOKENS", "t-1,t-2")]));
+    assert!(matches!(&config.clients, gateway::Clients::Tokens(t) if t.len() == 2));
+    assert!(!format!("{config:?}").contains("t-1"));
+    let config = run(parse(
+        &["--client-tokens-env", "MY_TOKENS"],
+        &[("MY_TOKENS", "secret-tok")],
+    ));
+    assert!(matches!(&config.clients, gateway::Clients::Tokens(t) if t.len() == 1));
+    for bad in [" , ", "ok,bad tok\u{7f}"] {
+        let err = parse(&[], &[("GATEWAY_CLIENT_TOKENS", bad)]).unwrap_err();
+        assert!(err.contains("GATEWAY_CLIENT_TOKENS"), "{err}");
+        assert!(!err.contains("bad tok"), "{err}");
+    }
+    let err = parse(&["--client-tokens-env", "NOPE_TOKENS"], &[]).unwrap_err();
+    assert!(err.contains("NOPE_TOKENS is not set"), "{err}");
+
     // With nothing said, Groq: keys from GROQ_API_KEY…, requests to https://api.groq.com.
     let config = run(parse(&[], &[]));
+    assert_eq!(config.clients, gateway::Clients::LoopbackOnly);
     assert_eq!(config.upstream.unwrap(), "https://api.groq.com/");
     assert_eq!(config.keys_env, "GROQ_API_KEY");
     assert!(parse(&["--max-body", "0"], &[("UPSTREAM_URL", "http://a")]).is_err());
@@ -629,6 +648,7 @@ fn clear_gateway_env(command: &mut Command) {
         "GATEWAY_ALLOWED_HOSTS",
         "GATEWAY_ALLOW_SAME_SITE",
         "GATEWAY_ADMIN_TOKEN",
+        "GATEWAY_CLIENT_TOKENS",
         "GATEWAY_HEADER_TIMEOUT",
         "GATEWAY_BODY_TIMEOUT",
         "REDIS_URL",
@@ -1540,7 +1560,8 @@ async fn without_a_token_the_keys_endpoints_answer_loopback_peers_only() {
     let (status, _, body) = request(addr, "GET", "/keys", &[]).await;
     assert_eq!(status, 200, "{body}");
 
-    // Served without the peer address recorded: nobody, and the API still works.
+    // Served without the peer address recorded: nobody, for the admin endpoints and (with no
+    // client token set) for the API too.
     let app = gateway::app(base.clone(), layer(), &settings());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let plain = listener.local_addr().unwrap();
@@ -1549,8 +1570,9 @@ async fn without_a_token_the_keys_endpoints_answer_loopback_peers_only() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("admin_loopback_only"), "{body}");
     let (status, _, body) = request(plain, "POST", "/openai/v1/models", &[]).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(seen.lock().unwrap().len(), 1);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("clients_loopback_only"), "{body}");
+    assert_eq!(seen.lock().unwrap().len(), 0);
 
     // A client elsewhere cannot be had on loopback, so the router is called in process with
     // the peer address `serve` would record. Headers claiming loopback change nothing.
@@ -2165,4 +2187,163 @@ async fn two_gateways_share_their_keys_state_through_redis() {
     );
     assert_eq!(with_redis, 1);
     assert_eq!(without, 2);
+}
+
+/// With client tokens set, `/openai/v1/*` needs one of them (401 otherwise, before anything is
+/// forwarded), and the token never goes upstream: the pool's key replaces it. Without tokens,
+/// only loopback peers are served. `/healthz` and `/readyz` need neither.
+#[tokio::test]
+async fn client_tokens_guard_the_api_and_never_go_upstream() {
+    use tower::ServiceExt;
+    let (upstream, seen) = echo_upstream().await;
+    let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
+    let layer = || KeyFallbackLayer::new(KeySet::new(["gsk_gateway_client_key"]).unwrap());
+    let with_tokens = gateway::Settings {
+        clients: gateway::Clients::from_list("GATEWAY_CLIENT_TOKENS", "tok-one, tok-two").unwrap(),
+        ..settings()
+    };
+    let addr = serve_with(
+        gateway::app(base.clone(), layer(), &with_tokens),
+        &with_tokens,
+    )
+    .await;
+    for auth in [
+        None,
+        Some("Bearer tok-three"),
+        Some("Bearer gsk_gateway_client_key"),
+        Some("Basic tok-one"),
+        Some("Bearer "),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
+        let (status, head, body) = request(addr, "POST", "/openai/v1/models", &headers).await;
+        assert_eq!(status, 401, "{auth:?}: {body}");
+        assert!(body.contains("gateway_token_required"), "{body}");
+        assert!(head.contains_key("www-authenticate"), "{head:?}");
+    }
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        0,
+        "nothing refused was forwarded"
+    );
+    for token in ["tok-one", "tok-two"] {
+        let auth = format!("Bearer {token}");
+        let (status, _, echoed) = request(
+            addr,
+            "POST",
+            "/openai/v1/models",
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!(status, 200, "{echoed}");
+        // What the upstream received: the pool's key, not the client's token.
+        assert!(
+            !echoed.contains("tok-"),
+            "a client token went upstream: {echoed}"
+        );
+        assert!(
+            echoed.contains("authorization: Bearer gsk_gateway_client_key"),
+            "{echoed}"
+        );
+    }
+    assert_eq!(seen.lock().unwrap().len(), 2);
+
+    // No token set: a peer elsewhere is refused, a loopback one served.
+    let app = gateway::app(base, layer(), &settings());
+    let from = |peer: &str| {
+        let peer: SocketAddr = peer.parse().unwrap();
+        let mut req = Request::post("/openai/v1/models")
+            .header("host", "127.0.0.1")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let app = app.clone();
+        async move { timeout(WAIT, app.oneshot(req)).await.unwrap().unwrap() }
+    };
+    assert_eq!(from("192.0.2.7:40000").await.status(), 403);
+    assert_eq!(from("[2001:db8::7]:1").await.status(), 403);
+    assert_eq!(from("127.0.0.1:40000").await.status(), 200);
+
+    // Health needs no token.
+    let (status, _, body) = request(addr, "GET", "/healthz", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, r#"{"status":"ok"}"#);
+    let (status, _, body) = request(addr, "GET", "/readyz", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, r#"{"status":"ready","usable_keys":1}"#);
+}
+
+/// `/readyz` answers 503 once no key can serve, and 200 again after a reset.
+#[tokio::test]
+async fn readyz_follows_the_keys() {
+    let setup = start(&[("GROQ_API_KEY", "gsk_ready_dead", Behavior::InvalidKey)]).await;
+    let (status, _, body) = request(setup.gateway, "GET", "/readyz", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let res = setup.send("POST", CHAT, full(chat_body(false))).await;
+    assert_eq!(res.status(), 429);
+    let (status, _, body) = request(setup.gateway, "GET", "/readyz", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body, r#"{"status":"not_ready","usable_keys":0}"#);
+    let (status, _, _) = request(setup.gateway, "POST", "/keys/reset", &[]).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = request(setup.gateway, "GET", "/readyz", &[]).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// SIGTERM: the binary stops accepting connections, lets a stream under way finish, then
+/// exits with 0.
+#[tokio::test]
+async fn sigterm_lets_streams_in_flight_finish_then_exits() {
+    let provider = FakeProvider::builder()
+        .key("gsk_term_key", Behavior::Ok)
+        .stream_interval(Duration::from_millis(150))
+        .build();
+    let upstream = provider.serve_ephemeral().await.unwrap();
+    let mut command = Command::new(gateway_binary());
+    command
+        .args(["--listen", "127.0.0.1:0", "--keys-env", "GATEWAY_TERM_KEY"])
+        .env("UPSTREAM_URL", upstream.url(""))
+        .env("GATEWAY_TERM_KEY", "gsk_term_key");
+    clear_gateway_env(&mut command);
+    let mut running = launch(command);
+    let addr = running.addr;
+
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(format!("http://{addr}{CHAT}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(chat_body(true))))
+        .unwrap();
+    let res = timeout(WAIT, client.request(req)).await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    // The first event is in: the stream is under way.
+    let first = timeout(WAIT, body.frame()).await.unwrap().unwrap().unwrap();
+    let mut text = String::from_utf8_lossy(first.data_ref().unwrap()).into_owned();
+
+    let pid = running.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    // The stream goes on to its end.
+    while let Some(frame) = timeout(WAIT, body.frame()).await.unwrap() {
+        if let Ok(data) = frame.unwrap().into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(text.contains("data: [DONE]"), "{text}");
+    // Then the process exits by itself, with 0, and takes no new connection.
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = running.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        running.stderr.lock().unwrap()
+    );
+    assert!(TcpStream::connect(addr).await.is_err());
 }

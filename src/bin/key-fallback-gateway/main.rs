@@ -132,6 +132,8 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request body may take to arrive, whole, unless told otherwise: 8 MiB at about
 /// 300 KB/s.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The variable holding the client tokens (comma-separated) unless told otherwise.
+pub const DEFAULT_CLIENT_TOKENS_ENV: &str = "GATEWAY_CLIENT_TOKENS";
 /// The variable holding the admin token for the `/keys` endpoints unless told otherwise.
 pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "GATEWAY_ADMIN_TOKEN";
 /// How long connecting to the upstream may take before the attempt counts as a transport
@@ -208,6 +210,8 @@ pub struct Settings {
     pub allow_same_site: bool,
     /// Who may use the `/keys` endpoints.
     pub admin: Admin,
+    /// Who may use `/openai/v1/*`.
+    pub clients: Clients,
     /// Roots trusted for an `https://` upstream besides the bundled ones.
     pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
@@ -221,6 +225,7 @@ impl Default for Settings {
             allowed_hosts: AllowedHosts::loopback(),
             allow_same_site: false,
             admin: Admin::LoopbackOnly,
+            clients: Clients::LoopbackOnly,
             upstream_roots: Vec::new(),
         }
     }
@@ -447,6 +452,40 @@ impl PartialEq for AdminToken {
 
 impl Eq for AdminToken {}
 
+/// Who may use `/openai/v1/*`, and so spend the keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Clients {
+    /// No client token is set: only clients whose TCP peer address is loopback.
+    #[default]
+    LoopbackOnly,
+    /// Every client must send `Authorization: Bearer <token>` with one of these, the
+    /// gateway's own tokens (never a provider's key, which the gateway adds itself).
+    Tokens(Vec<AdminToken>),
+}
+
+impl Clients {
+    /// The tokens of a comma-separated list (`GATEWAY_CLIENT_TOKENS`); errors name `var`,
+    /// never a value.
+    pub fn from_list(var: &str, list: &str) -> Result<Clients, String> {
+        let tokens = list
+            .split(',')
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| AdminToken::new(t).map_err(|e| format!("{var}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if tokens.is_empty() {
+            return Err(format!(
+                "{var} is set but holds no token: give tokens or unset it"
+            ));
+        }
+        Ok(Clients::Tokens(tokens))
+    }
+
+    /// Whether `token` is one of the tokens (each compared in constant time, all of them).
+    fn accepts(tokens: &[AdminToken], token: &[u8]) -> bool {
+        tokens.iter().fold(false, |ok, t| t.matches(token) | ok)
+    }
+}
+
 /// What every request handler shares.
 #[derive(Clone)]
 struct Gateway {
@@ -492,6 +531,7 @@ pub fn app(upstream: Uri, layer: KeyFallbackLayer, settings: &Settings) -> Route
         hosts: settings.allowed_hosts.clone(),
         allow_same_site: settings.allow_same_site,
         admin: settings.admin.clone(),
+        clients: settings.clients.clone(),
     });
     Router::new()
         .route("/openai/v1/{*rest}", any(forward))
@@ -499,6 +539,8 @@ pub fn app(upstream: Uri, layer: KeyFallbackLayer, settings: &Settings) -> Route
         .route("/keys/reset", post(reset_all))
         .route("/keys/{label}/reset", post(reset_one))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(not_found)
         // After the routes and the fallback: every request goes through it first.
         .layer(axum::middleware::from_fn_with_state(guard, check_request))
@@ -579,6 +621,7 @@ struct Guard {
     hosts: AllowedHosts,
     allow_same_site: bool,
     admin: Admin,
+    clients: Clients,
 }
 
 /// Why a request is refused before anything else is done with it.
@@ -629,7 +672,8 @@ async fn check_request(State(guard): State<Arc<Guard>>, req: Request, next: Next
         .check_host(&req)
         .and_then(|()| guard.check_cross_site(req.headers()))
         .and_then(|()| check_path(req.uri().path()))
-        .and_then(|()| guard.check_admin(&req));
+        .and_then(|()| guard.check_admin(&req))
+        .and_then(|()| guard.check_client(&req));
     match checked {
         Ok(()) => next.run(req).await,
         Err(refusal) => {
@@ -816,6 +860,58 @@ impl Guard {
                     "admin_loopback_only",
                     "The admin endpoints (/keys, /metrics) answer clients on this machine only while no admin \
                      token is set: set GATEWAY_ADMIN_TOKEN where the gateway runs and send \
+                     Authorization: Bearer <token>.",
+                ))
+            }
+        }
+    }
+}
+
+impl Guard {
+    /// For `/openai/…`: one of the gateway's client tokens when some are set, a loopback peer
+    /// otherwise.
+    fn check_client(&self, req: &Request) -> Result<(), Refusal> {
+        if !req.uri().path().starts_with("/openai/") {
+            return Ok(());
+        }
+        match &self.clients {
+            Clients::Tokens(tokens) => {
+                let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+                let sent = match (values.next(), values.next()) {
+                    (Some(value), None) => value.as_bytes(),
+                    _ => &b""[..],
+                };
+                let token = match sent.iter().position(|b| *b == b' ') {
+                    Some(at) if sent[..at].eq_ignore_ascii_case(b"bearer") => {
+                        sent[at + 1..].trim_ascii()
+                    }
+                    _ => &b""[..],
+                };
+                if !token.is_empty() && Clients::accepts(tokens, token) {
+                    return Ok(());
+                }
+                Err(Refusal {
+                    www_authenticate: Some(r#"Bearer realm="gateway""#),
+                    ..Refusal::new(
+                        StatusCode::UNAUTHORIZED,
+                        "authentication_error",
+                        "gateway_token_required",
+                        "This gateway needs one of its client tokens: send Authorization: Bearer \
+                         <token> (your SDK's api_key). A provider's key is not one.",
+                    )
+                })
+            }
+            Clients::LoopbackOnly => {
+                let peer = req.extensions().get::<ConnectInfo<SocketAddr>>();
+                if peer.is_some_and(|ConnectInfo(peer)| peer.ip().to_canonical().is_loopback()) {
+                    return Ok(());
+                }
+                Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "clients_loopback_only",
+                    "This gateway serves clients on this machine only while no client token is \
+                     set: set GATEWAY_CLIENT_TOKENS where the gateway runs and send \
                      Authorization: Bearer <token>.",
                 ))
             }
@@ -1208,6 +1304,26 @@ async fn metrics(State(gw): State<Gateway>) -> Response {
     res
 }
 
+/// `GET /healthz`: the process answers.
+async fn healthz() -> Response {
+    json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
+}
+
+/// `GET /readyz`: at least one key can serve now (`200`), or none can (`503`).
+async fn readyz(State(gw): State<Gateway>) -> Response {
+    let usable = gw.handle.status().available();
+    let status = if usable > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = if usable > 0 { "ready" } else { "not_ready" };
+    json(
+        status,
+        format!(r#"{{"status":"{word}","usable_keys":{usable}}}"#).into_bytes(),
+    )
+}
+
 /// `GET /keys`.
 async fn keys(State(gw): State<Gateway>) -> Response {
     status(&gw.handle)
@@ -1275,6 +1391,10 @@ pub struct Config {
     pub redis_namespace: String,
     /// Roots trusted for an `https://` upstream besides the bundled ones (`UPSTREAM_CA_FILE`).
     pub upstream_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The variable the client tokens were looked for in.
+    pub client_tokens_env: String,
+    /// Who may use `/openai/v1/*`.
+    pub clients: Clients,
 }
 
 impl Config {
@@ -1287,6 +1407,7 @@ impl Config {
             allowed_hosts: self.allowed_hosts.clone(),
             allow_same_site: self.allow_same_site,
             admin: self.admin.clone(),
+            clients: self.clients.clone(),
             upstream_roots: self.upstream_roots.clone(),
         }
     }
@@ -1320,6 +1441,10 @@ POST /keys/reset resets them.
                           (GATEWAY_ALLOW_SAME_SITE=1)
   --admin-token-env NAME  the variable with the token for /keys (default GATEWAY_ADMIN_TOKEN);
                           without a token, /keys answers loopback clients only
+  --client-tokens-env NAME
+                          the variable with the clients' tokens, comma-separated (default
+                          GATEWAY_CLIENT_TOKENS); without one, /openai/v1/* answers loopback
+                          clients only
   --header-timeout TIME   how long a request head may take (GATEWAY_HEADER_TIMEOUT, default 10s)
   --body-timeout TIME     how long a request body may take (GATEWAY_BODY_TIMEOUT, default 30s)
   --fake                  forward to a fake Groq API on loopback with its own keys (no key needed)
@@ -1376,6 +1501,7 @@ impl Command {
             None => false,
         };
         let mut admin_token_env = None;
+        let mut client_tokens_env = None;
         let mut header_timeout = env("GATEWAY_HEADER_TIMEOUT")
             .map(|v| ("GATEWAY_HEADER_TIMEOUT", v))
             .filter(|(_, v)| !v.trim().is_empty());
@@ -1408,6 +1534,10 @@ impl Command {
                 "--allow-same-site" => allow_same_site = true,
                 "--admin-token-env" => {
                     admin_token_env = Some(value("a variable name such as GATEWAY_ADMIN_TOKEN")?)
+                }
+                "--client-tokens-env" => {
+                    client_tokens_env =
+                        Some(value("a variable name such as GATEWAY_CLIENT_TOKENS")?)
                 }
                 "--header-timeout" => {
                     header_timeout = Some(("--header-timeout", value("a time such as 10s")?))
@@ -1470,6 +1600,18 @@ impl Command {
             }
             None => Admin::LoopbackOnly,
         };
+        let named = client_tokens_env.is_some();
+        let client_tokens_env =
+            client_tokens_env.unwrap_or_else(|| DEFAULT_CLIENT_TOKENS_ENV.to_owned());
+        let clients = match env(&client_tokens_env) {
+            Some(list) => Clients::from_list(&client_tokens_env, &list)?,
+            None if named => {
+                return Err(format!(
+                    "--client-tokens-env {client_tokens_env}: {client_tokens_env} is not set"
+                ))
+            }
+            None => Clients::LoopbackOnly,
+        };
         let upstream = match (fake, upstream) {
             (true, _) => None,
             (false, Some(url)) => Some(parse_upstream(&url)?),
@@ -1493,6 +1635,8 @@ impl Command {
                 Some(path) => read_roots(path.trim())?,
                 None => Vec::new(),
             },
+            client_tokens_env,
+            clients,
         })))
     }
 }
@@ -1644,12 +1788,52 @@ async fn run(config: Config) -> Result<(), BoxError> {
         ),
     };
     let _ = writeln!(out, "gateway: admin endpoints /keys: {admin}");
+    // Who may spend the keys; the tokens themselves are never printed.
+    let clients = match &settings.clients {
+        Clients::Tokens(tokens) => format!(
+            "need Authorization: Bearer with one of the {} tokens in {}",
+            tokens.len(),
+            config.client_tokens_env
+        ),
+        Clients::LoopbackOnly => format!(
+            "loopback clients only ({} is not set)",
+            config.client_tokens_env
+        ),
+    };
+    let _ = writeln!(out, "gateway: clients of /openai/v1/*: {clients}");
     let _ = writeln!(
         out,
         "gateway: listening on http://{addr} (keys: GET /keys, POST /keys/reset)"
     );
-    // Ctrl-C ends the process, as `axum::serve` without a shutdown signal did; give `serve`
-    // `tokio::signal::ctrl_c()` (tokio's feature `signal`) to let answers under way finish.
-    serve(listener, app, &settings, std::future::pending()).await?;
+    serve(listener, app, &settings, stop_signal()).await?;
+    let _ = writeln!(std::io::stdout(), "gateway: stopped");
     Ok(())
+}
+
+/// SIGTERM or Ctrl-C: from then on no connection is accepted, and answers under way (streams
+/// included) get up to 30 seconds to finish ([`serve`]).
+async fn stop_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    let _ = writeln!(
+        std::io::stdout(),
+        "gateway: stopping: no new connections; answers under way get up to {} s",
+        SHUTDOWN_GRACE.as_secs()
+    );
 }
