@@ -649,6 +649,7 @@ fn clear_gateway_env(command: &mut Command) {
         "GATEWAY_ALLOW_SAME_SITE",
         "GATEWAY_ADMIN_TOKEN",
         "GATEWAY_CLIENT_TOKENS",
+        "GATEWAY_LOG_FORMAT",
         "GATEWAY_HEADER_TIMEOUT",
         "GATEWAY_BODY_TIMEOUT",
         "REDIS_URL",
@@ -2346,4 +2347,79 @@ async fn sigterm_lets_streams_in_flight_finish_then_exits() {
         running.stderr.lock().unwrap()
     );
     assert!(TcpStream::connect(addr).await.is_err());
+}
+
+/// Every forwarded request has an id: the client's `x-request-id` (kept when it is sane) or
+/// one made here; it goes upstream, comes back when the upstream sent none, and is in the log
+/// line, which `GATEWAY_LOG_FORMAT=json` writes as one JSON object.
+#[tokio::test]
+async fn request_ids_go_upstream_and_into_json_logs() {
+    let (upstream, _) = echo_upstream().await;
+    let base = gateway::parse_upstream(&format!("http://{upstream}")).unwrap();
+    let layer = KeyFallbackLayer::new(KeySet::new(["gsk_gateway_id_key"]).unwrap());
+    let addr = serve(gateway::app(base, layer, &settings())).await;
+    let (status, head, echoed) = request(
+        addr,
+        "POST",
+        "/openai/v1/models",
+        &[("x-request-id", "client-id-42")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(echoed.contains("x-request-id: client-id-42\n"), "{echoed}");
+    assert_eq!(head["x-request-id"], "client-id-42");
+    let too_long = "x".repeat(129);
+    for sent in [None, Some("bad id"), Some(too_long.as_str())] {
+        let headers: Vec<(&str, &str)> = sent.iter().map(|v| ("x-request-id", *v)).collect();
+        let (_, head, echoed) = request(addr, "POST", "/openai/v1/models", &headers).await;
+        let made = head["x-request-id"].to_str().unwrap().to_owned();
+        assert!(made.starts_with("gw-") && made.len() == 27, "{made}");
+        assert!(
+            echoed.contains(&format!("x-request-id: {made}\n")),
+            "{echoed}"
+        );
+    }
+    let (_, a, _) = request(addr, "POST", "/openai/v1/models", &[]).await;
+    let (_, b, _) = request(addr, "POST", "/openai/v1/models", &[]).await;
+    assert_ne!(a["x-request-id"], b["x-request-id"]);
+
+    // The binary's JSON logs.
+    let provider = FakeProvider::builder()
+        .key("gsk_log_key", Behavior::Ok)
+        .build();
+    let fake = provider.serve_ephemeral().await.unwrap();
+    let mut command = Command::new(gateway_binary());
+    command
+        .args(["--listen", "127.0.0.1:0", "--keys-env", "GATEWAY_LOG_KEY"])
+        .env("UPSTREAM_URL", fake.url(""))
+        .env("GATEWAY_LOG_KEY", "gsk_log_key");
+    clear_gateway_env(&mut command);
+    command.env("GATEWAY_LOG_FORMAT", "json");
+    let running = launch(command);
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::post(format!("http://{}{CHAT}", running.addr))
+        .header("content-type", "application/json")
+        .header("x-request-id", "trace-me-7")
+        .body(Full::new(Bytes::from(chat_body(false))))
+        .unwrap();
+    let res = timeout(WAIT, client.request(req)).await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    let deadline = Instant::now() + WAIT;
+    let line = loop {
+        let logs = running.stderr.lock().unwrap().clone();
+        if let Some(line) = logs.lines().find(|l| l.contains("trace-me-7")) {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with the id:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let entry: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["fields"]["request_id"], "trace-me-7", "{line}");
+    assert_eq!(entry["fields"]["status"], 200, "{line}");
+    assert_eq!(entry["fields"]["message"], "forwarded", "{line}");
+    assert!(!line.contains("gsk_log_key"), "{line}");
 }

@@ -1090,14 +1090,61 @@ fn request_headers_set_here() -> [HeaderName; 3] {
     ]
 }
 
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's id: the client's `x-request-id` when it sent one that is 1 to 128 visible
+/// ASCII characters, else one made here (`gw-` and 24 hex digits, unique in the process).
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(sent) = headers.get(&X_REQUEST_ID) {
+        let bytes = sent.as_bytes();
+        if (1..=128).contains(&bytes.len()) && bytes.iter().all(|b| b.is_ascii_graphic()) {
+            return sent.clone();
+        }
+    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos ^ (u64::from(std::process::id()) << 40)
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("gw-{start:016x}{:08x}", n as u32);
+    HeaderValue::from_str(&id).expect("hex digits are a header value")
+}
+
 /// `POST|GET|… /openai/v1/*`: buffers the body, forwards it through the layer and streams the
 /// answer back.
 async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
-    // The path is logged, the query not: it may hold anything.
-    let path = parts.uri.path().to_owned();
+    let (mut parts, body) = req.into_parts();
+    // Kept or made, sent upstream, given back, and in the log line.
+    let id = request_id(&parts.headers);
+    parts.headers.insert(X_REQUEST_ID, id.clone());
+    let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+    let mut response = forward_parts(&gw, parts, body).await;
+    let upstream_id = response.headers().get(&X_REQUEST_ID).cloned();
+    if upstream_id.is_none() {
+        response.headers_mut().insert(X_REQUEST_ID, id.clone());
+    }
+    // Logged when the head is back; a stream may go on for a while after. The path is
+    // logged, the query not: it may hold anything.
+    tracing::info!(
+        request_id = id.to_str().unwrap_or("?"),
+        upstream_request_id = upstream_id.as_ref().and_then(|v| v.to_str().ok()),
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        head_ms = started.elapsed().as_millis() as u64,
+        "forwarded"
+    );
+    response
+}
 
+/// The forwarding itself: the body read (bounded in size and time), the upstream request
+/// made, sent through the layer, and its answer as the client gets it.
+async fn forward_parts(gw: &Gateway, parts: http::request::Parts, body: Body) -> Response {
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -1158,14 +1205,6 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
             Err(err) => bad_gateway(&*err),
         },
     };
-    // Logged when the head is back; a stream may go on for a while after.
-    tracing::info!(
-        method = %parts.method,
-        path = %path,
-        status = response.status().as_u16(),
-        head_ms = started.elapsed().as_millis() as u64,
-        "forwarded"
-    );
     response
 }
 
@@ -1395,6 +1434,28 @@ pub struct Config {
     pub client_tokens_env: String,
     /// Who may use `/openai/v1/*`.
     pub clients: Clients,
+    /// How the logs on stderr are written.
+    pub log_format: LogFormat,
+}
+
+/// How the logs on stderr are written (`--log-format`, `GATEWAY_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Lines for people.
+    #[default]
+    Text,
+    /// One JSON object per line, for a log pipeline.
+    Json,
+}
+
+impl LogFormat {
+    fn parse(source: &str, value: &str) -> Result<LogFormat, String> {
+        match value.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{source}: expected text or json")),
+        }
+    }
 }
 
 impl Config {
@@ -1441,6 +1502,8 @@ POST /keys/reset resets them.
                           (GATEWAY_ALLOW_SAME_SITE=1)
   --admin-token-env NAME  the variable with the token for /keys (default GATEWAY_ADMIN_TOKEN);
                           without a token, /keys answers loopback clients only
+  --log-format FORMAT     text (the default) or json: one JSON object per line
+                          (GATEWAY_LOG_FORMAT)
   --client-tokens-env NAME
                           the variable with the clients' tokens, comma-separated (default
                           GATEWAY_CLIENT_TOKENS); without one, /openai/v1/* answers loopback
@@ -1502,6 +1565,10 @@ impl Command {
         };
         let mut admin_token_env = None;
         let mut client_tokens_env = None;
+        let mut log_format = match env("GATEWAY_LOG_FORMAT") {
+            Some(v) => LogFormat::parse("GATEWAY_LOG_FORMAT", &v)?,
+            None => LogFormat::Text,
+        };
         let mut header_timeout = env("GATEWAY_HEADER_TIMEOUT")
             .map(|v| ("GATEWAY_HEADER_TIMEOUT", v))
             .filter(|(_, v)| !v.trim().is_empty());
@@ -1534,6 +1601,9 @@ impl Command {
                 "--allow-same-site" => allow_same_site = true,
                 "--admin-token-env" => {
                     admin_token_env = Some(value("a variable name such as GATEWAY_ADMIN_TOKEN")?)
+                }
+                "--log-format" => {
+                    log_format = LogFormat::parse("--log-format", &value("text or json")?)?
                 }
                 "--client-tokens-env" => {
                     client_tokens_env =
@@ -1637,6 +1707,7 @@ impl Command {
             },
             client_tokens_env,
             clients,
+            log_format,
         })))
     }
 }
@@ -1655,10 +1726,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::INFO)
-        .init();
+        .with_max_level(tracing::Level::INFO);
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
