@@ -564,6 +564,9 @@ fn upstream_urls_and_the_command_line() {
         "{ftp}"
     );
     assert!(gateway::parse_upstream("api.groq.com").is_err());
+    let port = gateway::parse_upstream("http://127.0.0.1:9000openai/v1").unwrap_err();
+    assert!(port.contains("port"), "{port}");
+    assert!(gateway::parse_upstream("http://[::1]:9000/v1").is_ok());
     assert!(gateway::parse_upstream("http://h/?a=1").is_err());
 
     let parse = |args: &[&str], env: &[(&str, &str)]| {
@@ -650,6 +653,7 @@ fn clear_gateway_env(command: &mut Command) {
         "GATEWAY_ADMIN_TOKEN",
         "GATEWAY_CLIENT_TOKENS",
         "GATEWAY_LOG_FORMAT",
+        "GATEWAY_CONFIG",
         "GATEWAY_HEADER_TIMEOUT",
         "GATEWAY_BODY_TIMEOUT",
         "REDIS_URL",
@@ -2422,4 +2426,222 @@ async fn request_ids_go_upstream_and_into_json_logs() {
     assert_eq!(entry["fields"]["status"], 200, "{line}");
     assert_eq!(entry["fields"]["message"], "forwarded", "{line}");
     assert!(!line.contains("gsk_log_key"), "{line}");
+}
+
+/// The configuration file: routes with their presets and options, and every mistake named
+/// with the file, the line and the problem, never a value of the file.
+#[test]
+fn the_config_file_names_file_line_and_problem() {
+    let ok = gateway::parse_config(
+        "gw.toml",
+        r#"listen = "127.0.0.1:9090"
+
+[routes.groq]
+provider = "groq"
+
+[routes.azure]
+provider = "azure_openai"
+path = "/v1/azure"
+keys_env = "AZURE_KEY"
+upstream = "https://r.openai.azure.com/openai/"
+max_attempts = 2
+round_robin = true
+wait_for_key = "5s"
+groups = [["AZURE_KEY", "AZURE_KEY_2"]]
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        ok.listen,
+        Some(("gw.toml:1".to_owned(), "127.0.0.1:9090".to_owned()))
+    );
+    let names: Vec<_> = ok.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["azure", "groq"]);
+    let (azure, groq) = (&ok.routes[0], &ok.routes[1]);
+    assert_eq!(groq.path, "/groq");
+    assert_eq!(groq.keys_env, "GROQ_API_KEY");
+    assert_eq!(groq.upstream, "https://api.groq.com/openai/v1");
+    assert_eq!(azure.path, "/v1/azure");
+    assert_eq!(azure.upstream, "https://r.openai.azure.com/openai");
+    assert_eq!(azure.max_attempts, Some(2));
+    assert!(azure.round_robin);
+    assert_eq!(azure.wait_for_key, Some(Duration::from_secs(5)));
+    assert_eq!(azure.groups, [["AZURE_KEY", "AZURE_KEY_2"]]);
+    assert_eq!(azure.at, "gw.toml:6");
+
+    let secret = "gsk_SECRET_in_the_wrong_place";
+    let cases: [(String, &str, &str); 10] = [
+        (
+            "[routes.groq]\nprovider = \"groq\"\nmax_atempts = 2\n".to_owned(),
+            "gw.toml:3:",
+            "unknown field `max_atempts`",
+        ),
+        (
+            format!("[routes.groq]\nprovider = \"groq\"\nmax_attempts = \"{secret}\"\n"),
+            "gw.toml:3:",
+            "invalid type",
+        ),
+        (
+            format!("[routes.groq]\n\nprovider = \"{secret}\"\n"),
+            "gw.toml:3:",
+            "unknown provider",
+        ),
+        (
+            "[routes.a]\nprovider = \"groq\"\n[routes.b]\nprovider = \"groq\"\npath = \"/a\"\n"
+                .to_owned(),
+            "gw.toml:3:",
+            "serves /a, which route a (gw.toml:1) serves too",
+        ),
+        (
+            "[routes.az]\nprovider = \"azure_openai\"\n".to_owned(),
+            "gw.toml:1:",
+            "has no fixed address",
+        ),
+        (
+            format!("[routes.groq]\nprovider = \"groq\"\nwait_for_key = \"{secret}\"\n"),
+            "gw.toml:3:",
+            "wait_for_key is a time",
+        ),
+        (
+            format!("[routes.groq]\nprovider = \"groq\"\npath = \"/../{secret}\"\n"),
+            "gw.toml:3:",
+            "path is `/` and segments",
+        ),
+        (
+            "[routes.k]\nprovider = \"groq\"\npath = \"/keys\"\n".to_owned(),
+            "gw.toml:1:",
+            "is the gateway's own",
+        ),
+        (
+            "listen = \"x\"\nroutez = 1\n".to_owned(),
+            "gw.toml:2:",
+            "unknown field `routez`",
+        ),
+        (
+            "listen = \"127.0.0.1:1\"\n".to_owned(),
+            "gw.toml:",
+            "no route",
+        ),
+    ];
+    for (text, at, problem) in cases {
+        let err = gateway::parse_config("gw.toml", &text).unwrap_err();
+        assert!(err.starts_with(at), "{err} (for {text:?})");
+        assert!(err.contains(problem), "{err} (for {text:?})");
+        assert!(!err.contains("SECRET"), "a value of the file in: {err}");
+    }
+}
+
+/// The binary with a configuration file: two routes, each to its own upstream with its own
+/// keys; `/keys`, `/readyz` and `/metrics` cover both; a missing key variable stops it at start
+/// with the file and line.
+#[tokio::test]
+async fn the_binary_serves_the_routes_of_its_config_file() {
+    let first = FakeProvider::builder()
+        .key("gsk_route_a", Behavior::Ok)
+        .build();
+    let second = FakeProvider::builder()
+        .key("gsk_route_b_dead", Behavior::InvalidKey)
+        .key("gsk_route_b", Behavior::Ok)
+        .build();
+    let (up_a, up_b) = (
+        first.serve_ephemeral().await.unwrap(),
+        second.serve_ephemeral().await.unwrap(),
+    );
+    let dir = std::env::temp_dir().join(format!("tkf-gw-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"listen = "127.0.0.1:0"
+
+[routes.fast]
+provider = "groq"
+keys_env = "ROUTE_A_KEY"
+upstream = "{}"
+
+[routes.other]
+provider = "openai_compatible"
+path = "/v1/other"
+keys_env = "ROUTE_B_KEY"
+upstream = "{}"
+"#,
+            up_a.url("/openai/v1"),
+            up_b.url("/openai/v1")
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(gateway_binary());
+    command
+        .args(["--config", file.to_str().unwrap()])
+        .env("ROUTE_A_KEY", "gsk_route_a")
+        .env("ROUTE_B_KEY", "gsk_route_b_dead")
+        .env("ROUTE_B_KEY_2", "gsk_route_b");
+    clear_gateway_env(&mut command);
+    let running = launch(command);
+    assert!(
+        running.banner.contains("route fast (groq): /fast/*"),
+        "{}",
+        running.banner
+    );
+    assert!(running
+        .banner
+        .contains("route other (openai_compatible): /v1/other/*"));
+
+    for (path, provider, key) in [
+        ("/fast/chat/completions", &first, "gsk_route_a"),
+        ("/v1/other/chat/completions", &second, "gsk_route_b"),
+    ] {
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let req = Request::post(format!("http://{}{path}", running.addr))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(chat_body(false))))
+            .unwrap();
+        let res = timeout(WAIT, client.request(req)).await.unwrap().unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        assert!(provider.stats().key(key).served >= 1, "{path}");
+    }
+    assert_eq!(second.stats().key("gsk_route_b_dead").unauthorized, 1);
+    assert_eq!(first.stats().key("gsk_route_b").requests, 0);
+
+    let keys = get_keys(running.addr).await;
+    assert_eq!(
+        keys["routes"]["fast"]["keys"][0]["label"], "ROUTE_A_KEY",
+        "{keys}"
+    );
+    assert_eq!(
+        keys["routes"]["other"]["keys"][0]["state"], "disabled",
+        "{keys}"
+    );
+    let (status, _, body) = request(running.addr, "GET", "/readyz", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        r#"{"status":"ready","usable_keys":{"fast":1,"other":1}}"#
+    );
+    let (status, _, text) = request(running.addr, "GET", "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains(r#"pool="fast""#) && text.contains(r#"pool="other""#),
+        "{text}"
+    );
+    drop(running);
+
+    // A route whose keys are not set: the file, the line of the route, the variable.
+    let mut command = Command::new(gateway_binary());
+    command
+        .args(["--config", file.to_str().unwrap()])
+        .env("ROUTE_A_KEY", "gsk_route_a");
+    clear_gateway_env(&mut command);
+    command
+        .env_remove("ROUTE_B_KEY")
+        .env_remove("ROUTE_B_KEY_2");
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("gateway.toml:8: route other:"), "{stderr}");
+    assert!(stderr.contains("ROUTE_B_KEY"), "{stderr}");
+    assert!(!stderr.contains("gsk_"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,6 +22,7 @@
 //! Options (or the environment variable in brackets):
 //!
 //! ```text
+//! --config FILE            routes from a TOML file (GATEWAY_CONFIG), see below
 //! --upstream URL           where to forward (UPSTREAM_URL, default https://api.groq.com),
 //!                          e.g. http://127.0.0.1:9000
 //! UPSTREAM_CA_FILE         PEM roots to trust for an https upstream besides the bundled ones
@@ -50,6 +51,35 @@
 //!
 //! A `TIME` is a whole number with `ms`, `s` or `m` after it (`250ms`, `10s`, `2m`); a bare
 //! number is seconds.
+//!
+//! # Routes from a file
+//!
+//! `--config gateway.toml` serves several APIs, each under its own path with its own keys:
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"          # optional; --listen and GATEWAY_LISTEN win
+//!
+//! [routes.groq]                      # /groq/chat/completions → https://api.groq.com/openai/v1/chat/completions
+//! provider = "groq"                  # a preset: groq, openai, azure_openai, anthropic, gemini,
+//!                                    # gemini_query_key, openrouter, mistral, together,
+//!                                    # fireworks, deepseek, openai_compatible
+//!
+//! [routes.anthropic]
+//! provider = "anthropic"             # keys from ANTHROPIC_API_KEY, ANTHROPIC_API_KEY_2, …
+//! max_attempts = 2
+//! wait_for_key = "5s"
+//!
+//! [routes.azure]
+//! provider = "azure_openai"
+//! path = "/azure"                    # default: /<route name>
+//! keys_env = "AZURE_KEY"             # default: the preset's variables
+//! upstream = "https://my-resource.openai.azure.com/openai"   # default: the preset's URL
+//! round_robin = true
+//! groups = [["AZURE_KEY", "AZURE_KEY_2"]]   # keys that share one limit
+//! ```
+//!
+//! A mistake in the file stops the gateway at start with the file, the line and the problem;
+//! the values the file holds are never shown.
 //!
 //! # Safe to expose
 //!
@@ -116,6 +146,10 @@ use tower_key_fallback::{
 // `GET /metrics`: a `metrics` recorder that writes Prometheus text.
 #[path = "prometheus.rs"]
 mod prometheus;
+// `--config FILE`: the routes.
+#[path = "config.rs"]
+mod config;
+pub use config::{parse as parse_config, FileConfig};
 
 /// The listen address unless told otherwise: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -486,14 +520,42 @@ impl Clients {
     }
 }
 
-/// What every request handler shares.
+/// One route as it is served: what `forward` needs.
 #[derive(Clone)]
-struct Gateway {
+struct Served {
     service: KeyFallback<HttpClient>,
-    handle: KeyHandle,
     upstream: Uri,
     body_cap: usize,
     body_timeout: Duration,
+}
+
+/// One route's pool, for the admin and health endpoints.
+#[derive(Clone)]
+struct RoutePool {
+    /// `None` for the one route of the command line.
+    name: Option<String>,
+    handle: KeyHandle,
+    metrics: tower_key_fallback::MetricsEvents,
+}
+
+/// What the admin and health handlers share: every route's pool.
+#[derive(Clone)]
+struct Gateway {
+    routes: Arc<[RoutePool]>,
+}
+
+/// A route to serve: requests under `prefix` go to `upstream` through `layer`.
+pub struct Route {
+    /// Its name (`groq`): in `/keys`, `/readyz` and the metrics' `pool` label; `None` for the
+    /// one route of the command line.
+    pub name: Option<String>,
+    /// The path prefix (`/groq`; `/openai/v1` for the command line's route): `<prefix>/<rest>`
+    /// goes to `<upstream>/<rest>`.
+    pub prefix: String,
+    /// Where its requests go (`https://api.groq.com/openai/v1`).
+    pub upstream: Uri,
+    /// Its key pool.
+    pub layer: KeyFallbackLayer,
 }
 
 /// The gateway's routes, forwarding to `upstream` (`http://host:port`, optionally with a path
@@ -514,18 +576,57 @@ struct Gateway {
 /// If `upstream` is not an `http://` or `https://` URL with a host ([`parse_upstream`]
 /// checks one).
 pub fn app(upstream: Uri, layer: KeyFallbackLayer, settings: &Settings) -> Router {
-    assert!(
-        (upstream.scheme() == Some(&Scheme::HTTP) || upstream.scheme() == Some(&Scheme::HTTPS))
-            && upstream.authority().is_some(),
-        "the upstream must be an http:// or https:// URL with a host, not {upstream}"
-    );
-    let handle = layer.handle();
-    let gateway = Gateway {
-        service: tower::Layer::layer(&layer, http_client(&settings.upstream_roots)),
-        handle,
+    let upstream = with_path(&upstream, "/openai/v1");
+    let route = Route {
+        name: None,
+        prefix: "/openai/v1".to_owned(),
         upstream,
-        body_cap: settings.max_body,
-        body_timeout: settings.body_timeout,
+        layer,
+    };
+    app_routes(vec![route], settings)
+}
+
+/// `uri` with `more` after its path.
+fn with_path(uri: &Uri, more: &str) -> Uri {
+    upstream_uri(uri, more).expect("a valid URL with a valid path after it")
+}
+
+/// The gateway's routes (from a configuration file), as [`app`] makes its one.
+///
+/// # Panics
+///
+/// If an upstream is not an `http://` or `https://` URL with a host.
+pub fn app_routes(routes: Vec<Route>, settings: &Settings) -> Router {
+    let client = http_client(&settings.upstream_roots);
+    let mut router = Router::new();
+    let mut pools = Vec::new();
+    for route in routes {
+        let upstream = route.upstream;
+        assert!(
+            (upstream.scheme() == Some(&Scheme::HTTP) || upstream.scheme() == Some(&Scheme::HTTPS))
+                && upstream.authority().is_some(),
+            "the upstream must be an http:// or https:// URL with a host, not {upstream}"
+        );
+        let served = Served {
+            service: tower::Layer::layer(&route.layer, client.clone()),
+            upstream,
+            body_cap: settings.max_body,
+            body_timeout: settings.body_timeout,
+        };
+        router = router.nest(
+            &route.prefix,
+            Router::new()
+                .route("/{*rest}", any(forward))
+                .with_state(served),
+        );
+        pools.push(RoutePool {
+            metrics: metrics_events(route.name.as_deref()),
+            name: route.name,
+            handle: route.layer.handle(),
+        });
+    }
+    let gateway = Gateway {
+        routes: pools.into(),
     };
     let guard = Arc::new(Guard {
         hosts: settings.allowed_hosts.clone(),
@@ -533,8 +634,7 @@ pub fn app(upstream: Uri, layer: KeyFallbackLayer, settings: &Settings) -> Route
         admin: settings.admin.clone(),
         clients: settings.clients.clone(),
     });
-    Router::new()
-        .route("/openai/v1/{*rest}", any(forward))
+    router
         .route("/keys", get(keys))
         .route("/keys/reset", post(reset_all))
         .route("/keys/{label}/reset", post(reset_one))
@@ -1020,8 +1120,18 @@ pub fn parse_upstream(url: &str) -> Result<Uri, String> {
             ))
         }
     }
-    if uri.authority().is_none() {
+    let Some(authority) = uri.authority() else {
         return Err(format!("UPSTREAM_URL {url:?} has no host"));
+    };
+    // `http::Uri` reads the port only when asked: `h:80x` must not pass for a host and port.
+    let after_host = authority
+        .as_str()
+        .rsplit_once(']')
+        .map_or(authority.as_str(), |(_, p)| p);
+    if after_host.contains(':') && authority.port_u16().is_none() {
+        return Err(format!(
+            "UPSTREAM_URL {url:?} has a port that is not a number"
+        ));
     }
     if uri.query().is_some() {
         return Err(format!("UPSTREAM_URL {url:?} must not have a query string"));
@@ -1116,13 +1226,18 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 
 /// `POST|GET|… /openai/v1/*`: buffers the body, forwards it through the layer and streams the
 /// answer back.
-async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
+async fn forward(State(gw): State<Served>, req: Request) -> Response {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     // Kept or made, sent upstream, given back, and in the log line.
     let id = request_id(&parts.headers);
     parts.headers.insert(X_REQUEST_ID, id.clone());
-    let (method, path) = (parts.method.clone(), parts.uri.path().to_owned());
+    // The path as the client sent it (the route's prefix included).
+    let path = match parts.extensions.get::<axum::extract::OriginalUri>() {
+        Some(original) => original.path().to_owned(),
+        None => parts.uri.path().to_owned(),
+    };
+    let method = parts.method.clone();
     let mut response = forward_parts(&gw, parts, body).await;
     let upstream_id = response.headers().get(&X_REQUEST_ID).cloned();
     if upstream_id.is_none() {
@@ -1144,7 +1259,7 @@ async fn forward(State(gw): State<Gateway>, req: Request) -> Response {
 
 /// The forwarding itself: the body read (bounded in size and time), the upstream request
 /// made, sent through the layer, and its answer as the client gets it.
-async fn forward_parts(gw: &Gateway, parts: http::request::Parts, body: Body) -> Response {
+async fn forward_parts(gw: &Served, parts: http::request::Parts, body: Body) -> Response {
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -1307,34 +1422,57 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response {
     res
 }
 
-fn status(handle: &KeyHandle) -> Response {
-    let status: PoolStatus = handle.status();
+/// Every route's status: the pool's status itself for the one route of the command line,
+/// `{"routes":{"groq":…,"openai":…}}` for the routes of a configuration file.
+fn status(gw: &Gateway) -> Response {
     // `Serialize` comes with the crate's feature `serde`.
-    json(
-        StatusCode::OK,
-        serde_json::to_vec(&status).expect("a status serializes"),
-    )
+    let body = match &*gw.routes {
+        [one] if one.name.is_none() => {
+            let status: PoolStatus = one.handle.status();
+            serde_json::to_vec(&status)
+        }
+        routes => {
+            let by_name: serde_json::Map<String, serde_json::Value> = routes
+                .iter()
+                .map(|r| {
+                    let status = serde_json::to_value(r.handle.status()).expect("serializes");
+                    (r.name.clone().unwrap_or_default(), status)
+                })
+                .collect();
+            serde_json::to_vec(&serde_json::json!({ "routes": by_name }))
+        }
+    };
+    json(StatusCode::OK, body.expect("a status serializes"))
 }
 
-/// The observer whose metrics `GET /metrics` serves (crate feature `metrics`), one for the
-/// process: give it to the layer's builder, beside `TracingEvents`. The first call installs
-/// the gateway's recorder as the process' `metrics` recorder.
-pub fn metrics_events() -> tower_key_fallback::MetricsEvents {
-    static EVENTS: std::sync::OnceLock<tower_key_fallback::MetricsEvents> =
-        std::sync::OnceLock::new();
-    EVENTS
-        .get_or_init(|| {
-            if !prometheus::install() {
-                tracing::warn!("another metrics recorder is installed; GET /metrics shows none");
-            }
-            tower_key_fallback::MetricsEvents::new()
+/// The observer whose metrics `GET /metrics` serves, one per route for the process (`pool`
+/// labels the route's, none the command line's): give it to the route's layer, beside
+/// `TracingEvents`. The first call installs the gateway's recorder as the process' `metrics`
+/// recorder.
+pub fn metrics_events(pool: Option<&str>) -> tower_key_fallback::MetricsEvents {
+    type Observers = std::collections::HashMap<Option<String>, tower_key_fallback::MetricsEvents>;
+    static EVENTS: std::sync::OnceLock<std::sync::Mutex<Observers>> = std::sync::OnceLock::new();
+    let observers = EVENTS.get_or_init(|| {
+        if !prometheus::install() {
+            tracing::warn!("another metrics recorder is installed; GET /metrics shows none");
+        }
+        std::sync::Mutex::default()
+    });
+    let mut observers = observers.lock().unwrap_or_else(|e| e.into_inner());
+    observers
+        .entry(pool.map(str::to_owned))
+        .or_insert_with(|| match pool {
+            Some(name) => tower_key_fallback::MetricsEvents::new().pool(name),
+            None => tower_key_fallback::MetricsEvents::new(),
         })
         .clone()
 }
 
 /// `GET /metrics`: every metric in Prometheus' text format, each key's state as it is now.
 async fn metrics(State(gw): State<Gateway>) -> Response {
-    metrics_events().record_status(&gw.handle.status());
+    for route in gw.routes.iter() {
+        route.metrics.record_status(&route.handle.status());
+    }
     let mut res = Response::new(Body::from(prometheus::render()));
     res.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -1348,43 +1486,67 @@ async fn healthz() -> Response {
     json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
 }
 
-/// `GET /readyz`: at least one key can serve now (`200`), or none can (`503`).
+/// `GET /readyz`: at least one key of every route can serve now (`200`), or some route has
+/// none (`503`).
 async fn readyz(State(gw): State<Gateway>) -> Response {
-    let usable = gw.handle.status().available();
-    let status = if usable > 0 {
+    let usable: Vec<(Option<&str>, usize)> = gw
+        .routes
+        .iter()
+        .map(|r| (r.name.as_deref(), r.handle.status().available()))
+        .collect();
+    let ready = usable.iter().all(|(_, n)| *n > 0);
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let word = if usable > 0 { "ready" } else { "not_ready" };
-    json(
-        status,
-        format!(r#"{{"status":"{word}","usable_keys":{usable}}}"#).into_bytes(),
-    )
+    let word = if ready { "ready" } else { "not_ready" };
+    let body = match usable.as_slice() {
+        [(None, n)] => format!(r#"{{"status":"{word}","usable_keys":{n}}}"#),
+        routes => {
+            let each: Vec<String> = routes
+                .iter()
+                .map(|(name, n)| format!(r#""{}":{n}"#, name.unwrap_or("")))
+                .collect();
+            format!(
+                r#"{{"status":"{word}","usable_keys":{{{}}}}}"#,
+                each.join(",")
+            )
+        }
+    };
+    json(status, body.into_bytes())
 }
 
 /// `GET /keys`.
 async fn keys(State(gw): State<Gateway>) -> Response {
-    status(&gw.handle)
+    status(&gw)
 }
 
-/// `POST /keys/reset`.
+/// `POST /keys/reset`: every key of every route.
 async fn reset_all(State(gw): State<Gateway>) -> Response {
-    gw.handle.reset_all();
-    status(&gw.handle)
+    for route in gw.routes.iter() {
+        route.handle.reset_all();
+    }
+    status(&gw)
 }
 
-/// `POST /keys/{label}/reset`.
+/// `POST /keys/{label}/reset`: the key of that label, whichever route has it.
 async fn reset_one(State(gw): State<Gateway>, Path(label): Path<String>) -> Response {
-    match gw.handle.reset(&label) {
-        Ok(()) => status(&gw.handle),
+    // Every route that has the label (each one tried, not only up to the first).
+    let mut reset = false;
+    for route in gw.routes.iter() {
+        reset |= route.handle.reset(&label).is_ok();
+    }
+    if reset {
+        status(&gw)
+    } else {
         // What was asked is not echoed: it might be a key pasted by mistake.
-        Err(_) => error(
+        error(
             StatusCode::NOT_FOUND,
             "No key has this label; GET /keys lists them.",
             "invalid_request_error",
             "unknown_key",
-        ),
+        )
     }
 }
 
@@ -1436,6 +1598,9 @@ pub struct Config {
     pub clients: Clients,
     /// How the logs on stderr are written.
     pub log_format: LogFormat,
+    /// The routes of the configuration file (`--config`), instead of the one route of
+    /// `UPSTREAM_URL` and `--keys-env`.
+    pub file: Option<FileConfig>,
 }
 
 /// How the logs on stderr are written (`--log-format`, `GATEWAY_LOG_FORMAT`).
@@ -1502,6 +1667,10 @@ POST /keys/reset resets them.
                           (GATEWAY_ALLOW_SAME_SITE=1)
   --admin-token-env NAME  the variable with the token for /keys (default GATEWAY_ADMIN_TOKEN);
                           without a token, /keys answers loopback clients only
+  --config FILE           the routes from a TOML file (GATEWAY_CONFIG) instead of --upstream
+                          and --keys-env: [routes.groq] provider = \"groq\", and per route
+                          path, keys_env, upstream, max_attempts, round_robin,
+                          wait_for_key, groups
   --log-format FORMAT     text (the default) or json: one JSON object per line
                           (GATEWAY_LOG_FORMAT)
   --client-tokens-env NAME
@@ -1565,6 +1734,7 @@ impl Command {
         };
         let mut admin_token_env = None;
         let mut client_tokens_env = None;
+        let mut config_file = env("GATEWAY_CONFIG").filter(|f| !f.trim().is_empty());
         let mut log_format = match env("GATEWAY_LOG_FORMAT") {
             Some(v) => LogFormat::parse("GATEWAY_LOG_FORMAT", &v)?,
             None => LogFormat::Text,
@@ -1602,6 +1772,7 @@ impl Command {
                 "--admin-token-env" => {
                     admin_token_env = Some(value("a variable name such as GATEWAY_ADMIN_TOKEN")?)
                 }
+                "--config" => config_file = Some(value("a file such as gateway.toml")?),
                 "--log-format" => {
                     log_format = LogFormat::parse("--log-format", &value("text or json")?)?
                 }
@@ -1623,10 +1794,34 @@ impl Command {
                 _ => return Err(format!("unknown argument {arg:?}")),
             }
         }
+        let mut listen_from: Option<String> = None;
+        let file = match &config_file {
+            Some(path) => {
+                if fake || upstream.is_some() || keys_env.is_some() {
+                    return Err(format!(
+                        "--config {path}: the routes are in the file; leave out --fake, \
+                         --upstream (UPSTREAM_URL) and --keys-env"
+                    ));
+                }
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--config {path}: cannot read it: {e}"))?;
+                let file = config::parse(path, &text)?;
+                // The file's `listen` unless --listen or GATEWAY_LISTEN said.
+                if listen.is_none() {
+                    if let Some((at, addr)) = &file.listen {
+                        listen = Some(addr.clone());
+                        listen_from = Some(at.clone());
+                    }
+                }
+                Some(file)
+            }
+            None => None,
+        };
         let listen = listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen: SocketAddr = listen
-            .parse()
-            .map_err(|_| format!("the listen address {listen:?} is not an IP:port"))?;
+        let listen: SocketAddr = listen.parse().map_err(|_| match &listen_from {
+            Some(at) => format!("{at}: listen is not an IP:port (like 127.0.0.1:8080)"),
+            None => format!("the listen address {listen:?} is not an IP:port"),
+        })?;
         let max_body = match max_body {
             Some(n) => n
                 .parse::<usize>()
@@ -1684,6 +1879,7 @@ impl Command {
         };
         let upstream = match (fake, upstream) {
             (true, _) => None,
+            _ if file.is_some() => None,
             (false, Some(url)) => Some(parse_upstream(&url)?),
             (false, None) => Some(parse_upstream(DEFAULT_UPSTREAM)?),
         };
@@ -1708,6 +1904,7 @@ impl Command {
             client_tokens_env,
             clients,
             log_format,
+            file,
         })))
     }
 }
@@ -1775,7 +1972,85 @@ async fn shared_state(
 }
 
 /// Starts the gateway and serves until the process is stopped.
+/// The routes of a configuration file, each with its pool, and a line for the banner each.
+async fn file_routes(
+    file: &FileConfig,
+    config: &Config,
+) -> Result<(Vec<Route>, Vec<String>), BoxError> {
+    let mut routes = Vec::new();
+    let mut lines = Vec::new();
+    for r in &file.routes {
+        let at = |e: &dyn fmt::Display| format!("{}: route {}: {e}", r.at, r.name);
+        // The error names the variable, never its value.
+        let keys = KeySet::from_env(&r.keys_env).map_err(|e| at(&e))?;
+        let labels: Vec<String> = keys.labels().map(str::to_owned).collect();
+        let mut builder = KeyFallbackLayer::builder(keys).provider(r.provider());
+        if let Some(n) = r.max_attempts {
+            builder = builder.max_attempts(n);
+        }
+        if r.round_robin {
+            builder = builder.round_robin();
+        }
+        if let Some(wait) = r.wait_for_key {
+            builder = builder.wait_for_key(wait);
+        }
+        for group in &r.groups {
+            builder = builder.group(group.iter().cloned());
+        }
+        let builder = builder.events((
+            tower_key_fallback::TracingEvents,
+            metrics_events(Some(&r.name)),
+        ));
+        let builder = match &config.redis {
+            None => builder,
+            Some(url) => {
+                let namespace = format!("{}.{}", config.redis_namespace, r.name);
+                shared_state(builder, url, &namespace).await?
+            }
+        };
+        // What is named is not shown: a key pasted into `groups` stays unseen.
+        let layer = builder.try_build().map_err(|_| {
+            at(&format!(
+                "groups names a label that is not one of the route's keys ({})",
+                labels.join(", ")
+            ))
+        })?;
+        let upstream = parse_upstream(&r.upstream).map_err(|_| at(&"upstream is not a URL"))?;
+        lines.push(format!(
+            "gateway: route {} ({}): {}/* to {} with {} keys: {}",
+            r.name,
+            r.provider,
+            r.path,
+            r.upstream,
+            labels.len(),
+            labels.join(", ")
+        ));
+        routes.push(Route {
+            name: Some(r.name.clone()),
+            prefix: r.path.clone(),
+            upstream,
+            layer,
+        });
+    }
+    Ok((routes, lines))
+}
+
 async fn run(config: Config) -> Result<(), BoxError> {
+    if let Some(file) = &config.file {
+        let (routes, lines) = file_routes(file, &config).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let mut settings = config.settings();
+        settings.allowed_hosts.allow_listen_addr(addr);
+        let app = app_routes(routes, &settings);
+        let mut out = std::io::stdout();
+        for line in lines {
+            let _ = writeln!(out, "{line}");
+        }
+        return announce_and_serve(&config, &settings, listener, app).await;
+    }
     // With --fake, a fake Groq API on loopback: key 1 allows 3 requests per 20 s, key 2 all.
     let mut _fake_server = None;
     let (upstream, keys) = match &config.upstream {
@@ -1803,7 +2078,7 @@ async fn run(config: Config) -> Result<(), BoxError> {
     };
     let labels: Vec<String> = keys.labels().map(str::to_owned).collect();
     let builder = KeyFallbackLayer::builder(keys);
-    let builder = builder.events((tower_key_fallback::TracingEvents, metrics_events()));
+    let builder = builder.events((tower_key_fallback::TracingEvents, metrics_events(None)));
     let builder = match &config.redis {
         None => builder,
         Some(url) => shared_state(builder, url, &config.redis_namespace).await?,
@@ -1824,14 +2099,25 @@ async fn run(config: Config) -> Result<(), BoxError> {
         ""
     };
     // Errors are ignored: the gateway keeps serving if nobody reads its output.
-    let mut out = std::io::stdout();
     let _ = writeln!(
-        out,
+        std::io::stdout(),
         "gateway: forwarding /openai/v1/* to {}{what} with {} keys: {}",
         upstream.to_string().trim_end_matches('/'),
         labels.len(),
         labels.join(", ")
     );
+    announce_and_serve(&config, &settings, listener, app).await
+}
+
+/// Says what is served, to whom, then serves until stopped.
+async fn announce_and_serve(
+    config: &Config,
+    settings: &Settings,
+    listener: TcpListener,
+    app: Router,
+) -> Result<(), BoxError> {
+    let addr = listener.local_addr()?;
+    let mut out = std::io::stdout();
     if !addr.ip().is_loopback() {
         let _ = writeln!(
             out,
@@ -1879,7 +2165,7 @@ async fn run(config: Config) -> Result<(), BoxError> {
         out,
         "gateway: listening on http://{addr} (keys: GET /keys, POST /keys/reset)"
     );
-    serve(listener, app, &settings, stop_signal()).await?;
+    serve(listener, app, settings, stop_signal()).await?;
     let _ = writeln!(std::io::stdout(), "gateway: stopped");
     Ok(())
 }
