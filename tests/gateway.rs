@@ -2252,6 +2252,26 @@ async fn client_tokens_guard_the_api_and_never_go_upstream() {
     }
     assert_eq!(seen.lock().unwrap().len(), 2);
 
+    // A route of a configuration file, under its own prefix, is guarded the same way.
+    let routes = vec![gateway::Route {
+        name: Some("groq".to_owned()),
+        prefix: "/groq".to_owned(),
+        upstream: base.clone(),
+        layer: layer(),
+    }];
+    let routed = serve_with(gateway::app_routes(routes, &with_tokens), &with_tokens).await;
+    let (status, _, _) = request(routed, "POST", "/groq/chat/completions", &[]).await;
+    assert_eq!(status, 401);
+    let (status, _, echoed) = request(
+        routed,
+        "POST",
+        "/groq/chat/completions",
+        &[("authorization", "Bearer tok-two")],
+    )
+    .await;
+    assert_eq!(status, 200, "{echoed}");
+    assert!(echoed.starts_with("POST /chat/completions"), "{echoed}");
+
     // No token set: a peer elsewhere is refused, a loopback one served.
     let app = gateway::app(base, layer(), &settings());
     let from = |peer: &str| {
@@ -2644,4 +2664,105 @@ upstream = "{}"
     assert!(stderr.contains("ROUTE_B_KEY"), "{stderr}");
     assert!(!stderr.contains("gsk_"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The chromium binary for the status page's test, or a failure that says how to install it.
+fn chromium() -> PathBuf {
+    let candidates = [
+        std::env::var("CHROMIUM").ok(),
+        Some("/usr/bin/chromium".to_owned()),
+        Some("/usr/bin/chromium-browser".to_owned()),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "the status page is tested in headless Chromium, which is not installed: \
+                 apt-get install -y chromium (or set CHROMIUM to its path)"
+            )
+        })
+}
+
+/// The page at `url` as headless Chromium renders it, after its script ran for a while.
+fn rendered_dom(url: &str) -> String {
+    let profile = std::env::temp_dir().join(format!(
+        "tkf-chromium-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(url)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(out.status.success(), "chromium: {:?}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The status page at `/`, in a real browser: every key with its state, reason and time to
+/// recovery (a key cooling for its quota, counting down), the counters, and the switch the
+/// gateway made, read from the rendered DOM.
+#[tokio::test]
+async fn the_status_page_shows_a_cooling_key_with_its_countdown() {
+    let provider = FakeProvider::builder()
+        .key("gsk_page_spent", Behavior::QuotaExhausted)
+        .key("gsk_page_good", Behavior::Ok)
+        .build();
+    let upstream = provider.serve_ephemeral().await.unwrap();
+    let mut command = Command::new(gateway_binary());
+    command
+        .args(["--listen", "127.0.0.1:0", "--keys-env", "PAGE_KEY"])
+        .env("UPSTREAM_URL", upstream.url(""))
+        .env("PAGE_KEY", "gsk_page_spent")
+        .env("PAGE_KEY_2", "gsk_page_good");
+    clear_gateway_env(&mut command);
+    let running = launch(command);
+    let (status, body) = post_chat(running.addr).await;
+    assert_eq!(status, 200, "{body}");
+
+    let addr = running.addr;
+    let dom = tokio::task::spawn_blocking(move || rendered_dom(&format!("http://{addr}/")))
+        .await
+        .unwrap();
+    let row = |label: &str| {
+        let start = dom
+            .find(&format!(r#"data-label="{label}""#))
+            .unwrap_or_else(|| panic!("no row for {label} in:\n{dom}"));
+        let end = dom[start..].find("</tr>").map_or(dom.len(), |e| start + e);
+        dom[start..end].to_owned()
+    };
+    let spent = row("PAGE_KEY");
+    assert!(spent.contains(r#"data-state="cooling_down""#), "{spent}");
+    assert!(spent.contains("cooling down"), "{spent}");
+    assert!(spent.contains("quota_exhausted"), "{spent}");
+    // An hour's quota cooldown, counting down: "59 min 5x s".
+    assert!(spent.contains("59 min "), "{spent}");
+    let good = row("PAGE_KEY_2");
+    assert!(good.contains(r#"data-state="active""#), "{good}");
+    assert!(dom.contains("1 of 2 keys usable"), "{dom}");
+    assert!(
+        dom.contains("PAGE_KEY → PAGE_KEY_2 (quota_exhausted)"),
+        "{dom}"
+    );
+    assert!(!dom.contains("gsk_"), "a key on the page:\n{dom}");
 }

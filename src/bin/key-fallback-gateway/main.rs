@@ -11,6 +11,9 @@
 //! GET  /keys                   every key's state and counters, as JSON (never a key)
 //! POST /keys/reset             every key active again; answers the new status
 //! POST /keys/{label}/reset     one key active again
+//! GET  /keys/switches          the last switches from one key to the next, as JSON
+//! GET  /                       the status page: every route's keys, updating by itself
+//! GET  /healthz, /readyz       alive; at least one usable key on every route (503 if not)
 //! GET  /metrics                the layer's metrics in Prometheus' text format (never a key)
 //! ```
 //!
@@ -641,6 +644,10 @@ pub fn app_routes(routes: Vec<Route>, settings: &Settings) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/keys/switches", get(switches))
+        .route("/", get(page))
+        .route("/status.js", get(page_script))
+        .route("/status.css", get(page_style))
         .fallback(not_found)
         // After the routes and the fallback: every request goes through it first.
         .layer(axum::middleware::from_fn_with_state(guard, check_request))
@@ -968,10 +975,10 @@ impl Guard {
 }
 
 impl Guard {
-    /// For `/openai/…`: one of the gateway's client tokens when some are set, a loopback peer
-    /// otherwise.
+    /// For everything but the gateway's own paths (the routes, and a path nobody serves): one
+    /// of the gateway's client tokens when some are set, a loopback peer otherwise.
     fn check_client(&self, req: &Request) -> Result<(), Refusal> {
-        if !req.uri().path().starts_with("/openai/") {
+        if own_path(req.uri().path()) {
             return Ok(());
         }
         match &self.clients {
@@ -1017,6 +1024,15 @@ impl Guard {
             }
         }
     }
+}
+
+/// The gateway's own paths, guarded by the admin check (`/keys…`, `/metrics`) or open (the
+/// status page's files, which hold no data, and the health checks).
+fn own_path(path: &str) -> bool {
+    matches!(
+        path,
+        "/" | "/status.js" | "/status.css" | "/healthz" | "/readyz" | "/metrics" | "/keys"
+    ) || path.starts_with("/keys/")
 }
 
 /// How many times a path segment is percent-decoded in search of a dot segment or a slash:
@@ -1481,6 +1497,115 @@ async fn metrics(State(gw): State<Gateway>) -> Response {
     res
 }
 
+/// The status page (`GET /`): its HTML, script and style, made for `GET /keys` and
+/// `GET /keys/switches`, which it reads with the admin token typed into it (none needed on
+/// loopback without one). It holds no data itself.
+const PAGE: &str = include_str!("page/index.html");
+const PAGE_SCRIPT: &str = include_str!("page/status.js");
+const PAGE_STYLE: &str = include_str!("page/status.css");
+
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    let mut res = Response::new(Body::from(body));
+    let headers = res.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Its own script and style only, and no framing by other sites.
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    res
+}
+
+async fn page() -> Response {
+    static_file("text/html; charset=utf-8", PAGE)
+}
+
+async fn page_script() -> Response {
+    static_file("text/javascript; charset=utf-8", PAGE_SCRIPT)
+}
+
+async fn page_style() -> Response {
+    static_file("text/css; charset=utf-8", PAGE_STYLE)
+}
+
+/// One switch from a key to the next, for the status page.
+#[derive(Debug, Clone)]
+struct Switch {
+    at_ms: u64,
+    route: Option<Arc<str>>,
+    from: String,
+    to: String,
+    reason: &'static str,
+}
+
+/// The last switches of every route (at most [`SWITCHES_KEPT`]), kept by an observer each
+/// route's layer has.
+#[derive(Clone)]
+pub struct SwitchLog {
+    route: Option<Arc<str>>,
+}
+
+const SWITCHES_KEPT: usize = 50;
+
+fn switches_kept() -> &'static std::sync::Mutex<std::collections::VecDeque<Switch>> {
+    static KEPT: std::sync::OnceLock<std::sync::Mutex<std::collections::VecDeque<Switch>>> =
+        std::sync::OnceLock::new();
+    KEPT.get_or_init(Default::default)
+}
+
+impl SwitchLog {
+    /// The observer for the route `route` (`None`: the command line's one).
+    pub fn new(route: Option<&str>) -> SwitchLog {
+        SwitchLog {
+            route: route.map(Arc::from),
+        }
+    }
+}
+
+impl tower_key_fallback::KeyEvents for SwitchLog {
+    fn on_event(&self, event: &tower_key_fallback::KeyEvent<'_>) {
+        if let tower_key_fallback::KeyEvent::Switched { from, to, reason } = event {
+            let at_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let mut kept = switches_kept().lock().unwrap_or_else(|e| e.into_inner());
+            if kept.len() == SWITCHES_KEPT {
+                kept.pop_back();
+            }
+            kept.push_front(Switch {
+                at_ms,
+                route: self.route.clone(),
+                from: (*from).to_owned(),
+                to: (*to).to_owned(),
+                reason,
+            });
+        }
+    }
+}
+
+/// `GET /keys/switches`: the last switches, newest first.
+async fn switches() -> Response {
+    let kept = switches_kept().lock().unwrap_or_else(|e| e.into_inner());
+    let list: Vec<serde_json::Value> = kept
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "at_ms": s.at_ms,
+                "route": s.route.as_deref(),
+                "from": s.from,
+                "to": s.to,
+                "reason": s.reason,
+            })
+        })
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({ "switches": list }));
+    json(StatusCode::OK, body.expect("JSON"))
+}
+
 /// `GET /healthz`: the process answers.
 async fn healthz() -> Response {
     json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec())
@@ -1553,7 +1678,7 @@ async fn reset_one(State(gw): State<Gateway>, Path(label): Path<String>) -> Resp
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "Unknown path. The gateway serves /openai/v1/*, GET /keys, POST /keys/reset, POST /keys/{label}/reset and GET /metrics.",
+        "Unknown path. The gateway serves its routes (/openai/v1/* by default), GET / (the status page), GET /keys, GET /keys/switches, POST /keys/reset, POST /keys/{label}/reset, GET /metrics, GET /healthz and GET /readyz.",
         "invalid_request_error",
         "unknown_url",
     )
@@ -1999,7 +2124,7 @@ async fn file_routes(
         }
         let builder = builder.events((
             tower_key_fallback::TracingEvents,
-            metrics_events(Some(&r.name)),
+            (metrics_events(Some(&r.name)), SwitchLog::new(Some(&r.name))),
         ));
         let builder = match &config.redis {
             None => builder,
@@ -2078,7 +2203,10 @@ async fn run(config: Config) -> Result<(), BoxError> {
     };
     let labels: Vec<String> = keys.labels().map(str::to_owned).collect();
     let builder = KeyFallbackLayer::builder(keys);
-    let builder = builder.events((tower_key_fallback::TracingEvents, metrics_events(None)));
+    let builder = builder.events((
+        tower_key_fallback::TracingEvents,
+        (metrics_events(None), SwitchLog::new(None)),
+    ));
     let builder = match &config.redis {
         None => builder,
         Some(url) => shared_state(builder, url, &config.redis_namespace).await?,
