@@ -600,7 +600,7 @@ def report(args, rounds, streams, starts):
         ("SSE streams open at once (max)", f"{streams['max_live']}",
          f"{args.streams}", streams["max_live"] == args.streams),
         ("gateway memory per open stream", f"{per_stream:.1f} KiB", "", None),
-        ("  (peak - idle) / streams", f"{peak - streams['idle_kib']} KiB", "", None),
+        ("  peak - idle, all streams", f"{peak - streams['idle_kib']} KiB", "", None),
         ("startup to first 200 (median)", f"{statistics.median(starts):.1f} ms", "", None),
     ]
     width = max(len(r[0]) for r in rows)
