@@ -622,6 +622,11 @@ fn upstream_urls_and_the_command_line() {
         assert!(err.contains("GATEWAY_CLIENT_TOKENS"), "{err}");
         assert!(!err.contains("bad tok"), "{err}");
     }
+    let config = run(parse(&["--log-level", "warn"], &[]));
+    assert_eq!(config.log_level, tracing::level_filters::LevelFilter::WARN);
+    let config = run(parse(&[], &[("GATEWAY_LOG_LEVEL", "off")]));
+    assert_eq!(config.log_level, tracing::level_filters::LevelFilter::OFF);
+    assert!(parse(&["--log-level", "loud"], &[]).is_err());
     let err = parse(&["--client-tokens-env", "NOPE_TOKENS"], &[]).unwrap_err();
     assert!(err.contains("NOPE_TOKENS is not set"), "{err}");
 
@@ -653,6 +658,7 @@ fn clear_gateway_env(command: &mut Command) {
         "GATEWAY_ADMIN_TOKEN",
         "GATEWAY_CLIENT_TOKENS",
         "GATEWAY_LOG_FORMAT",
+        "GATEWAY_LOG_LEVEL",
         "GATEWAY_CONFIG",
         "GATEWAY_HEADER_TIMEOUT",
         "GATEWAY_BODY_TIMEOUT",

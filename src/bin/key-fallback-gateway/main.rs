@@ -1723,6 +1723,8 @@ pub struct Config {
     pub clients: Clients,
     /// How the logs on stderr are written.
     pub log_format: LogFormat,
+    /// The least important log lines written (`off` writes none).
+    pub log_level: tracing::level_filters::LevelFilter,
     /// The routes of the configuration file (`--config`), instead of the one route of
     /// `UPSTREAM_URL` and `--keys-env`.
     pub file: Option<FileConfig>,
@@ -1798,6 +1800,8 @@ POST /keys/reset resets them.
                           wait_for_key, groups
   --log-format FORMAT     text (the default) or json: one JSON object per line
                           (GATEWAY_LOG_FORMAT)
+  --log-level LEVEL       off, error, warn, info (the default: a line per request) or debug
+                          (GATEWAY_LOG_LEVEL)
   --client-tokens-env NAME
                           the variable with the clients' tokens, comma-separated (default
                           GATEWAY_CLIENT_TOKENS); without one, /openai/v1/* answers loopback
@@ -1860,6 +1864,23 @@ impl Command {
         let mut admin_token_env = None;
         let mut client_tokens_env = None;
         let mut config_file = env("GATEWAY_CONFIG").filter(|f| !f.trim().is_empty());
+        let log_level_of = |source: &str, value: &str| {
+            use tracing::level_filters::LevelFilter;
+            match value.trim() {
+                "off" => Ok(LevelFilter::OFF),
+                "error" => Ok(LevelFilter::ERROR),
+                "warn" => Ok(LevelFilter::WARN),
+                "info" => Ok(LevelFilter::INFO),
+                "debug" => Ok(LevelFilter::DEBUG),
+                _ => Err(format!(
+                    "{source}: expected off, error, warn, info or debug"
+                )),
+            }
+        };
+        let mut log_level = match env("GATEWAY_LOG_LEVEL") {
+            Some(v) => log_level_of("GATEWAY_LOG_LEVEL", &v)?,
+            None => tracing::level_filters::LevelFilter::INFO,
+        };
         let mut log_format = match env("GATEWAY_LOG_FORMAT") {
             Some(v) => LogFormat::parse("GATEWAY_LOG_FORMAT", &v)?,
             None => LogFormat::Text,
@@ -1898,6 +1919,9 @@ impl Command {
                     admin_token_env = Some(value("a variable name such as GATEWAY_ADMIN_TOKEN")?)
                 }
                 "--config" => config_file = Some(value("a file such as gateway.toml")?),
+                "--log-level" => {
+                    log_level = log_level_of("--log-level", &value("a level such as warn")?)?
+                }
                 "--log-format" => {
                     log_format = LogFormat::parse("--log-format", &value("text or json")?)?
                 }
@@ -2029,6 +2053,7 @@ impl Command {
             client_tokens_env,
             clients,
             log_format,
+            log_level,
             file,
         })))
     }
@@ -2050,7 +2075,7 @@ async fn main() -> ExitCode {
     };
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::INFO);
+        .with_max_level(config.log_level);
     match config.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
