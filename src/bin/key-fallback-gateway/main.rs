@@ -932,22 +932,14 @@ impl Guard {
                         message,
                     )
                 };
-                let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
-                let credential = match (values.next(), values.next()) {
-                    (Some(value), None) => value.as_bytes(),
-                    _ => {
-                        return Err(unauthorized(
-                            r#"Bearer realm="gateway admin""#,
-                            "The admin endpoints (/keys, /metrics) need the gateway's admin token: send \
-                             Authorization: Bearer <token>.",
-                        ))
-                    }
+                let Some(credential) = sole_authorization(req) else {
+                    return Err(unauthorized(
+                        r#"Bearer realm="gateway admin""#,
+                        "The admin endpoints (/keys, /metrics) need the gateway's admin token: send \
+                         Authorization: Bearer <token>.",
+                    ));
                 };
-                let (scheme, token_sent) = match credential.iter().position(|b| *b == b' ') {
-                    Some(at) => (&credential[..at], credential[at + 1..].trim_ascii()),
-                    None => (credential, &b""[..]),
-                };
-                if !scheme.eq_ignore_ascii_case(b"bearer") || !token.matches(token_sent) {
+                if !token.matches(bearer_token(credential)) {
                     return Err(unauthorized(
                         r#"Bearer realm="gateway admin", error="invalid_token""#,
                         "The Authorization header does not hold the gateway's admin token \
@@ -957,8 +949,7 @@ impl Guard {
                 Ok(())
             }
             Admin::LoopbackOnly => {
-                let peer = req.extensions().get::<ConnectInfo<SocketAddr>>();
-                if peer.is_some_and(|ConnectInfo(peer)| peer.ip().to_canonical().is_loopback()) {
+                if loopback_peer(req) {
                     return Ok(());
                 }
                 Err(Refusal::new(
@@ -983,17 +974,7 @@ impl Guard {
         }
         match &self.clients {
             Clients::Tokens(tokens) => {
-                let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
-                let sent = match (values.next(), values.next()) {
-                    (Some(value), None) => value.as_bytes(),
-                    _ => &b""[..],
-                };
-                let token = match sent.iter().position(|b| *b == b' ') {
-                    Some(at) if sent[..at].eq_ignore_ascii_case(b"bearer") => {
-                        sent[at + 1..].trim_ascii()
-                    }
-                    _ => &b""[..],
-                };
+                let token = sole_authorization(req).map_or(&b""[..], bearer_token);
                 if !token.is_empty() && Clients::accepts(tokens, token) {
                     return Ok(());
                 }
@@ -1009,8 +990,7 @@ impl Guard {
                 })
             }
             Clients::LoopbackOnly => {
-                let peer = req.extensions().get::<ConnectInfo<SocketAddr>>();
-                if peer.is_some_and(|ConnectInfo(peer)| peer.ip().to_canonical().is_loopback()) {
+                if loopback_peer(req) {
                     return Ok(());
                 }
                 Err(Refusal::new(
@@ -1024,6 +1004,33 @@ impl Guard {
             }
         }
     }
+}
+
+/// The request's one `Authorization` value; `None` when it has none or several.
+fn sole_authorization(req: &Request) -> Option<&[u8]> {
+    let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => Some(value.as_bytes()),
+        _ => None,
+    }
+}
+
+/// The token of `Bearer <token>` (the scheme in any case); empty for any other credential.
+fn bearer_token(credential: &[u8]) -> &[u8] {
+    match credential.iter().position(|b| *b == b' ') {
+        Some(at) if credential[..at].eq_ignore_ascii_case(b"bearer") => {
+            credential[at + 1..].trim_ascii()
+        }
+        _ => b"",
+    }
+}
+
+/// Whether the client's TCP peer, as [`serve`] recorded it, is a loopback address (without a
+/// recorded address: no).
+fn loopback_peer(req: &Request) -> bool {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .is_some_and(|ConnectInfo(peer)| peer.ip().to_canonical().is_loopback())
 }
 
 /// The gateway's own paths, guarded by the admin check (`/keys…`, `/metrics`) or open (the
