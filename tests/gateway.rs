@@ -627,6 +627,16 @@ fn upstream_urls_and_the_command_line() {
     let config = run(parse(&[], &[("GATEWAY_LOG_LEVEL", "off")]));
     assert_eq!(config.log_level, tracing::level_filters::LevelFilter::OFF);
     assert!(parse(&["--log-level", "loud"], &[]).is_err());
+    // Threads: one by default, else from --threads or GATEWAY_THREADS; errors name the source.
+    assert_eq!(run(parse(&[], &[])).threads, 1);
+    assert_eq!(run(parse(&["--threads", "4"], &[])).threads, 4);
+    assert_eq!(run(parse(&[], &[("GATEWAY_THREADS", "2")])).threads, 2);
+    for bad in ["0", "two", "1025"] {
+        let err = parse(&["--threads", bad], &[]).unwrap_err();
+        assert!(err.contains("--threads"), "{err}");
+        let err = parse(&[], &[("GATEWAY_THREADS", bad)]).unwrap_err();
+        assert!(err.contains("GATEWAY_THREADS"), "{err}");
+    }
     let err = parse(&["--client-tokens-env", "NOPE_TOKENS"], &[]).unwrap_err();
     assert!(err.contains("NOPE_TOKENS is not set"), "{err}");
 
@@ -662,6 +672,7 @@ fn clear_gateway_env(command: &mut Command) {
         "GATEWAY_CONFIG",
         "GATEWAY_HEADER_TIMEOUT",
         "GATEWAY_BODY_TIMEOUT",
+        "GATEWAY_THREADS",
         "REDIS_URL",
         "GATEWAY_REDIS_NAMESPACE",
     ] {
@@ -2322,9 +2333,15 @@ async fn readyz_follows_the_keys() {
 }
 
 /// SIGTERM: the binary stops accepting connections, lets a stream under way finish, then
-/// exits with 0.
+/// exits with 0: on one thread (the default) and on several (the multi-thread runtime, where
+/// the gateway runs as a task).
 #[tokio::test]
 async fn sigterm_lets_streams_in_flight_finish_then_exits() {
+    sigterm_run(&[]).await;
+    sigterm_run(&["--threads", "2"]).await;
+}
+
+async fn sigterm_run(more_args: &[&str]) {
     let provider = FakeProvider::builder()
         .key("gsk_term_key", Behavior::Ok)
         .stream_interval(Duration::from_millis(150))
@@ -2333,6 +2350,7 @@ async fn sigterm_lets_streams_in_flight_finish_then_exits() {
     let mut command = Command::new(gateway_binary());
     command
         .args(["--listen", "127.0.0.1:0", "--keys-env", "GATEWAY_TERM_KEY"])
+        .args(more_args)
         .env("UPSTREAM_URL", upstream.url(""))
         .env("GATEWAY_TERM_KEY", "gsk_term_key");
     clear_gateway_env(&mut command);
