@@ -156,6 +156,11 @@ use tower_key_fallback::{
 // `GET /metrics`: a `metrics` recorder that writes Prometheus text.
 #[path = "prometheus.rs"]
 mod prometheus;
+
+/// mimalloc rather than the system's allocator: a forwarded request allocates about seventy
+/// times, and glibc's malloc and free were a fifth of the gateway's own instructions.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 // `--config FILE`: the routes.
 #[path = "config.rs"]
 mod config;
@@ -1086,7 +1091,8 @@ pub fn unsafe_path(path: &str) -> Option<&'static str> {
     const TOO_DEEP: &str = "The request path is percent-encoded too many times over; the \
                             gateway does not forward it.";
     for raw in path.split('/') {
-        let mut segment = raw.as_bytes().to_vec();
+        // Borrowed until a round decodes something: most paths have no `%` at all.
+        let mut segment = std::borrow::Cow::Borrowed(raw.as_bytes());
         for round in 0..=DECODE_ROUNDS {
             if segment.contains(&b'\\') {
                 return Some(BACKSLASH);
@@ -1103,7 +1109,7 @@ pub fn unsafe_path(path: &str) -> Option<&'static str> {
             }
             match percent_decode(&segment) {
                 Some(_) if round == DECODE_ROUNDS => return Some(TOO_DEEP),
-                Some(decoded) => segment = decoded,
+                Some(decoded) => segment = std::borrow::Cow::Owned(decoded),
                 None => break,
             }
         }
@@ -1113,6 +1119,9 @@ pub fn unsafe_path(path: &str) -> Option<&'static str> {
 
 /// `bytes` with each `%XX` decoded, or `None` when there is none to decode.
 fn percent_decode(bytes: &[u8]) -> Option<Vec<u8>> {
+    if !bytes.contains(&b'%') {
+        return None;
+    }
     let hex = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(bytes.len());
     let mut changed = false;
