@@ -7,7 +7,8 @@ It builds the gateway and the fake provider example in release mode, runs each a
 process of its own on 127.0.0.1 (ports from port 0), and measures:
 
 1. Throughput: the same Python client (stdlib asyncio, raw HTTP/1.1 keep-alive
-   connections, 16 in flight, its own process) sends 2,000 chat completions after a warm-up,
+   connections, 16 in flight, its own process; or with --client-lib httpx, httpx's
+   AsyncClient, which OpenAI's Python SDK uses) sends 2,000 chat completions after a warm-up,
    straight to the fake provider and through the gateway, alternately, for a few rounds.
    Gateway throughput as a ratio of direct (target >= 0.95), and CPU time per request of the
    gateway process against the fake provider process in the same run, from
@@ -157,6 +158,48 @@ async def throughput_client(addr, requests, concurrency, warmup):
     return {"elapsed": elapsed, "cpu_s": cpu_s, "statuses": statuses, "warmup": warm}
 
 
+async def httpx_throughput_client(addr, requests, concurrency, warmup):
+    """The same measurement with httpx, the HTTP client of OpenAI's Python SDK: what a
+    Python service calling the gateway spends per request."""
+    try:
+        import httpx
+    except ImportError:
+        raise Broke("--client-lib httpx needs httpx: pip install httpx") from None
+    statuses = {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    async with httpx.AsyncClient(
+        base_url=f"http://{addr}", limits=limits, headers=headers, timeout=60
+    ) as client:
+
+        async def worker(counter):
+            while counter[0] > 0:
+                counter[0] -= 1
+                res = await client.post(PATH, content=BODY)
+                statuses[res.status_code] = statuses.get(res.status_code, 0) + 1
+
+        counter = [warmup]
+        await asyncio.wait_for(
+            asyncio.gather(*(worker(counter) for _ in range(concurrency))), 300
+        )
+        warm = dict(statuses)
+        statuses.clear()
+        print("warm", flush=True)
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        if line.strip() != "go":
+            raise Broke(f"expected go, got {line!r}")
+        counter = [requests]
+        cpu = os.times()
+        start = time.perf_counter()
+        await asyncio.wait_for(
+            asyncio.gather(*(worker(counter) for _ in range(concurrency))), 600
+        )
+        elapsed = time.perf_counter() - start
+        after = os.times()
+    cpu_s = after.user + after.system - cpu.user - cpu.system
+    return {"elapsed": elapsed, "cpu_s": cpu_s, "statuses": statuses, "warmup": warm}
+
+
 async def sse_client(addr, streams, timeout):
     host, port = addr.rsplit(":", 1)
     req = request_bytes(addr, STREAM_BODY)
@@ -222,9 +265,8 @@ async def sse_client(addr, streams, timeout):
 
 def client_main(args):
     if args.client == "throughput":
-        result = asyncio.run(
-            throughput_client(args.addr, args.requests, args.concurrency, args.warmup)
-        )
+        measure = httpx_throughput_client if args.client_lib == "httpx" else throughput_client
+        result = asyncio.run(measure(args.addr, args.requests, args.concurrency, args.warmup))
     else:
         result = asyncio.run(sse_client(args.addr, args.streams, args.timeout))
     print("result " + json.dumps(result), flush=True)
@@ -378,6 +420,7 @@ def client_argv(mode, addr, args):
             "--requests", str(args.requests),
             "--concurrency", str(args.concurrency),
             "--warmup", str(args.warmup),
+            "--client-lib", args.client_lib,
         ]
     else:
         argv += ["--streams", str(args.streams), "--timeout", str(args.sse_timeout)]
@@ -569,7 +612,7 @@ def report(args, rounds, streams, starts):
     per_stream = (peak - streams["idle_kib"]) / args.streams
     print()
     print(f"throughput: {args.requests} requests, {args.concurrency} in flight, "
-          f"after {args.warmup} of warm-up, {args.rounds} rounds")
+          f"after {args.warmup} of warm-up, {args.rounds} rounds, client {args.client_lib}")
     print("CPU ms per request, from utime+stime (schedstat in brackets), in the gateway"
           " runs; client: the Python client's own, direct / through the gateway")
     print(f"{'round':>5} {'direct req/s':>12} {'gateway req/s':>13} {'ratio':>6} "
@@ -616,6 +659,10 @@ def main():
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=1000)
+    parser.add_argument("--client-lib", choices=["raw", "httpx"], default="raw",
+                        help="the throughput client: raw asyncio sockets (the cheapest a "
+                        "Python client can be) or httpx (what OpenAI's Python SDK sends with; "
+                        "pip install httpx)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="direct and gateway measured alternately, this many times each")
     parser.add_argument("--streams", type=int, default=1000)
