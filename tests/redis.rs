@@ -311,9 +311,21 @@ async fn a_replica_that_starts_loads_what_is_current() {
     {
         let mut a = Replica::start(&redis.url(), "restart", &provider).await;
         assert_eq!(a.chat().await, 200);
-        // Give A's store the time to send what it learned: B hears it.
-        let mut b = Replica::start(&redis.url(), "restart", &provider).await;
-        let _ = b.chat().await;
+        // A's store sends what it learned in the background: wait (bounded) until B, which
+        // knows only what came through Redis, has both, so Redis holds them when A goes. A
+        // request of B's was no wait: a write of A's that took longer (a loaded machine)
+        // left Redis empty for C.
+        let b = Replica::start(&redis.url(), "restart", &provider).await;
+        let deadline = std::time::Instant::now() + WAIT;
+        while cooling_until(&b.handle, "key-1").is_none()
+            || !matches!(b.state("key-2"), KeyState::Disabled { .. })
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "A's state never reached B"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     let calls = provider.stats();
     // A new process: it knows before its first request.
