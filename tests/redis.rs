@@ -540,6 +540,12 @@ async fn a_password_in_the_url_is_used_and_never_shown() {
     let bad = format!("redis://:wrong-pass@127.0.0.1:{}/", redis.port);
     let mut c = Replica::start(&bad, "auth", &provider).await;
     assert_eq!(c.chat().await, 200);
+    // The warning comes when the store's first session fails, which `connect` waits for only
+    // so long: on a slow machine it may come after the request. Bounded by WAIT.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while warnings.count(STOPPED) == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(warnings.count(STOPPED), 1);
     let logged = String::from_utf8_lossy(&warnings.0.lock().unwrap()).into_owned();
     assert!(
