@@ -158,7 +158,9 @@ use tower_key_fallback::{
 mod prometheus;
 
 /// mimalloc rather than the system's allocator: a forwarded request allocates about seventy
-/// times, and glibc's malloc and free were a fifth of the gateway's own instructions.
+/// times, and glibc's malloc and free were a fifth of the gateway's own instructions. Built
+/// without transparent huge pages (`no_thp`), which doubled the memory an open stream holds
+/// (68 KiB against glibc's 34 to 39; 42 KiB without them).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 // `--config FILE`: the routes.
