@@ -7,8 +7,8 @@ It builds the gateway and the fake provider example in release mode, runs each a
 process of its own on 127.0.0.1 (ports from port 0), and measures:
 
 1. Throughput: the same Python client (stdlib asyncio, raw HTTP/1.1 keep-alive
-   connections, 16 in flight, its own process; or with --client-lib httpx, httpx's
-   AsyncClient, which OpenAI's Python SDK uses) sends 2,000 chat completions after a warm-up,
+   connections, 16 in flight, its own process; or with --client-lib aiohttp or httpx, that
+   library, httpx being what OpenAI's Python SDK uses) sends 2,000 chat completions after a warm-up,
    straight to the fake provider and through the gateway, alternately, for a few rounds.
    Gateway throughput as a ratio of direct (target >= 0.95), and CPU time per request of the
    gateway process against the fake provider process in the same run, from
@@ -158,44 +158,71 @@ async def throughput_client(addr, requests, concurrency, warmup):
     return {"elapsed": elapsed, "cpu_s": cpu_s, "statuses": statuses, "warmup": warm}
 
 
-async def httpx_throughput_client(addr, requests, concurrency, warmup):
-    """The same measurement with httpx, the HTTP client of OpenAI's Python SDK: what a
-    Python service calling the gateway spends per request."""
-    try:
-        import httpx
-    except ImportError:
-        raise Broke("--client-lib httpx needs httpx: pip install httpx") from None
-    statuses = {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+async def library_throughput_client(lib, addr, requests, concurrency, warmup):
+    """The same measurement with a Python HTTP library: httpx (what OpenAI's Python SDK
+    sends with) or aiohttp. What a Python service calling the gateway spends per request."""
     headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
-    async with httpx.AsyncClient(
-        base_url=f"http://{addr}", limits=limits, headers=headers, timeout=60
-    ) as client:
+    statuses = {}
+    try:
+        if lib == "httpx":
+            import httpx
 
-        async def worker(counter):
-            while counter[0] > 0:
-                counter[0] -= 1
+            limits = httpx.Limits(
+                max_connections=concurrency, max_keepalive_connections=concurrency
+            )
+            client = httpx.AsyncClient(
+                base_url=f"http://{addr}", limits=limits, headers=headers, timeout=60
+            )
+
+            async def post():
                 res = await client.post(PATH, content=BODY)
-                statuses[res.status_code] = statuses.get(res.status_code, 0) + 1
+                return res.status_code
+        else:
+            import aiohttp
 
-        counter = [warmup]
+            client = aiohttp.ClientSession(
+                base_url=f"http://{addr}",
+                headers=headers,
+                connector=aiohttp.TCPConnector(limit=concurrency),
+            )
+
+            async def post():
+                async with client.post(PATH, data=BODY) as res:
+                    await res.read()
+                    return res.status
+    except ImportError:
+        raise Broke(f"--client-lib {lib} needs {lib}: pip install {lib}") from None
+
+    async def worker(counter):
+        while counter[0] > 0:
+            counter[0] -= 1
+            status = await post()
+            statuses[status] = statuses.get(status, 0) + 1
+
+    async def phase(n, limit_s):
+        counter = [n]
         await asyncio.wait_for(
-            asyncio.gather(*(worker(counter) for _ in range(concurrency))), 300
+            asyncio.gather(*(worker(counter) for _ in range(concurrency))), limit_s
         )
+
+    try:
+        await phase(warmup, 300)
         warm = dict(statuses)
         statuses.clear()
         print("warm", flush=True)
         line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         if line.strip() != "go":
             raise Broke(f"expected go, got {line!r}")
-        counter = [requests]
         cpu = os.times()
         start = time.perf_counter()
-        await asyncio.wait_for(
-            asyncio.gather(*(worker(counter) for _ in range(concurrency))), 600
-        )
+        await phase(requests, 600)
         elapsed = time.perf_counter() - start
         after = os.times()
+    finally:
+        if lib == "httpx":
+            await client.aclose()
+        else:
+            await client.close()
     cpu_s = after.user + after.system - cpu.user - cpu.system
     return {"elapsed": elapsed, "cpu_s": cpu_s, "statuses": statuses, "warmup": warm}
 
@@ -265,8 +292,11 @@ async def sse_client(addr, streams, timeout):
 
 def client_main(args):
     if args.client == "throughput":
-        measure = httpx_throughput_client if args.client_lib == "httpx" else throughput_client
-        result = asyncio.run(measure(args.addr, args.requests, args.concurrency, args.warmup))
+        sizes = (args.addr, args.requests, args.concurrency, args.warmup)
+        if args.client_lib == "raw":
+            result = asyncio.run(throughput_client(*sizes))
+        else:
+            result = asyncio.run(library_throughput_client(args.client_lib, *sizes))
     else:
         result = asyncio.run(sse_client(args.addr, args.streams, args.timeout))
     print("result " + json.dumps(result), flush=True)
@@ -659,10 +689,10 @@ def main():
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=1000)
-    parser.add_argument("--client-lib", choices=["raw", "httpx"], default="raw",
+    parser.add_argument("--client-lib", choices=["raw", "aiohttp", "httpx"], default="raw",
                         help="the throughput client: raw asyncio sockets (the cheapest a "
-                        "Python client can be) or httpx (what OpenAI's Python SDK sends with; "
-                        "pip install httpx)")
+                        "Python client can be), aiohttp, or httpx (what OpenAI's Python SDK "
+                        "sends with); the last two need pip install")
     parser.add_argument("--rounds", type=int, default=5,
                         help="direct and gateway measured alternately, this many times each")
     parser.add_argument("--streams", type=int, default=1000)
