@@ -2136,7 +2136,6 @@ fn main() -> ExitCode {
         }
     };
     let logs = tracing_subscriber::fmt()
-        .with_timer(LogClock)
         .with_writer(std::io::stderr)
         .with_max_level(config.log_level);
     match config.log_format {
@@ -2178,71 +2177,6 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// The log lines' time, as tracing-subscriber's own clock writes it
-/// (`2026-12-01T22:25:44.716324Z`, UTC), with the date and the time of day worked out once a
-/// second per thread rather than for every line: that was a quarter of the cost of the
-/// gateway's per-request line.
-pub struct LogClock;
-
-impl tracing_subscriber::fmt::time::FormatTime for LogClock {
-    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> fmt::Result {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let mut line = [0u8; 27];
-        w.write_str(log_time(now, &mut line))
-    }
-}
-
-/// `since_epoch` as `YYYY-MM-DDTHH:MM:SS.uuuuuuZ`, written into `out`.
-pub fn log_time(since_epoch: Duration, out: &mut [u8; 27]) -> &str {
-    thread_local! {
-        // The second last written, and its `YYYY-MM-DDTHH:MM:SS.`.
-        static LAST: std::cell::Cell<(u64, [u8; 20])> =
-            const { std::cell::Cell::new((u64::MAX, [0; 20])) };
-    }
-    let secs = since_epoch.as_secs();
-    let (last, mut prefix) = LAST.get();
-    if last != secs {
-        let (y, m, d) = civil_date(secs / 86_400);
-        let t = secs % 86_400;
-        let text = format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.",
-            t / 3600,
-            t / 60 % 60,
-            t % 60
-        );
-        // Years past 9999 are cut; the log line's time is then wrong, not missing.
-        let n = text.len().min(20);
-        prefix = [b'0'; 20];
-        prefix[..n].copy_from_slice(&text.as_bytes()[..n]);
-        LAST.set((secs, prefix));
-    }
-    out[..20].copy_from_slice(&prefix);
-    let mut micros = since_epoch.subsec_micros();
-    for at in (20..26).rev() {
-        out[at] = b'0' + (micros % 10) as u8;
-        micros /= 10;
-    }
-    out[26] = b'Z';
-    std::str::from_utf8(out).unwrap_or("")
-}
-
-/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`).
-fn civil_date(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
 }
 
 /// Shares the keys' state through Redis: what one gateway learns, the others given the same
