@@ -118,6 +118,26 @@ async def read_response(reader, on_chunk=None):
     return status, bytes(body), close
 
 
+async def warm_then_measure(phase, statuses, requests, warmup):
+    """Runs `phase(n, limit_s)` for the warm-up, tells the parent, waits for its go, then
+    runs and times the measured phase: what each throughput client prints."""
+    await phase(warmup, 300)
+    warm = dict(statuses)
+    statuses.clear()
+    # Tell the parent the warm-up is over; it reads the CPU counters, then says go.
+    print("warm", flush=True)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if line.strip() != "go":
+        raise Broke(f"expected go, got {line!r}")
+    cpu = os.times()
+    start = time.perf_counter()
+    await phase(requests, 600)
+    elapsed = time.perf_counter() - start
+    after = os.times()
+    cpu_s = after.user + after.system - cpu.user - cpu.system
+    return {"elapsed": elapsed, "cpu_s": cpu_s, "statuses": statuses, "warmup": warm}
+
+
 async def throughput_client(addr, requests, concurrency, warmup):
     host, port = addr.rsplit(":", 1)
     req = request_bytes(addr, BODY)
@@ -137,25 +157,15 @@ async def throughput_client(addr, requests, concurrency, warmup):
     for _, writer in conns:
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    counter = [warmup]
-    await asyncio.wait_for(asyncio.gather(*(worker(c, counter) for c in conns)), 120)
-    warm = dict(statuses)
-    statuses.clear()
-    # Tell the parent the warm-up is over; it reads the CPU counters, then says go.
-    print("warm", flush=True)
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    if line.strip() != "go":
-        raise Broke(f"expected go, got {line!r}")
-    counter = [requests]
-    cpu = os.times()
-    start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(worker(c, counter) for c in conns)), 300)
-    elapsed = time.perf_counter() - start
-    after = os.times()
-    cpu_s = after.user + after.system - cpu.user - cpu.system
-    for _, writer in conns:
-        writer.close()
-    return {"elapsed": elapsed, "cpu_s": cpu_s, "statuses": statuses, "warmup": warm}
+    async def phase(n, limit_s):
+        counter = [n]
+        await asyncio.wait_for(asyncio.gather(*(worker(c, counter) for c in conns)), limit_s)
+
+    try:
+        return await warm_then_measure(phase, statuses, requests, warmup)
+    finally:
+        for _, writer in conns:
+            writer.close()
 
 
 async def library_throughput_client(lib, addr, requests, concurrency, warmup):
@@ -206,25 +216,12 @@ async def library_throughput_client(lib, addr, requests, concurrency, warmup):
         )
 
     try:
-        await phase(warmup, 300)
-        warm = dict(statuses)
-        statuses.clear()
-        print("warm", flush=True)
-        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        if line.strip() != "go":
-            raise Broke(f"expected go, got {line!r}")
-        cpu = os.times()
-        start = time.perf_counter()
-        await phase(requests, 600)
-        elapsed = time.perf_counter() - start
-        after = os.times()
+        return await warm_then_measure(phase, statuses, requests, warmup)
     finally:
         if lib == "httpx":
             await client.aclose()
         else:
             await client.close()
-    cpu_s = after.user + after.system - cpu.user - cpu.system
-    return {"elapsed": elapsed, "cpu_s": cpu_s, "statuses": statuses, "warmup": warm}
 
 
 async def sse_client(addr, streams, timeout):
