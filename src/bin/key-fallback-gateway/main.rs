@@ -966,19 +966,13 @@ impl Guard {
                 }
                 Ok(())
             }
-            Admin::LoopbackOnly => {
-                if loopback_peer(req) {
-                    return Ok(());
-                }
-                Err(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    "permission_error",
-                    "admin_loopback_only",
-                    "The admin endpoints (/keys, /metrics) answer clients on this machine only while no admin \
-                     token is set: set GATEWAY_ADMIN_TOKEN where the gateway runs and send \
-                     Authorization: Bearer <token>.",
-                ))
-            }
+            Admin::LoopbackOnly => loopback_only(
+                req,
+                "admin_loopback_only",
+                "The admin endpoints (/keys, /metrics) answer clients on this machine only while no admin \
+                 token is set: set GATEWAY_ADMIN_TOKEN where the gateway runs and send \
+                 Authorization: Bearer <token>.",
+            ),
         }
     }
 }
@@ -1007,19 +1001,13 @@ impl Guard {
                     )
                 })
             }
-            Clients::LoopbackOnly => {
-                if loopback_peer(req) {
-                    return Ok(());
-                }
-                Err(Refusal::new(
-                    StatusCode::FORBIDDEN,
-                    "permission_error",
-                    "clients_loopback_only",
-                    "This gateway serves clients on this machine only while no client token is \
-                     set: set GATEWAY_CLIENT_TOKENS where the gateway runs and send \
-                     Authorization: Bearer <token>.",
-                ))
-            }
+            Clients::LoopbackOnly => loopback_only(
+                req,
+                "clients_loopback_only",
+                "This gateway serves clients on this machine only while no client token is \
+                 set: set GATEWAY_CLIENT_TOKENS where the gateway runs and send \
+                 Authorization: Bearer <token>.",
+            ),
         }
     }
 }
@@ -1049,6 +1037,19 @@ fn loopback_peer(req: &Request) -> bool {
     req.extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .is_some_and(|ConnectInfo(peer)| peer.ip().to_canonical().is_loopback())
+}
+
+/// A loopback peer passes; any other gets a `403` with `code` and `message`.
+fn loopback_only(req: &Request, code: &'static str, message: &'static str) -> Result<(), Refusal> {
+    if loopback_peer(req) {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        StatusCode::FORBIDDEN,
+        "permission_error",
+        code,
+        message,
+    ))
 }
 
 /// The gateway's own paths, guarded by the admin check (`/keys…`, `/metrics`) or open (the
