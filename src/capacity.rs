@@ -46,13 +46,7 @@ impl Bucket {
     /// The top-level `"model"` of an OpenAI-style JSON request body, when it is a plain
     /// string (no escapes) of at most 200 bytes.
     pub fn from_openai_json(body: &[u8]) -> Option<Bucket> {
-        let mut model = None;
-        walk(body, |path, value| {
-            if model.is_none() && path == [Seg::Key(b"model")] && plain(value) {
-                model = std::str::from_utf8(value).ok().map(Bucket::new);
-            }
-        });
-        model
+        read_openai_json(body).0
     }
 }
 
@@ -75,30 +69,37 @@ impl TokenCost {
     /// top-level `max_completion_tokens` (else `max_tokens`, else 0) plus a prompt estimate
     /// of a token per four bytes of the body, rounded up.
     pub fn estimate_openai_json(body: &[u8]) -> TokenCost {
-        let (mut max_tokens, mut max_completion) = (None, None);
-        walk(body, |path, value| {
-            let number = || std::str::from_utf8(value).ok()?.parse::<u64>().ok();
-            match path {
-                [Seg::Key(b"max_tokens")] => max_tokens = max_tokens.or_else(number),
-                [Seg::Key(b"max_completion_tokens")] => {
-                    max_completion = max_completion.or_else(number)
-                }
-                _ => {}
-            }
-        });
-        let answer = max_completion.or(max_tokens).unwrap_or(0);
-        TokenCost(answer.saturating_add((body.len() as u64).div_ceil(4)))
+        read_openai_json(body).1
     }
 }
 
 /// Sets a request's [`Bucket`] (its `"model"`) and [`TokenCost`] from its OpenAI-style JSON
 /// body, for a caller that has the body's bytes (the gateway binary does this).
 pub fn annotate_openai_json<B>(req: &mut http::Request<B>, body: &[u8]) {
-    if let Some(bucket) = Bucket::from_openai_json(body) {
+    let (bucket, cost) = read_openai_json(body);
+    if let Some(bucket) = bucket {
         req.extensions_mut().insert(bucket);
     }
-    req.extensions_mut()
-        .insert(TokenCost::estimate_openai_json(body));
+    req.extensions_mut().insert(cost);
+}
+
+/// An OpenAI-style JSON body's bucket and token cost, in one walk over it.
+fn read_openai_json(body: &[u8]) -> (Option<Bucket>, TokenCost) {
+    let (mut model, mut max_tokens, mut max_completion) = (None, None, None);
+    walk(body, |path, value| {
+        let number = || std::str::from_utf8(value).ok()?.parse::<u64>().ok();
+        match path {
+            [Seg::Key(b"model")] if model.is_none() && plain(value) => {
+                model = std::str::from_utf8(value).ok().map(Bucket::new);
+            }
+            [Seg::Key(b"max_tokens")] => max_tokens = max_tokens.or_else(number),
+            [Seg::Key(b"max_completion_tokens")] => max_completion = max_completion.or_else(number),
+            _ => {}
+        }
+    });
+    let answer = max_completion.or(max_tokens).unwrap_or(0);
+    let cost = TokenCost(answer.saturating_add((body.len() as u64).div_ceil(4)));
+    (model, cost)
 }
 
 fn plain(value: &[u8]) -> bool {
