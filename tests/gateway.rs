@@ -752,6 +752,23 @@ fn launch(mut command: Command) -> Running {
     );
 }
 
+/// The gateway's standard error once it holds `needle` (its log lines are written in
+/// batches, at most `logs::FLUSH_EVERY` late); fails after `WAIT`.
+async fn logged(running: &Running, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let logs = running.stderr.lock().unwrap().clone();
+        if logs.contains(needle) {
+            return logs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needle:?}:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn post_chat(addr: SocketAddr) -> (StatusCode, String) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
@@ -2041,7 +2058,10 @@ async fn the_binary_guards_itself_as_configured() {
     let (status, body) = post_chat(addr).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(provider.stats().total().requests, 1);
-    assert!(!running.stderr.lock().unwrap().contains(TOKEN));
+    // Once the forwarded request's line is written (log lines go out in batches), no line
+    // holds the token.
+    let logs = logged(&running, "forwarded").await;
+    assert!(!logs.contains(TOKEN), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2453,19 +2473,9 @@ async fn request_ids_go_upstream_and_into_json_logs() {
         .unwrap();
     let res = timeout(WAIT, client.request(req)).await.unwrap().unwrap();
     assert_eq!(res.status(), 200);
-    let deadline = Instant::now() + WAIT;
-    let line = loop {
-        let logs = running.stderr.lock().unwrap().clone();
-        if let Some(line) = logs.lines().find(|l| l.contains("trace-me-7")) {
-            break line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no log line with the id:\n{logs}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let entry: Value = serde_json::from_str(&line).unwrap();
+    let logs = logged(&running, "trace-me-7").await;
+    let line = logs.lines().find(|l| l.contains("trace-me-7")).unwrap();
+    let entry: Value = serde_json::from_str(line).unwrap();
     assert_eq!(entry["fields"]["request_id"], "trace-me-7", "{line}");
     assert_eq!(entry["fields"]["status"], 200, "{line}");
     assert_eq!(entry["fields"]["message"], "forwarded", "{line}");
@@ -2789,4 +2799,73 @@ async fn the_status_page_shows_a_cooling_key_with_its_countdown() {
         "{dom}"
     );
     assert!(!dom.contains("gsk_"), "a key on the page:\n{dom}");
+}
+
+/// The log's lines wait in one batch: written whole when a warning comes (after the lines
+/// before it, in order), when the batch is full, or when flushed (as at the gateway's stop),
+/// and never one `write` per line. (The binary's thread writes it by time too, at most
+/// `FLUSH_EVERY` after its first line; `BatchedLog::new` has no such thread.)
+#[test]
+fn log_lines_are_written_in_batches_in_order() {
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<String>>>);
+    impl std::io::Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let text = String::from_utf8_lossy(buf).into_owned();
+            self.0.lock().unwrap().push(text);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let writes = Writes::default();
+    let log = gateway::logs::BatchedLog::new(Box::new(writes.clone()));
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(log.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .finish();
+    let count = || writes.0.lock().unwrap().len();
+    tracing::subscriber::with_default(subscriber, || {
+        for i in 0..100 {
+            tracing::info!(i, "forwarded");
+        }
+        assert_eq!(count(), 0, "an info line waits for the batch");
+        tracing::warn!("upstream unreachable");
+        assert_eq!(
+            count(),
+            1,
+            "a warning writes the batch and itself, in one write"
+        );
+        let first = writes.0.lock().unwrap()[0].clone();
+        let lines: Vec<&str> = first.lines().collect();
+        assert_eq!(lines.len(), 101, "{first}");
+        for (i, line) in lines[..100].iter().enumerate() {
+            assert!(line.ends_with(&format!("forwarded i={i}")), "{line}");
+        }
+        assert!(lines[100].contains("WARN") && lines[100].ends_with("upstream unreachable"));
+
+        tracing::info!("after the warning");
+        assert_eq!(count(), 1);
+        log.flush();
+        assert_eq!(count(), 2, "a flush writes what waits");
+        assert!(writes.0.lock().unwrap()[1].ends_with("after the warning\n"));
+        log.flush();
+        assert_eq!(count(), 2, "nothing waits: no write");
+
+        // A full batch is written without a flush.
+        let long = "x".repeat(1000);
+        let mut sent = 0;
+        while count() == 2 {
+            assert!(
+                sent < 2 * gateway::logs::BATCH_BYTES / 1000,
+                "never written"
+            );
+            tracing::info!(long, "forwarded");
+            sent += 1;
+        }
+        assert!(sent >= gateway::logs::BATCH_BYTES / 1100, "{sent} lines");
+        assert_eq!(writes.0.lock().unwrap()[2].lines().count(), sent);
+    });
 }

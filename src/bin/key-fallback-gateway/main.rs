@@ -155,6 +155,8 @@ use tower_key_fallback::{
 };
 
 // `GET /metrics`: a `metrics` recorder that writes Prometheus text.
+#[path = "logs.rs"]
+pub mod logs;
 #[path = "prometheus.rs"]
 mod prometheus;
 
@@ -2136,8 +2138,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let batched = logs::BatchedLog::stderr();
     let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(batched.clone())
         .with_max_level(config.log_level);
     match config.log_format {
         LogFormat::Text => logs.init(),
@@ -2171,6 +2174,7 @@ fn main() -> ExitCode {
             Err(panicked) => Err(format!("the gateway stopped: {panicked}").into()),
         }
     });
+    batched.flush();
     match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
