@@ -634,9 +634,6 @@ def report(args, rounds, streams, starts):
     gw_ns = sum(r["gateway"]["gw_ns_ms"] for r in rounds) / len(rounds)
     fp_ns = sum(r["gateway"]["fp_ns_ms"] for r in rounds) / len(rounds)
     cpu_ratio = gw_ms / fp_ms if fp_ms else float("inf")
-    # VmHWM can lag VmRSS a little (the kernel folds per-thread counts in now and then).
-    peak = max(streams["hwm_kib"], streams["open_kib"] or 0)
-    per_stream = (peak - streams["idle_kib"]) / args.streams
     print()
     print(f"throughput: {args.requests} requests, {args.concurrency} in flight, "
           f"after {args.warmup} of warm-up, {args.rounds} rounds, client {args.client_lib}")
@@ -651,28 +648,37 @@ def report(args, rounds, streams, starts):
         client = f"{d['client_ms']:.3f} / {g['client_ms']:.3f}"
         print(f"{i + 1:>5} {d['rps']:>12.0f} {g['rps']:>13.0f} {ratios[i]:>6.3f} "
               f"{gw:>15} {fp:>15} {client:>13}")
-    print(f"SSE: {args.streams} streams, {args.stream_interval_ms} ms between events: "
-          f"{streams['done']} ended with data: [DONE], at most {streams['max_live']} open at "
-          f"once, in {streams['elapsed']:.1f} s; gateway VmRSS idle {streams['idle_kib']} KiB, "
-          f"with all open {streams['open_kib']} KiB, VmHWM {streams['hwm_kib']} KiB")
-    if streams["error_count"]:
-        print(f"SSE errors ({streams['error_count']}): {streams['errors']}")
-    print("startup ms: " + ", ".join(f"{s:.1f}" for s in starts))
-    print()
     rows = [
         ("throughput gateway / direct (median)", f"{ratio:.3f}", ">= 0.95", ratio >= 0.95),
         ("CPU ms/request gateway", f"{gw_ms:.3f}", "", None),
         ("CPU ms/request fake provider", f"{fp_ms:.3f}", "", None),
         ("CPU gateway / provider", f"{cpu_ratio:.2f}", "<= 2", cpu_ratio <= 2),
         ("  the same from schedstat", f"{gw_ns / fp_ns:.2f}", "<= 2", gw_ns / fp_ns <= 2),
-        ("SSE streams completed", f"{streams['done']}/{args.streams}",
-         f"{args.streams}/{args.streams}", streams["done"] == args.streams),
-        ("SSE streams open at once (max)", f"{streams['max_live']}",
-         f"{args.streams}", streams["max_live"] == args.streams),
-        ("gateway memory per open stream", f"{per_stream:.1f} KiB", "", None),
-        ("  peak - idle, all streams", f"{peak - streams['idle_kib']} KiB", "", None),
-        ("startup to first 200 (median)", f"{statistics.median(starts):.1f} ms", "", None),
     ]
+    if streams is not None:
+        # VmHWM can lag VmRSS a little (the kernel folds per-thread counts in now and then).
+        peak = max(streams["hwm_kib"], streams["open_kib"] or 0)
+        per_stream = (peak - streams["idle_kib"]) / args.streams
+        print(f"SSE: {args.streams} streams, {args.stream_interval_ms} ms between events: "
+              f"{streams['done']} ended with data: [DONE], at most {streams['max_live']} open "
+              f"at once, in {streams['elapsed']:.1f} s; gateway VmRSS idle "
+              f"{streams['idle_kib']} KiB, with all open {streams['open_kib']} KiB, VmHWM "
+              f"{streams['hwm_kib']} KiB")
+        if streams["error_count"]:
+            print(f"SSE errors ({streams['error_count']}): {streams['errors']}")
+        rows += [
+            ("SSE streams completed", f"{streams['done']}/{args.streams}",
+             f"{args.streams}/{args.streams}", streams["done"] == args.streams),
+            ("SSE streams open at once (max)", f"{streams['max_live']}",
+             f"{args.streams}", streams["max_live"] == args.streams),
+            ("gateway memory per open stream", f"{per_stream:.1f} KiB", "", None),
+            ("  peak - idle, all streams", f"{peak - streams['idle_kib']} KiB", "", None),
+        ]
+    if starts:
+        print("startup ms: " + ", ".join(f"{s:.1f}" for s in starts))
+        rows.append(("startup to first 200 (median)", f"{statistics.median(starts):.1f} ms",
+                     "", None))
+    print()
     width = max(len(r[0]) for r in rows)
     print(f"{'figure':<{width}}  {'measured':>12}  {'target':>9}  result")
     for name, value, target, ok in rows:
@@ -692,11 +698,11 @@ def main():
                         "sends with); the last two need pip install")
     parser.add_argument("--rounds", type=int, default=5,
                         help="direct and gateway measured alternately, this many times each")
-    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--streams", type=int, default=1000, help="0: no stream figures")
     parser.add_argument("--stream-interval-ms", type=int, default=1000,
                         help="pause between the fake provider's events (9 per stream)")
     parser.add_argument("--sse-timeout", type=float, default=60.0)
-    parser.add_argument("--startup-runs", type=int, default=5)
+    parser.add_argument("--startup-runs", type=int, default=5, help="0: no startup figure")
     # Internal: the client process.
     parser.add_argument("--client", choices=["throughput", "sse"], help=argparse.SUPPRESS)
     parser.add_argument("--addr", help=argparse.SUPPRESS)
@@ -716,10 +722,14 @@ def main():
         print(f"process logs in {logdir}", flush=True)
         print("throughput ...", flush=True)
         rounds = throughput(procs, bins, args)
-        print("SSE streams ...", flush=True)
-        streams = sse(procs, bins, args)
-        print("startup ...", flush=True)
-        starts = startup(procs, bins, args)
+        streams = None
+        if args.streams > 0:
+            print("SSE streams ...", flush=True)
+            streams = sse(procs, bins, args)
+        starts = []
+        if args.startup_runs > 0:
+            print("startup ...", flush=True)
+            starts = startup(procs, bins, args)
         report(args, rounds, streams, starts)
     except Broke as err:
         print(f"gateway-load: broke: {err}", file=sys.stderr)
