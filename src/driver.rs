@@ -434,7 +434,7 @@ impl Driver {
             key: shared.pool.label(self.key),
             attempt: self.count,
         });
-        shared.pool.sending(self.key, self.lane(shared));
+        shared.pool.sending(self.key, self.lane(shared), &cred);
         if let Some(name) = shared.config.credential_header() {
             headers.insert(name.clone(), cred.value.get().clone());
             if let Some(param) = &shared.config.strip_query {

@@ -710,15 +710,13 @@ impl Pool {
         }
     }
 
-    /// An attempt with key `i` in `lane` goes out: told to the observer, for replicas to
-    /// count it against the provider's window.
-    pub(crate) fn sending(&self, i: usize, lane: &Lane) {
+    /// An attempt with key `i` in `lane` goes out with `cred` (what [`begin`](Self::begin)
+    /// gave it): told to the observer, for replicas to count it against the provider's
+    /// window.
+    pub(crate) fn sending(&self, i: usize, lane: &Lane, cred: &Cred) {
         if let Some(bucket) = shared_bucket(lane) {
-            let slot = &self.slots[i];
-            // Borrowed from the credential, not counted: this is on every request.
-            let cred = slot.cred.load();
             self.events.on_event(&KeyEvent::Spending {
-                key: &slot.label,
+                key: &self.slots[i].label,
                 fingerprint: &cred.fingerprint,
                 bucket,
             });

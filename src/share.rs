@@ -1231,7 +1231,7 @@ mod tests {
         }
         let overflow = p.lanes.lane("model-65", || now);
         assert_eq!(overflow.name.as_deref(), Some(crate::budget::OVERFLOW));
-        p.sending(0, &overflow);
+        p.sending(0, &overflow, &p.begin(0));
         let sent = queue.take(1);
 
         // Another replica knows key-1's default window: 2 left of 5.
