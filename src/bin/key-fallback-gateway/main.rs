@@ -1780,7 +1780,8 @@ pub struct Config {
     pub threads: usize,
 }
 
-/// How the logs on stderr are written (`--log-format`, `GATEWAY_LOG_FORMAT`).
+/// How the logs on stderr are written (`--log-format`, `GATEWAY_LOG_FORMAT`); either way in
+/// batches ([`logs`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogFormat {
     /// Lines for people.
