@@ -615,7 +615,7 @@ impl Lanes {
         self.end_probe(b, t, opened);
         // The report is taken before the request counts as done, so that no claim in
         // between sees one request fewer in flight and the report not yet in.
-        let found = report.and_then(|r| self.take_report(lane, o, t, r, now()));
+        let found = report.and_then(|r| self.take_report(lane, o, r, now()));
         b.done.fetch_add(1, SeqCst);
         if t.cost > 0 {
             b.reserved.fetch_sub(u64::from(t.cost), SeqCst);
@@ -623,24 +623,10 @@ impl Lanes {
         found
     }
 
-    fn take_report(
-        &self,
-        lane: &Lane,
-        o: usize,
-        t: Ticket,
-        report: &Report,
-        now: u64,
-    ) -> Option<usize> {
+    fn take_report(&self, lane: &Lane, o: usize, report: &Report, now: u64) -> Option<usize> {
         let b = &lane.budgets[o];
         // Before the report replaces the last one: did more go than this key sent?
-        let spent_by_others = self.spent_by_others(
-            o,
-            b,
-            &report.requests,
-            report.refused,
-            u64::from(t.ticket),
-            now,
-        );
+        let spent_by_others = self.spent_by_others(o, b, &report.requests, report.refused, now);
         let base = b.done.load(SeqCst);
         let cap = self.max_wait;
         let taken = b.requests.apply(&report.requests, base, true, now, cap)
@@ -672,17 +658,12 @@ impl Lanes {
     }
 
     /// Whether a report says the key's window went down by more than its own requests: the
-    /// last report's count less the new one, against the requests sent between them (or, as
-    /// the first report of a window, the limit less the count against those in flight).
-    fn spent_by_others(
-        &self,
-        o: usize,
-        b: &Budget,
-        w: &Window,
-        refused: bool,
-        ticket: u64,
-        now: u64,
-    ) -> bool {
+    /// last report's count less the new one, against every request sent since the last
+    /// report came, those in flight then included (or, as the first report of a window, the
+    /// limit less the count against those in flight). Every one of them, not only those sent
+    /// before the request reporting: requests reach the provider in another order than they
+    /// were claimed (over other connections), so one claimed later may be counted first.
+    fn spent_by_others(&self, o: usize, b: &Budget, w: &Window, refused: bool, now: u64) -> bool {
         // A declared group spends one budget by design.
         let Some(remaining) = w.remaining.filter(|_| self.members[o].len() == 1) else {
             return false;
@@ -696,7 +677,8 @@ impl Lanes {
         }
         match b.requests.current(now) {
             Some((last, reporter)) => {
-                let own = since(ticket, reporter);
+                // The last ticket claimed: `sent` counts the claims.
+                let own = since(sent_here.wrapping_sub(1), reporter);
                 own < 1 << 31 && last.saturating_sub(remaining) > own
             }
             // The first report of a window: only a new window of the provider's own (the last

@@ -307,3 +307,25 @@ async fn a_token_budget_passes_over_a_key_without_tokens_left() {
     );
     assert_eq!(after, 0);
 }
+
+/// Keys with limits of their own are never said to share one, however their requests are
+/// reordered on the way: with 16 in flight over 16 connections, a request claimed later often
+/// reaches the provider first, and its count must not read as another key's spending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn independent_keys_are_never_said_to_share_a_limit() {
+    let mut builder = FakeProvider::builder();
+    for i in 1..=4 {
+        builder = builder.key(format!("gsk_cap{i}"), Behavior::Ok);
+    }
+    let provider = builder.build();
+    let server = provider.serve_ephemeral().await.unwrap();
+    let (svc, handle) = layered(KeyFallbackLayer::builder(keys(4)));
+    for _ in 0..10 {
+        let run = burst(&svc, 1000, 16, |_| chat(&server, "m", 8)).await;
+        assert_eq!(run.ok, 1000);
+    }
+    let status = handle.status();
+    let requests: Vec<u64> = status.keys.iter().map(|k| k.requests).collect();
+    println!("4 keys of their own, 10,000 requests, 16 in flight: {requests:?} per key");
+    assert_eq!(status.shared_limits, [], "{requests:?}");
+}
