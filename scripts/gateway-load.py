@@ -43,7 +43,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fake provider's keys report a daily allowance of 14,400 requests, which the gateway's pool
 # honours (Budgets in the README): its keys are several, so that a run stays within them.
 KEY = "gsk_fake_direct"
+# The gateway's keys: at least 4, and enough for the run (see `gateway_keys`).
 GATEWAY_KEYS = [f"gsk_fake_gateway_{i}" for i in range(1, 5)]
+
+
+def gateway_keys(requests):
+    """Keys enough that none is sent 10,000 of the run's `requests`: past 14,399 the fake
+    provider reports 1 request left of its day (and serves on), and the pool rations a key
+    that says so, one request in flight at a time."""
+    n = max(4, -(-requests // 10_000))
+    return [f"gsk_fake_gateway_{i}" for i in range(1, n + 1)]
 BODY = b'{"model":"llama-3.1-8b-instant","messages":[{"role":"user","content":"Hi"}]}'
 STREAM_BODY = (
     b'{"model":"llama-3.1-8b-instant","stream":true,'
@@ -714,6 +723,8 @@ def main():
     if not sys.platform.startswith("linux"):
         print("gateway-load.py reads /proc: Linux only", file=sys.stderr)
         return 1
+    global GATEWAY_KEYS
+    GATEWAY_KEYS = gateway_keys(args.rounds * (args.warmup + args.requests))
     raise_nofile(args.streams)
     logdir = tempfile.mkdtemp(prefix="gateway-load-")
     procs = Procs(logdir)
