@@ -97,8 +97,10 @@ const ANSWER: [&str; 6] = ["Hello", " from", " the", " fake", " provider", "."];
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Behavior {
-    /// Serves every request. The rate-limit headers show a daily allowance that never runs
-    /// out (`x-ratelimit-remaining-requests` never reaches 0).
+    /// Serves every request. Its rate-limit headers count down a daily allowance of 14,400
+    /// requests and stay at 1 left from the 14,399th request on (never 0, so no answer reads
+    /// as a drained key): a pool that reads them is right to hold the key back from there, so
+    /// a test that sends more through one key than that needs more keys.
     Ok,
     /// Serves `requests` requests per `window`, then answers `429 Too Many Requests` with
     /// `retry-after` (whole seconds until the window ends, rounded up), the `x-ratelimit-*`
