@@ -77,6 +77,8 @@ struct Dim {
     asserted: AtomicU64,
     /// When the current report was taken (ms).
     at: AtomicU64,
+    /// The current word is a declared window (`declare`), not a provider's report.
+    declared: AtomicU64,
     writing: Mutex<()>,
 }
 
@@ -88,6 +90,7 @@ impl Dim {
             limit: AtomicU64::new(0),
             asserted: AtomicU64::new(0),
             at: AtomicU64::new(0),
+            declared: AtomicU64::new(0),
             writing: Mutex::new(()),
         }
     }
@@ -146,6 +149,7 @@ impl Dim {
         let asserted = w.reset.is_some_and(|d| d <= cap);
         self.asserted.store(u64::from(asserted), SeqCst);
         self.at.store(now, SeqCst);
+        self.declared.store(0, SeqCst);
         self.reset.store(reset, SeqCst);
         self.word.store(pack(remaining, base), SeqCst);
         true
@@ -165,6 +169,7 @@ impl Dim {
             return;
         }
         self.asserted.store(0, SeqCst);
+        self.declared.store(1, SeqCst);
         self.reset.store(now.saturating_add(ms(window)), SeqCst);
         self.word.store(pack(n, done.wrapping_sub(1)), SeqCst);
         self.limit.fetch_max(n, SeqCst);
@@ -675,7 +680,12 @@ impl Lanes {
         if refused && remaining == 0 && w.limit.is_some_and(|limit| sent_here <= limit) {
             return true;
         }
-        match b.requests.current(now) {
+        // A declared window is this process's guess, as a first report's is.
+        let current = b
+            .requests
+            .current(now)
+            .filter(|_| b.requests.declared.load(SeqCst) == 0);
+        match current {
             Some((last, reporter)) => {
                 // The last ticket claimed: `sent` counts the claims.
                 let own = since(sent_here.wrapping_sub(1), reporter);

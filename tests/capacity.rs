@@ -329,3 +329,37 @@ async fn independent_keys_are_never_said_to_share_a_limit() {
     println!("4 keys of their own, 10,000 requests, 16 in flight: {requests:?} per key");
     assert_eq!(status.shared_limits, [], "{requests:?}");
 }
+
+/// A declared limit is this process's guess, as the `None` branch of `spent_by_others` says:
+/// a key whose provider window was partly spent before this process started (by an earlier
+/// run) is not sharing a limit with another key when its first report comes in below the
+/// declared count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_limit_above_the_first_report_is_no_shared_limit() {
+    let limited = Behavior::RateLimited {
+        requests: 100,
+        window: Duration::from_secs(60),
+    };
+    let provider = FakeProvider::builder()
+        .key("gsk_cap1", limited.clone())
+        .key("gsk_cap2", limited)
+        .build();
+    let server = provider.serve_ephemeral().await.unwrap();
+    // An earlier run of the gateway spent 40 of key 2's window.
+    let (earlier, _) = layered(KeyFallbackLayer::builder(
+        KeySet::new(["gsk_cap2".to_owned()]).unwrap(),
+    ));
+    assert_eq!(
+        burst(&earlier, 40, 1, |_| chat(&server, "m", 8)).await.ok,
+        40
+    );
+    let builder = KeyFallbackLayer::builder(keys(2))
+        .limits(Limits::new().requests_per_minute(100))
+        .round_robin()
+        .probe_wait(Duration::ZERO);
+    let (svc, handle) = layered(builder);
+    assert_eq!(burst(&svc, 4, 1, |_| chat(&server, "m", 8)).await.ok, 4);
+    let status = handle.status();
+    let requests: Vec<u64> = status.keys.iter().map(|k| k.requests).collect();
+    assert_eq!(status.shared_limits, [], "{requests:?}");
+}
