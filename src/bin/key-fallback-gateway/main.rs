@@ -2175,6 +2175,9 @@ fn main() -> ExitCode {
             Err(panicked) => Err(format!("the gateway stopped: {panicked}").into()),
         }
     });
+    // The tasks still running (connections past the grace, their logging) end with the
+    // runtime; then the last log lines are written.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     batched.flush();
     match ran {
         Ok(()) => ExitCode::SUCCESS,
