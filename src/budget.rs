@@ -218,6 +218,15 @@ struct Budget {
     /// When the window a report (or a declared limit) said was spent ends: the first claim
     /// from then on makes the lane half-open.
     spent_until: AtomicU64,
+    /// Requests that ended with a report from their answer; `done` less this is those that
+    /// ended with none (dropped by their client, failed, answered without rate-limit
+    /// headers). Such a request counts as ended in the next report's base, yet the provider
+    /// may count it after that report (see `Lanes::spent_by_others`).
+    reported: AtomicU64,
+    /// How many had ended with no report when the current requests report was taken, and
+    /// when the one before it was.
+    quiet_at: AtomicU64,
+    quiet_before: AtomicU64,
 }
 
 /// `Budget::probe` of a half-open lane whose probe has not gone.
@@ -235,6 +244,9 @@ impl Budget {
             probe: AtomicU64::new(0),
             last_cool: AtomicU64::new(0),
             spent_until: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
+            quiet_at: AtomicU64::new(0),
+            quiet_before: AtomicU64::new(0),
         }
     }
 
@@ -622,6 +634,10 @@ impl Lanes {
         // between sees one request fewer in flight and the report not yet in.
         let found = report.and_then(|r| self.take_report(lane, o, r, now()));
         b.done.fetch_add(1, SeqCst);
+        // After `done`, so that `done - reported` is never below the count it stands for.
+        if report.is_some() {
+            b.reported.fetch_add(1, SeqCst);
+        }
         if t.cost > 0 {
             b.reserved.fetch_sub(u64::from(t.cost), SeqCst);
         }
@@ -634,8 +650,13 @@ impl Lanes {
         let spent_by_others = self.spent_by_others(o, b, &report.requests, report.refused, now);
         let base = b.done.load(SeqCst);
         let cap = self.max_wait;
-        let taken = b.requests.apply(&report.requests, base, true, now, cap)
-            | b.tokens.apply(&report.tokens, base, false, now, cap);
+        let requests_taken = b.requests.apply(&report.requests, base, true, now, cap);
+        if requests_taken {
+            b.quiet_before.store(b.quiet_at.load(SeqCst), SeqCst);
+            b.quiet_at
+                .store(base.saturating_sub(b.reported.load(SeqCst)), SeqCst);
+        }
+        let taken = requests_taken | b.tokens.apply(&report.tokens, base, false, now, cap);
         if let Some(limit) = report.requests.limit {
             lane.seen_limit.fetch_max(limit, SeqCst);
         }
@@ -685,11 +706,15 @@ impl Lanes {
             .requests
             .current(now)
             .filter(|_| b.requests.declared.load(SeqCst) == 0);
+        // Requests that ended with no report since the report before the current one: counted
+        // as ended in the current one's base, yet perhaps counted by the provider after it.
+        let quiet_now = b.done.load(SeqCst).saturating_sub(b.reported.load(SeqCst));
+        let quiet = quiet_now.saturating_sub(b.quiet_before.load(SeqCst));
         match current {
             Some((last, reporter)) => {
                 // The last ticket claimed: `sent` counts the claims.
                 let own = since(sent_here.wrapping_sub(1), reporter);
-                own < 1 << 31 && last.saturating_sub(remaining) > own
+                own < 1 << 31 && last.saturating_sub(remaining) > own.saturating_add(quiet)
             }
             // The first report of a window: only a new window of the provider's own (the last
             // one ended at the reset the provider gave) already spent beyond what is in
@@ -699,9 +724,10 @@ impl Lanes {
                 let provider_window = b.requests.asserted.load(SeqCst) == 1;
                 // This request is still counted in flight: its end is counted after this.
                 let in_flight = b.sent.load(SeqCst).wrapping_sub(b.done.load(SeqCst));
+                let own = in_flight.saturating_add(quiet);
                 provider_window
                     && w.limit
-                        .is_some_and(|limit| limit.saturating_sub(remaining) > in_flight)
+                        .is_some_and(|limit| limit.saturating_sub(remaining) > own)
             }
         }
     }
@@ -950,4 +976,64 @@ pub(crate) struct BudgetView {
     pub(crate) tokens: Option<(u64, u64)>,
     pub(crate) in_flight: u64,
     pub(crate) blocked_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(remaining: u64) -> Report {
+        Report {
+            requests: Window {
+                limit: Some(100),
+                remaining: Some(remaining),
+                reset: Some(Duration::from_secs(60)),
+            },
+            ..Report::default()
+        }
+    }
+
+    fn taken(claim: Claim) -> Ticket {
+        match claim {
+            Claim::Yes(ticket) => ticket,
+            other => panic!("not taken: {other:?}"),
+        }
+    }
+
+    /// A request that ends without a report (its client dropped it, or its answer carried no
+    /// rate-limit headers) may still be counted by the provider after the report that comes
+    /// next; the drop it makes in the count after that is this key's own, no one else's.
+    #[test]
+    fn a_request_ended_without_a_report_is_no_other_keys_spending() {
+        let lanes = Lanes::new(
+            2,
+            &[],
+            vec![Limits::default(); 2],
+            Duration::from_secs(3600),
+        );
+        let lane = lanes.default.clone();
+        let now = || 1_000;
+        // Key 2 reports a window of its own, of the same limit: 99 of 100 left.
+        let t = taken(lanes.claim(&lane, 1, None, true, now));
+        assert_eq!(
+            lanes.finish(&lane, 1, t, Some(&report(99)), true, now),
+            None
+        );
+        // Key 1 sends L, then R. The provider counts L (99 left), then R; R's client drops
+        // it before L's answer is in.
+        let l = taken(lanes.claim(&lane, 0, None, true, now));
+        let r = taken(lanes.claim(&lane, 0, None, true, now));
+        assert_eq!(lanes.finish(&lane, 0, r, None, false, now), None);
+        assert_eq!(
+            lanes.finish(&lane, 0, l, Some(&report(99)), true, now),
+            None
+        );
+        // M: the provider has counted L, R and M.
+        let m = taken(lanes.claim(&lane, 0, None, true, now));
+        assert_eq!(
+            lanes.finish(&lane, 0, m, Some(&report(97)), true, now),
+            None
+        );
+        assert_eq!(lanes.noticed(), []);
+    }
 }
