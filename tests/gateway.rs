@@ -2443,6 +2443,12 @@ async fn request_ids_go_upstream_and_into_json_logs() {
         let made = head["x-request-id"].to_str().unwrap().to_owned();
         assert!(made.starts_with("gw-") && made.len() == 27, "{made}");
         assert!(
+            made[3..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "{made}"
+        );
+        assert!(
             echoed.contains(&format!("x-request-id: {made}\n")),
             "{echoed}"
         );
@@ -2450,6 +2456,14 @@ async fn request_ids_go_upstream_and_into_json_logs() {
     let (_, a, _) = request(addr, "POST", "/openai/v1/models", &[]).await;
     let (_, b, _) = request(addr, "POST", "/openai/v1/models", &[]).await;
     assert_ne!(a["x-request-id"], b["x-request-id"]);
+    // The process's prefix, then a counter: the next request's id is one more.
+    let (a, b) = (
+        a["x-request-id"].to_str().unwrap(),
+        b["x-request-id"].to_str().unwrap(),
+    );
+    assert_eq!(a[..19], b[..19], "{a} {b}");
+    let count = |id: &str| u32::from_str_radix(&id[19..], 16).unwrap();
+    assert_eq!(count(b), count(a) + 1, "{a} {b}");
 
     // The binary's JSON logs.
     let provider = FakeProvider::builder()
