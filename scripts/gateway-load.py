@@ -13,6 +13,9 @@ process of its own on 127.0.0.1 (ports from port 0), and measures:
    Gateway throughput as a ratio of direct (target >= 0.95), and CPU time per request of the
    gateway process against the fake provider process in the same run, from
    /proc/PID/stat utime+stime read around the measured phase (target <= 2x).
+   With --bare-proxy, each round also goes through `examples/bare_proxy.rs` (no pool, no
+   routes, no limits, no logs: the least a proxy that reads the body whole can be), as a
+   yardstick for what any proxy in between costs on this machine.
 2. 1,000 concurrent SSE streams through one fresh gateway process: how many end with
    `data: [DONE]`, and the gateway's peak memory per open stream ((VmHWM - idle VmRSS)
    / 1,000).
@@ -444,6 +447,11 @@ def gateway_argv(bins):
     return [bins["gateway"], "--listen", "127.0.0.1:0"]
 
 
+def start_bare_proxy(procs, bins, provider_addr):
+    proc = procs.spawn("bare_proxy", [bins["bare"], f"http://{provider_addr}"], clean_env())
+    return proc, addr_of(read_line_with(proc, "listening on http://", 30))
+
+
 def start_gateway(procs, bins, provider_addr):
     proc = procs.spawn("gateway", gateway_argv(bins), gateway_env(provider_addr))
     return proc, addr_of(read_line_with(proc, "listening on http://", 30))
@@ -487,25 +495,32 @@ def run_client(argv, on_signal, expect, timeout):
 def throughput(procs, bins, args):
     provider, provider_addr = start_provider(procs, bins)
     gateway, gateway_addr = start_gateway(procs, bins, provider_addr)
+    # The process between client and provider whose CPU is read: the gateway, or the bare
+    # proxy in its rounds (in direct rounds, the idle gateway).
+    targets = [("direct", provider_addr, gateway), ("gateway", gateway_addr, gateway)]
+    bare = None
+    if args.bare_proxy:
+        bare, bare_addr = start_bare_proxy(procs, bins, provider_addr)
+        targets.append(("bare", bare_addr, bare))
     tick = os.sysconf("SC_CLK_TCK")
     rounds = []
     for _ in range(args.rounds):
         row = {}
-        for target, addr in (("direct", provider_addr), ("gateway", gateway_addr)):
+        for target, addr, middle in targets:
             before = {}
 
-            def go(client, before=before):
-                before["gw"] = cpu_ticks(gateway.pid)
+            def go(client, before=before, middle=middle):
+                before["gw"] = cpu_ticks(middle.pid)
                 before["fp"] = cpu_ticks(provider.pid)
-                before["gw_ns"] = cpu_ns(gateway.pid)
+                before["gw_ns"] = cpu_ns(middle.pid)
                 before["fp_ns"] = cpu_ns(provider.pid)
                 client.stdin.write(b"go\n")
                 client.stdin.flush()
 
             result = run_client(client_argv("throughput", addr, args), go, "warm", 180)
-            gw = cpu_ticks(gateway.pid) - before["gw"]
+            gw = cpu_ticks(middle.pid) - before["gw"]
             fp = cpu_ticks(provider.pid) - before["fp"]
-            gw_ns = cpu_ns(gateway.pid) - before["gw_ns"]
+            gw_ns = cpu_ns(middle.pid) - before["gw_ns"]
             fp_ns = cpu_ns(provider.pid) - before["fp_ns"]
             ok = result["statuses"].get("200", 0)
             if ok != args.requests:
@@ -522,6 +537,8 @@ def throughput(procs, bins, args):
             }
         rounds.append(row)
     procs.stop(gateway)
+    if bare is not None:
+        procs.stop(bare)
     procs.stop(provider)
     return rounds
 
@@ -604,11 +621,13 @@ def build(args):
     bins = {
         "gateway": os.path.join(target, "release", "key-fallback-gateway"),
         "provider": os.path.join(target, "release", "examples", "fake_provider"),
+        "bare": os.path.join(target, "release", "examples", "bare_proxy"),
     }
     if not args.no_build:
         cmd = [
             "cargo", "build", "--release", "--features", "gateway",
             "--bin", "key-fallback-gateway", "--example", "fake_provider",
+            "--example", "bare_proxy",
         ]
         print("building:", " ".join(cmd), flush=True)
         if subprocess.run(cmd, cwd=REPO).returncode != 0:
@@ -643,6 +662,7 @@ def report(args, rounds, streams, starts):
     gw_ns = sum(r["gateway"]["gw_ns_ms"] for r in rounds) / len(rounds)
     fp_ns = sum(r["gateway"]["fp_ns_ms"] for r in rounds) / len(rounds)
     cpu_ratio = gw_ms / fp_ms if fp_ms else float("inf")
+    bare = args.bare_proxy
     print()
     print(f"throughput: {args.requests} requests, {args.concurrency} in flight, "
           f"after {args.warmup} of warm-up, {args.rounds} rounds, client {args.client_lib}")
@@ -655,8 +675,13 @@ def report(args, rounds, streams, starts):
         gw = f"{g['gw_ms']:.3f} ({g['gw_ns_ms']:.3f})"
         fp = f"{g['fp_ms']:.3f} ({g['fp_ns_ms']:.3f})"
         client = f"{d['client_ms']:.3f} / {g['client_ms']:.3f}"
-        print(f"{i + 1:>5} {d['rps']:>12.0f} {g['rps']:>13.0f} {ratios[i]:>6.3f} "
-              f"{gw:>15} {fp:>15} {client:>13}")
+        line = (f"{i + 1:>5} {d['rps']:>12.0f} {g['rps']:>13.0f} {ratios[i]:>6.3f} "
+                f"{gw:>15} {fp:>15} {client:>13}")
+        if bare:
+            b = r["bare"]
+            line += (f"   bare proxy {b['rps']:>6.0f} req/s, {b['rps'] / d['rps']:.3f}, "
+                     f"CPU {b['gw_ns_ms']:.3f} ms")
+        print(line)
     rows = [
         ("throughput gateway / direct (median)", f"{ratio:.3f}", ">= 0.95", ratio >= 0.95),
         ("CPU ms/request gateway", f"{gw_ms:.3f}", "", None),
@@ -664,6 +689,16 @@ def report(args, rounds, streams, starts):
         ("CPU gateway / provider", f"{cpu_ratio:.2f}", "<= 2", cpu_ratio <= 2),
         ("  the same from schedstat", f"{gw_ns / fp_ns:.2f}", "<= 2", gw_ns / fp_ns <= 2),
     ]
+    if bare:
+        bare_ratio = statistics.median(r["bare"]["rps"] / r["direct"]["rps"] for r in rounds)
+        bare_ms = sum(r["bare"]["gw_ticks"] for r in rounds) * 1000 / tick / total
+        bare_fp_ms = sum(r["bare"]["fp_ticks"] for r in rounds) * 1000 / tick / total
+        rows += [
+            ("yardstick: bare proxy / direct (median)", f"{bare_ratio:.3f}", "", None),
+            ("  CPU ms/request bare proxy", f"{bare_ms:.3f}", "", None),
+            ("  CPU bare proxy / provider", f"{bare_ms / bare_fp_ms:.2f}", "", None),
+            ("  gateway / bare proxy, throughput", f"{ratio / bare_ratio:.3f}", "", None),
+        ]
     if streams is not None:
         # VmHWM can lag VmRSS a little (the kernel folds per-thread counts in now and then).
         peak = max(streams["hwm_kib"], streams["open_kib"] or 0)
@@ -707,6 +742,8 @@ def main():
                         "sends with); the last two need pip install")
     parser.add_argument("--rounds", type=int, default=5,
                         help="direct and gateway measured alternately, this many times each")
+    parser.add_argument("--bare-proxy", action="store_true",
+                        help="each round also through examples/bare_proxy.rs, as a yardstick")
     parser.add_argument("--streams", type=int, default=1000, help="0: no stream figures")
     parser.add_argument("--stream-interval-ms", type=int, default=1000,
                         help="pause between the fake provider's events (9 per stream)")
