@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import resource
 import selectors
 import signal
@@ -650,6 +651,17 @@ def raise_nofile(streams):
         print(f"warning: RLIMIT_NOFILE is {soft}, {need} wanted", flush=True)
 
 
+def median_interval(values, resamples=2000, seed=13):
+    """The 95% interval of the median of `values`, by bootstrap (a fixed seed: the same
+    figures give the same interval)."""
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=n)) for _ in range(resamples)
+    )
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
+
 def report(args, rounds, streams, starts):
     tick = os.sysconf("SC_CLK_TCK")
     ratios = [r["gateway"]["rps"] / r["direct"]["rps"] for r in rounds]
@@ -682,19 +694,25 @@ def report(args, rounds, streams, starts):
             line += (f"   bare proxy {b['rps']:>6.0f} req/s, {b['rps'] / d['rps']:.3f}, "
                      f"CPU {b['gw_ns_ms']:.3f} ms")
         print(line)
+    low, high = median_interval(ratios)
     rows = [
         ("throughput gateway / direct (median)", f"{ratio:.3f}", ">= 0.95", ratio >= 0.95),
+        ("  95% interval of the median (bootstrap)", f"{low:.3f}-{high:.3f}", "", None),
         ("CPU ms/request gateway", f"{gw_ms:.3f}", "", None),
         ("CPU ms/request fake provider", f"{fp_ms:.3f}", "", None),
         ("CPU gateway / provider", f"{cpu_ratio:.2f}", "<= 2", cpu_ratio <= 2),
         ("  the same from schedstat", f"{gw_ns / fp_ns:.2f}", "<= 2", gw_ns / fp_ns <= 2),
     ]
     if bare:
-        bare_ratio = statistics.median(r["bare"]["rps"] / r["direct"]["rps"] for r in rounds)
+        bare_ratios = [r["bare"]["rps"] / r["direct"]["rps"] for r in rounds]
+        bare_ratio = statistics.median(bare_ratios)
+        bare_low, bare_high = median_interval(bare_ratios)
         bare_ms = sum(r["bare"]["gw_ticks"] for r in rounds) * 1000 / tick / total
         bare_fp_ms = sum(r["bare"]["fp_ticks"] for r in rounds) * 1000 / tick / total
         rows += [
             ("yardstick: bare proxy / direct (median)", f"{bare_ratio:.3f}", "", None),
+            ("  95% interval of the median (bootstrap)", f"{bare_low:.3f}-{bare_high:.3f}", "",
+             None),
             ("  CPU ms/request bare proxy", f"{bare_ms:.3f}", "", None),
             ("  CPU bare proxy / provider", f"{bare_ms / bare_fp_ms:.2f}", "", None),
             ("  gateway / bare proxy, throughput", f"{ratio / bare_ratio:.3f}", "", None),
