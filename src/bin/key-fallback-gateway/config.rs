@@ -242,7 +242,7 @@ pub fn parse(name: &str, text: &str) -> Result<FileConfig, String> {
                 // The gateway's own reading of a time; its error, which quotes the value, is
                 // left out.
                 Some(
-                    super::parse_duration("wait_for_key", w.get_ref()).map_err(|_| {
+                    super::cli::parse_duration("wait_for_key", w.get_ref()).map_err(|_| {
                         format!(
                             "{wait_at}: route {route_name}: wait_for_key is a time such as 500ms, \
                          10s or 2m"
