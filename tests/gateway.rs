@@ -2493,6 +2493,8 @@ async fn request_ids_go_upstream_and_into_json_logs() {
     assert_eq!(entry["fields"]["request_id"], "trace-me-7", "{line}");
     assert_eq!(entry["fields"]["status"], 200, "{line}");
     assert_eq!(entry["fields"]["message"], "forwarded", "{line}");
+    // The binary's name, whichever of its files logs the line.
+    assert_eq!(entry["target"], "key_fallback_gateway", "{line}");
     assert!(!line.contains("gsk_log_key"), "{line}");
 }
 
@@ -2882,4 +2884,42 @@ fn log_lines_are_written_in_batches_in_order() {
         assert!(sent >= gateway::logs::BATCH_BYTES / 1100, "{sent} lines");
         assert_eq!(writes.0.lock().unwrap()[2].lines().count(), sent);
     });
+}
+
+/// `logs::LineTime` writes what tracing-subscriber's `SystemTime` writes: read between two
+/// readings of `SystemTime`, its text lies between theirs (the text is fixed-width, so it sorts
+/// as the times do), across at least one change of second, when its kept part is made again.
+#[test]
+fn log_line_time_is_tracing_subscribers_time_formatted_once_a_second() {
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+    let format = |time: &dyn FormatTime| {
+        let mut text = String::new();
+        time.format_time(&mut Writer::new(&mut text)).unwrap();
+        text
+    };
+    let first = format(&SystemTime);
+    let started = Instant::now();
+    let (mut seconds_seen, mut checked) = (0, 0);
+    let mut last_second = first[..19].to_owned();
+    while seconds_seen < 1
+        && started.elapsed() < Duration::from_millis(2500)
+        && checked < 10_000_000
+    {
+        let before = format(&SystemTime);
+        let ours = format(&gateway::logs::LineTime);
+        let after = format(&SystemTime);
+        assert_eq!(ours.len(), before.len(), "{ours} {before}");
+        assert!(before <= ours && ours <= after, "{before} {ours} {after}");
+        assert!(ours.ends_with('Z') && ours.as_bytes()[19] == b'.', "{ours}");
+        if ours[..19] != last_second {
+            seconds_seen += 1;
+            last_second = ours[..19].to_owned();
+        }
+        checked += 1;
+    }
+    assert!(
+        seconds_seen >= 1,
+        "no change of second within 2.5 s ({checked} checked)"
+    );
 }

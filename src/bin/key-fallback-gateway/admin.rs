@@ -12,7 +12,7 @@ use http::{header, StatusCode};
 use tower_key_fallback::PoolStatus;
 
 use super::forward::{error, json};
-use super::{prometheus, Gateway};
+use super::{prometheus, Gateway, LOG_TARGET};
 
 /// Every route's status: the pool's status itself for the one route of the command line,
 /// `{"routes":{"groq":…,"openai":…}}` for the routes of a configuration file.
@@ -46,7 +46,7 @@ pub fn metrics_events(pool: Option<&str>) -> tower_key_fallback::MetricsEvents {
     static EVENTS: std::sync::OnceLock<std::sync::Mutex<Observers>> = std::sync::OnceLock::new();
     let observers = EVENTS.get_or_init(|| {
         if !prometheus::install() {
-            tracing::warn!("another metrics recorder is installed; GET /metrics shows none");
+            tracing::warn!(target: LOG_TARGET, "another metrics recorder is installed; GET /metrics shows none");
         }
         std::sync::Mutex::default()
     });

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::ServiceExt;
 use tower_key_fallback::Exhausted;
 
-use super::Served;
+use super::{Served, LOG_TARGET};
 
 /// Checks and normalizes an upstream base URL: `http://host[:port][/prefix]`, no query.
 ///
@@ -174,6 +174,7 @@ pub(crate) async fn forward(State(gw): State<Served>, req: Request) -> Response 
     // Logged when the head is back; a stream may go on for a while after. The path is
     // logged, the query not: it may hold anything.
     tracing::info!(
+        target: LOG_TARGET,
         request_id = id.to_str().unwrap_or("?"),
         upstream_request_id = upstream_id.as_ref().and_then(|v| v.to_str().ok()),
         method = method.as_str(),
@@ -298,7 +299,7 @@ fn bad_gateway(err: &(dyn std::error::Error + 'static)) -> Response {
         message.push_str(&e.to_string());
         source = e.source();
     }
-    tracing::warn!(error = %message, "upstream unreachable");
+    tracing::warn!(target: LOG_TARGET, error = %message, "upstream unreachable");
     error(
         StatusCode::BAD_GATEWAY,
         &message,

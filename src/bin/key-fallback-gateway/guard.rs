@@ -16,7 +16,7 @@ use http::uri::Uri;
 use http::{header, StatusCode};
 
 use super::forward::error;
-use super::Settings;
+use super::{Settings, LOG_TARGET};
 
 /// The hosts the gateway answers for, in `Host` and in `Origin`: `localhost` and every
 /// loopback IP address (`127.0.0.1`, `[::1]`, …) with any port, always, and those added with
@@ -355,6 +355,7 @@ pub(crate) async fn check_request(
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|ConnectInfo(peer)| peer.to_string());
             tracing::warn!(
+                target: LOG_TARGET,
                 method = %req.method(),
                 status = refusal.status.as_u16(),
                 code = refusal.code,

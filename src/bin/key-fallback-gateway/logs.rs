@@ -6,12 +6,19 @@
 //! it, so the lines keep their order. What waits when the gateway stops is written by
 //! [`BatchedLog::flush`]; a process killed outright loses at most its last [`FLUSH_EVERY`]
 //! of lines.
+//!
+//! Each line's time is written by [`LineTime`], the same text as tracing-subscriber's own
+//! `SystemTime` gives, formatted once a second instead of once a line.
 
+use std::cell::RefCell;
+use std::fmt;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use tracing::{Level, Metadata};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::MakeWriter;
 
 /// How long a line may wait before it is written.
@@ -149,5 +156,53 @@ impl<'a> MakeWriter<'a> for BatchedLog {
             log: self,
             now: *meta.level() <= Level::WARN || self.mode == Mode::AtOnce,
         }
+    }
+}
+
+/// The time at the start of a log line, `2026-12-02T03:12:21.093390Z` (UTC, microseconds),
+/// exactly as tracing-subscriber's [`SystemTime`] writes it. Its date and time up to the
+/// second are formatted by [`SystemTime`] itself, once a second (per thread), and kept; each
+/// line adds its microseconds. Formatting the whole time for every line was a quarter of what
+/// the access line cost (2,200 of 9,400 instructions).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineTime;
+
+thread_local! {
+    /// The second last formatted (seconds since the epoch) and its text up to the `.`.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+impl FormatTime for LineTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        let Ok(now) = std::time::SystemTime::now().duration_since(UNIX_EPOCH) else {
+            return SystemTime.format_time(w);
+        };
+        SECOND.with(|second| {
+            let mut second = second.borrow_mut();
+            if second.0 != now.as_secs() {
+                let mut text = String::with_capacity(32);
+                SystemTime.format_time(&mut Writer::new(&mut text))?;
+                let after = std::time::SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(u64::MAX, |d| d.as_secs());
+                match text.rfind('.') {
+                    // The instant it formatted lies between `now` and `after`: in `now`'s
+                    // second when both are.
+                    Some(dot) if after == now.as_secs() => {
+                        text.truncate(dot + 1);
+                        *second = (now.as_secs(), text);
+                    }
+                    _ => return w.write_str(&text),
+                }
+            }
+            w.write_str(&second.1)?;
+            let mut micros = *b"000000Z";
+            let mut n = now.subsec_micros();
+            for digit in micros[..6].iter_mut().rev() {
+                *digit = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+            w.write_str(std::str::from_utf8(&micros).expect("ASCII digits"))
+        })
     }
 }

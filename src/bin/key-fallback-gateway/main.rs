@@ -191,6 +191,10 @@ use guard::{check_request, Guard};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The target of the log lines written by the gateway's parts ([`forward`], [`guard`],
+/// [`admin`]): the binary's own name, as when they were one file.
+const LOG_TARGET: &str = "key_fallback_gateway";
+
 /// The listen address unless told otherwise: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// The keys' variable prefix unless told otherwise.
@@ -519,6 +523,7 @@ fn main() -> ExitCode {
     let batched = logs::BatchedLog::stderr();
     let logs = tracing_subscriber::fmt()
         .with_writer(batched.clone())
+        .with_timer(logs::LineTime)
         .with_max_level(config.log_level);
     match config.log_format {
         LogFormat::Text => logs.init(),
