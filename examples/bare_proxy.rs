@@ -56,7 +56,10 @@ async fn serve(authority: Authority) -> std::io::Result<()> {
     );
     std::io::stdout().write_all(line.as_bytes())?;
     std::io::stdout().flush()?;
-    let upstream: Upstream = Client::builder(TokioExecutor::new()).build_http();
+    // As the gateway's client: no Nagle delay on the upstream connections either.
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let upstream: Upstream = Client::builder(TokioExecutor::new()).build(connector);
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);

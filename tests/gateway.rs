@@ -2456,14 +2456,15 @@ async fn request_ids_go_upstream_and_into_json_logs() {
     let (_, a, _) = request(addr, "POST", "/openai/v1/models", &[]).await;
     let (_, b, _) = request(addr, "POST", "/openai/v1/models", &[]).await;
     assert_ne!(a["x-request-id"], b["x-request-id"]);
-    // The process's prefix, then a counter: the next request's id is one more.
+    // The process's prefix, then a counter: a later request's id is higher (other tests in
+    // this process forward requests too, so not necessarily by one).
     let (a, b) = (
         a["x-request-id"].to_str().unwrap(),
         b["x-request-id"].to_str().unwrap(),
     );
     assert_eq!(a[..19], b[..19], "{a} {b}");
     let count = |id: &str| u32::from_str_radix(&id[19..], 16).unwrap();
-    assert_eq!(count(b), count(a) + 1, "{a} {b}");
+    assert!(count(b) > count(a), "{a} {b}");
 
     // The binary's JSON logs.
     let provider = FakeProvider::builder()

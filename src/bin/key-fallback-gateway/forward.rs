@@ -177,8 +177,8 @@ pub(crate) async fn forward(State(gw): State<Served>, req: Request) -> Response 
         target: LOG_TARGET,
         request_id = id.to_str().unwrap_or("?"),
         upstream_request_id = upstream_id.as_ref().and_then(|v| v.to_str().ok()),
-        method = method.as_str(),
-        path = uri.path(),
+        method = %method,
+        path = %uri.path(),
         status = response.status().as_u16(),
         head_ms = started.elapsed().as_millis() as u64,
         "forwarded"
